@@ -1,0 +1,142 @@
+--- Interrupt Lua main states and coroutines from other OS threads, by id.
+--
+-- Compatible with the original mtint (https://luarocks.org/modules/osch/mtint)
+-- and beyond it: coroutines are interruptible on every Lua version, ids
+-- become unknown once their state is gone, and no interrupt is lost.
+-- @module mtint
+
+local core = require("corowatch.core")
+
+local native = core.mtint
+local error, type, tostring, setmetatable = error, type, tostring, setmetatable
+local math_floor = math.floor
+local tonumber = tonumber
+
+local M = {
+  _VERSION = "mtint " .. core._VERSION,
+  _INFO = "interrupt Lua states and coroutines from other threads (corowatch native core)",
+}
+
+--- Error names. Each holds its own full name; raised errors are strings
+-- that begin with it, e.g. `mtint.error.unknown_object: interruptible id 8`.
+-- `interrupt` is an alias of `interrupted`.
+M.error = {
+  interrupted = core.errors.interrupted,
+  interrupt = core.errors.interrupted,
+  not_supported = core.errors.not_supported,
+  unknown_object = core.errors.unknown_object,
+}
+
+local function argerror(position, name, expected, got)
+  error(("bad argument #%d to '%s' (%s expected, got %s)")
+    :format(position, name, expected, type(got)), 3)
+end
+
+-- An id is an integer; numeric strings are accepted as in Lua's C API.
+local function checkid(position, name, value)
+  local n = tonumber(value)
+  if type(value) ~= "number" and type(value) ~= "string" or not n
+      or n ~= math_floor(n) then
+    argerror(position, name, "integer id", value)
+  end
+  return n
+end
+
+local requests = { [true] = "sticky", [false] = "clear" }
+local function checkflag(position, name, flag)
+  if flag == nil then return "once" end
+  local request = requests[flag]
+  if not request then argerror(position, name, "boolean or nil", flag) end
+  return request
+end
+
+--- The id of a thread.
+-- @tparam[opt] thread co a coroutine; the running coroutine or main state if nil
+-- @treturn integer an id, unique in the process and stable for the thread's life
+function M.id(co)
+  if co ~= nil and type(co) ~= "thread" then
+    argerror(1, "id", "coroutine or nil", co)
+  end
+  local id, err = native.id(co)
+  if not id then error(err, 0) end
+  return id
+end
+
+--- Sets the interrupt handler of a thread: it is called on the interrupted
+-- thread instead of raising `mtint.error.interrupted`; nil restores the error.
+-- @tparam[opt] thread co the coroutine; the running one if omitted
+-- @tparam ?function func the handler, or nil
+function M.sethook(co, func)
+  if type(co) ~= "thread" then
+    if select("#", co, func) > 1 and func ~= nil or co ~= nil and type(co) ~= "function" then
+      if co ~= nil then argerror(1, "sethook", "coroutine or function", co) end
+    end
+    co, func = nil, co
+  end
+  if func ~= nil and type(func) ~= "function" then
+    argerror(co and 2 or 1, "sethook", "function or nil", func)
+  end
+  native.sethook(co, func)
+end
+
+local handles = setmetatable({}, { __mode = "k" })
+local Interruptible = {}
+Interruptible.__index = Interruptible
+
+local function checkinterruptible(position, name, object)
+  local handle = handles[object]
+  if not handle then argerror(position, name, "mtint interruptible", object) end
+  return handle
+end
+
+--- Interrupts a thread, by id or through an interruptible object.
+-- @tparam integer|interruptible target
+-- @tparam[opt] boolean flag nil: interrupt once; true: at every operation
+-- until cleared; false: clear
+-- @treturn boolean true if the target is alive and was signalled; false if
+-- an interruptible object's target is gone
+-- @raise `mtint.error.unknown_object` for an id that is not known
+function M.interrupt(target, flag)
+  local request = checkflag(2, "interrupt", flag)
+  if handles[target] then
+    return native.interrupt_handle(handles[target], request)
+  end
+  if type(target) == "table" or type(target) == "userdata" then
+    argerror(1, "interrupt", "integer id or interruptible", target)
+  end
+  local ok, err = native.interrupt(checkid(1, "interrupt", target), request)
+  if ok == nil then error(err, 0) end
+  return ok
+end
+
+--- An object that keeps an id known after its target dies, until the
+-- object itself is collected; its `interrupt` then returns false.
+-- @tparam integer id
+-- @treturn interruptible an object with `:id()`, `:interrupt([flag])`
+-- @raise `mtint.error.unknown_object` for an id that is not known
+function M.interruptible(id)
+  id = checkid(1, "interruptible", id)
+  local handle, err = native.handle(id)
+  if not handle then error(err, 0) end
+  local object = setmetatable({ _id = id }, Interruptible)
+  handles[object] = handle
+  return object
+end
+
+--- @treturn integer the interruptible's id
+function Interruptible:id()
+  checkinterruptible(1, "id", self)
+  return self._id
+end
+
+--- Same as `mtint.interrupt(self, flag)`.
+function Interruptible:interrupt(flag)
+  local handle = checkinterruptible(1, "interrupt", self)
+  return native.interrupt_handle(handle, checkflag(1, "interrupt", flag))
+end
+
+function Interruptible:__tostring()
+  return "mtint.interruptible: " .. tostring(self._id)
+end
+
+return M

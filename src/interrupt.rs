@@ -1,0 +1,89 @@
+//! mtint's native half: ids, handlers, interrupts and interruptible handles.
+//!
+//! These functions are called by `lua/mtint.lua`, which checks argument types
+//! and raises the errors: a function here returns `nil, message` where the
+//! Lua side is to raise `message` (a plain string, as mtint's errors are).
+
+use std::sync::Arc;
+
+use mlua::{Function, Lua, MultiValue, Table, Thread, UserData, UserDataRef, Value};
+
+use crate::errors;
+use crate::registry::{self, Id, Target};
+use crate::state;
+use crate::vm::Request;
+use crate::watchdog;
+
+/// A native interruptible handle: keeps its target's id known.
+struct Handle(Arc<Target>);
+
+impl UserData for Handle {}
+
+pub fn module(lua: &Lua) -> mlua::Result<Table> {
+    let mtint = lua.create_table()?;
+    mtint.set("id", lua.create_function(id)?)?;
+    mtint.set("sethook", lua.create_function(sethook)?)?;
+    mtint.set("interrupt", lua.create_function(interrupt_id)?)?;
+    mtint.set("handle", lua.create_function(handle)?)?;
+    mtint.set("interrupt_handle", lua.create_function(interrupt_handle)?)?;
+    Ok(mtint)
+}
+
+/// `id([thread])`: the id of `thread`, or of the running thread.
+fn id(lua: &Lua, thread: Option<Thread>) -> mlua::Result<MultiValue> {
+    let thread = thread.unwrap_or_else(|| lua.current_thread());
+    match state::id_of(lua, &thread)? {
+        Ok(id) => lua.pack_multi(id),
+        Err(message) => lua.pack_multi((Value::Nil, message)),
+    }
+}
+
+/// `sethook([thread], handler)`
+fn sethook(lua: &Lua, (thread, handler): (Option<Thread>, Option<Function>)) -> mlua::Result<()> {
+    let thread = thread.unwrap_or_else(|| lua.current_thread());
+    state::set_handler(lua, &thread, handler)
+}
+
+fn request(name: &str) -> mlua::Result<Request> {
+    match name {
+        "once" => Ok(Request::Once),
+        "sticky" => Ok(Request::Sticky),
+        "clear" => Ok(Request::Clear),
+        _ => Err(mlua::Error::runtime(format!("unknown interrupt request '{name}'"))),
+    }
+}
+
+fn unknown(id: Id) -> String {
+    format!("{}: interruptible id {id}", errors::UNKNOWN_OBJECT)
+}
+
+/// Applies `request` to `target`: true if it is alive and was signalled.
+fn apply(target: Arc<Target>, request: Request) -> bool {
+    let (alive, queue_rearm) = target.vm.interrupt(target.id, request);
+    if queue_rearm {
+        watchdog::schedule_rearm(&target);
+    }
+    alive
+}
+
+/// `interrupt(id, request)` -> true | false | nil, message
+fn interrupt_id(lua: &Lua, (id, name): (Id, String)) -> mlua::Result<MultiValue> {
+    let request = request(&name)?;
+    match registry::lookup(id) {
+        Some(target) => lua.pack_multi(apply(target, request)),
+        None => lua.pack_multi((Value::Nil, unknown(id))),
+    }
+}
+
+/// `handle(id)` -> handle | nil, message
+fn handle(lua: &Lua, id: Id) -> mlua::Result<MultiValue> {
+    match registry::lookup(id) {
+        Some(target) => lua.pack_multi(Handle(target)),
+        None => lua.pack_multi((Value::Nil, unknown(id))),
+    }
+}
+
+/// `interrupt_handle(handle, request)` -> true | false
+fn interrupt_handle(_: &Lua, (handle, name): (UserDataRef<Handle>, String)) -> mlua::Result<bool> {
+    Ok(apply(handle.0.clone(), request(&name)?))
+}

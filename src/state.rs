@@ -1,0 +1,133 @@
+//! The Lua side of a VM's bookkeeping: the weak tables that map threads to
+//! ids, guards and interrupt handlers, and registering a thread.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use mlua::{ffi, AnyUserData, LightUserData, Lua, Table, Thread, UserData};
+
+use crate::errors;
+use crate::hook::{self, HANDLERS_KEY, IDS_KEY};
+use crate::registry::{self, Id, Target};
+use crate::vm::{self, Vm, VmGuard};
+
+const VM_GUARD: &str = "corowatch.vm";
+const ANCHOR: &str = "corowatch.anchor";
+const IDS: &str = "corowatch.ids";
+const GUARDS: &str = "corowatch.guards";
+const HANDLERS: &str = "corowatch.handlers";
+
+/// Ties a target to the life of its Lua thread: finalized with the thread.
+struct ThreadGuard(Arc<Target>);
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        self.0.vm.target_died(self.0.id);
+    }
+}
+
+impl UserData for ThreadGuard {}
+
+/// The VM that `lua` belongs to, set up on first use.
+pub fn vm(lua: &Lua) -> mlua::Result<Arc<Vm>> {
+    // SAFETY: the closure only pushes one light userdata onto the stack
+    // mlua hands it, which belongs to the running thread.
+    let key = unsafe {
+        lua.exec_raw::<LightUserData>((), |state| {
+            ffi::lua_pushlightuserdata(state, vm::registry_key(state) as *mut c_void);
+        })?
+    };
+    match vm::of_key(key.0 as usize) {
+        Some(vm) => Ok(vm),
+        None => set_up(lua, key.0 as usize),
+    }
+}
+
+fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
+    let anchor = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
+    lua.set_named_registry_value(ANCHOR, &anchor)?;
+    let vm = vm::create(key, anchor.to_pointer() as *mut ffi::lua_State);
+    lua.set_named_registry_value(VM_GUARD, VmGuard(vm.clone()))?;
+
+    let ids = weak_keyed_table(lua)?;
+    let handlers = weak_keyed_table(lua)?;
+    lua.set_named_registry_value(IDS, &ids)?;
+    lua.set_named_registry_value(GUARDS, weak_keyed_table(lua)?)?;
+    lua.set_named_registry_value(HANDLERS, &handlers)?;
+    // SAFETY: each closure pops the one table mlua pushed for it into the
+    // registry under a static key; nothing else on the stack is touched.
+    unsafe {
+        lua.exec_raw::<()>(ids, |state| {
+            ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&IDS_KEY));
+        })?;
+        lua.exec_raw::<()>(handlers, |state| {
+            ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&HANDLERS_KEY));
+        })?;
+    }
+    #[cfg(feature = "lua51")]
+    // SAFETY: `state` is the running thread of this VM, on our OS thread.
+    unsafe {
+        let vm = vm.clone();
+        lua.exec_raw::<()>((), move |state| crate::thread_free::install(state, &vm))?;
+    }
+    Ok(vm)
+}
+
+fn weak_keyed_table(lua: &Lua) -> mlua::Result<Table> {
+    let table = lua.create_table()?;
+    let meta = lua.create_table()?;
+    meta.raw_set("__mode", "k")?;
+    table.set_metatable(Some(meta))?;
+    Ok(table)
+}
+
+/// The id of `thread`, registering it on first use. `Err` carries a message
+/// for the Lua side to raise.
+pub fn id_of(lua: &Lua, thread: &Thread) -> mlua::Result<Result<Id, String>> {
+    let vm = vm(lua)?;
+    let ids: Table = lua.named_registry_value(IDS)?;
+    if let Some(id) = ids.raw_get::<Option<Id>>(thread)? {
+        return Ok(Ok(id));
+    }
+    let Some(target) = registry::create(vm.clone()) else {
+        return Ok(Err(format!("{}: no interruptible ids left", errors::NOT_SUPPORTED)));
+    };
+    let id = target.id;
+    let state = thread.to_pointer() as *mut ffi::lua_State;
+    vm.add(id, state);
+    #[cfg(feature = "lua51")]
+    if !vm.watch_block(id, state) && !is_running_main(lua, state)? {
+        return Ok(Err(format!(
+            "{}: cannot follow the lifetime of coroutines in this Lua state",
+            errors::NOT_SUPPORTED
+        )));
+    }
+    let guard: AnyUserData = lua.create_userdata(ThreadGuard(target))?;
+    #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+    guard.set_user_value(thread)?;
+    let guards: Table = lua.named_registry_value(GUARDS)?;
+    guards.raw_set(thread, guard)?;
+    ids.raw_set(thread, id)?;
+    Ok(Ok(id))
+}
+
+/// Lua 5.1: whether `state` is the main thread, currently running.
+#[cfg(feature = "lua51")]
+fn is_running_main(lua: &Lua, state: *mut ffi::lua_State) -> mlua::Result<bool> {
+    // SAFETY: pushes one boolean; `lua_pushthread` pushes the running thread
+    // and says whether it is the main one, and we pop what it pushed.
+    unsafe {
+        lua.exec_raw::<bool>((), move |running| {
+            let is_main = ffi::lua_pushthread(running) == 1;
+            ffi::lua_pop(running, 1);
+            ffi::lua_pushboolean(running, (is_main && running == state) as i32);
+        })
+    }
+}
+
+/// Sets (or with `None` removes) the interrupt handler of `thread`.
+pub fn set_handler(lua: &Lua, thread: &Thread, handler: Option<mlua::Function>) -> mlua::Result<()> {
+    vm(lua)?;
+    let handlers: Table = lua.named_registry_value(HANDLERS)?;
+    handlers.raw_set(thread, handler)
+}
