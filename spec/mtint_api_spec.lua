@@ -1,0 +1,355 @@
+-- mtint on one OS thread: ids, error names, interrupts, handlers,
+-- interruptible objects, ids after collection, bad arguments.
+local mtint = require("mtint")
+
+if jit then jit.off() end
+
+local function busy(n)
+  local x = 0
+  for i = 1, n or 1e4 do x = x + i end
+  return x
+end
+
+describe("mtint.id", function()
+  it("gives the running thread a stable id", function()
+    assert.are.equal(mtint.id(), mtint.id())
+  end)
+
+  it("gives each coroutine its own id, stable for its life", function()
+    local a, b = coroutine.create(busy), coroutine.create(busy)
+    assert.are_not.equal(mtint.id(a), mtint.id(b))
+    assert.are.equal(mtint.id(a), mtint.id(a))
+    assert.are_not.equal(mtint.id(a), mtint.id())
+  end)
+
+  it("returns the same id inside and outside a coroutine", function()
+    local co = coroutine.create(function() coroutine.yield(mtint.id()) end)
+    local _, inner = coroutine.resume(co)
+    assert.are.equal(mtint.id(co), inner)
+  end)
+
+  it("never reuses an id, even after collection", function()
+    local seen = {}
+    for _ = 1, 200 do
+      local id = mtint.id(coroutine.create(busy))
+      assert.is_nil(seen[id])
+      seen[id] = true
+      collectgarbage()
+    end
+  end)
+
+  it("is a large integer that prints exactly", function()
+    local id = mtint.id(coroutine.create(busy))
+    assert.is_true(id > 2^40)
+    assert.are.equal(id, math.floor(id))
+    assert.are.equal(id, tonumber(tostring(id)))
+  end)
+end)
+
+describe("mtint.error", function()
+  it("holds the names of the errors as their own values", function()
+    assert.are.equal("mtint.error.interrupted", mtint.error.interrupted)
+    assert.are.equal("mtint.error.not_supported", mtint.error.not_supported)
+    assert.are.equal("mtint.error.unknown_object", mtint.error.unknown_object)
+  end)
+
+  it("has interrupt as an alias of interrupted", function()
+    assert.are.equal(mtint.error.interrupted, mtint.error.interrupt)
+  end)
+
+  it("comes with version information", function()
+    assert.is_string(mtint._VERSION)
+    assert.is_string(mtint._INFO)
+  end)
+end)
+
+describe("mtint.interrupt", function()
+  it("raises mtint.error.interrupted in the interrupted coroutine", function()
+    local co = coroutine.create(function()
+      mtint.interrupt(mtint.id())
+      return "not reached"
+    end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.is_string(err)
+    assert.is_truthy(err:find("^mtint%.error%.interrupted"))
+    assert.are.equal("dead", coroutine.status(co))
+  end)
+
+  it("interrupts once when no flag is given", function()
+    local co = coroutine.create(function()
+      local first, err = pcall(function() mtint.interrupt(mtint.id()); busy() end)
+      local second = pcall(busy, 1e5)
+      return first, err, second
+    end)
+    local ok, first, err, second = coroutine.resume(co)
+    assert.is_true(ok)
+    assert.is_false(first)
+    assert.is_truthy(err:match(mtint.error.interrupted))
+    assert.is_true(second)
+  end)
+
+  it("keeps interrupting with flag true, so pcall cannot swallow it", function()
+    local rounds = 0
+    local co = coroutine.create(function()
+      while true do
+        rounds = rounds + 1
+        pcall(function() mtint.interrupt(mtint.id(), true) end)
+      end
+    end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:match(mtint.error.interrupted))
+    assert.are.equal(1, rounds)
+  end)
+
+  it("clears a sticky interrupt with flag false", function()
+    local co = coroutine.create(function()
+      local id = mtint.id()
+      mtint.interrupt(id, true)
+      -- only reached if the interrupt did not fire: impossible, see below
+      return "escaped"
+    end)
+    local id = mtint.id(co)
+    mtint.interrupt(id, true)
+    mtint.interrupt(id, false)
+    -- the sticky interrupt set from outside was cleared before the resume;
+    -- the one the coroutine sets itself still fires
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:match(mtint.error.interrupted))
+
+    local plain = coroutine.create(function() return busy(1e5) end)
+    mtint.interrupt(mtint.id(plain), true)
+    mtint.interrupt(mtint.id(plain), false)
+    assert.are.same({ true, busy(1e5) }, { coroutine.resume(plain) })
+  end)
+
+  it("delivers to a suspended coroutine when it is resumed", function()
+    local co = coroutine.create(function()
+      coroutine.yield("first")
+      busy()
+      return "finished"
+    end)
+    assert.are.same({ true, "first" }, { coroutine.resume(co) })
+    assert.is_true(mtint.interrupt(mtint.id(co)))
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:match(mtint.error.interrupted))
+  end)
+
+  it("does not touch other coroutines", function()
+    local victim = coroutine.create(function() coroutine.yield() busy() end)
+    coroutine.resume(victim)
+    mtint.interrupt(mtint.id(victim))
+    for _ = 1, 3 do
+      local other = coroutine.create(function() return busy(1e4) end)
+      assert.are.same({ true, busy(1e4) }, { coroutine.resume(other) })
+    end
+    assert.is_false((coroutine.resume(victim)))
+  end)
+
+  it("raises mtint.error.unknown_object for an id never given out", function()
+    local ok, err = pcall(mtint.interrupt, 1)
+    assert.is_false(ok)
+    assert.is_truthy(err:find("^mtint%.error%.unknown_object"))
+    assert.is_truthy(err:find("1", 1, true))
+  end)
+
+  it("leaves a user debug hook in place after delivering", function()
+    -- On LuaJIT hooks are global: collect earlier tests' coroutines, whose
+    -- pending interrupts would keep the VM's hook polling for them.
+    collectgarbage(); collectgarbage()
+    local co = coroutine.create(function()
+      local calls = 0
+      debug.sethook(function() calls = calls + 1 end, "", 100)
+      pcall(function() mtint.interrupt(mtint.id()); busy() end)
+      local hook, mask, count = debug.gethook()
+      busy(1e4)
+      debug.sethook()
+      return hook ~= nil, mask, count, calls > 0
+    end)
+    local ok, has_hook, mask, count, called = coroutine.resume(co)
+    assert.is_true(ok)
+    assert.is_true(has_hook)
+    assert.are.equal("", mask)
+    assert.are.equal(100, count)
+    assert.is_true(called)
+  end)
+end)
+
+describe("mtint.sethook", function()
+  it("calls the handler on the interrupted thread instead of raising", function()
+    local where
+    local co = coroutine.create(function()
+      mtint.sethook(function() where = coroutine.running() end)
+      mtint.interrupt(mtint.id())
+      return "went on"
+    end)
+    assert.are.same({ true, "went on" }, { coroutine.resume(co) })
+    assert.are.equal(co, where)
+  end)
+
+  it("sets the handler of another coroutine", function()
+    local calls = 0
+    local co = coroutine.create(function() coroutine.yield() return busy() end)
+    coroutine.resume(co)
+    mtint.sethook(co, function() calls = calls + 1 end)
+    mtint.interrupt(mtint.id(co))
+    assert.are.same({ true, busy() }, { coroutine.resume(co) })
+    assert.are.equal(1, calls)
+  end)
+
+  it("calls the handler at every operation while sticky, until cleared", function()
+    local calls = 0
+    local co = coroutine.create(function()
+      mtint.sethook(function()
+        calls = calls + 1
+        if calls == 5 then mtint.interrupt(mtint.id(), false) end
+      end)
+      mtint.interrupt(mtint.id(), true)
+      return busy(1e4)
+    end)
+    assert.are.same({ true, busy(1e4) }, { coroutine.resume(co) })
+    assert.are.equal(5, calls)
+  end)
+
+  it("propagates an error raised by the handler", function()
+    local co = coroutine.create(function()
+      mtint.sethook(function() error("stop here", 0) end)
+      mtint.interrupt(mtint.id())
+      return "not reached"
+    end)
+    assert.are.same({ false, "stop here" }, { coroutine.resume(co) })
+  end)
+
+  it("restores the error when the handler is set to nil", function()
+    local co = coroutine.create(function()
+      mtint.sethook(function() end)
+      mtint.sethook(nil)
+      mtint.interrupt(mtint.id())
+    end)
+    local ok, err = coroutine.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:match(mtint.error.interrupted))
+  end)
+end)
+
+describe("mtint.interruptible", function()
+  it("wraps an id with id, interrupt and tostring", function()
+    local co = coroutine.create(function() coroutine.yield() busy() end)
+    coroutine.resume(co)
+    local object = mtint.interruptible(mtint.id(co))
+    assert.are.equal(mtint.id(co), object:id())
+    assert.are.equal("mtint.interruptible: " .. tostring(mtint.id(co)), tostring(object))
+    assert.is_true(object:interrupt())
+    assert.is_false((coroutine.resume(co)))
+  end)
+
+  it("is accepted by mtint.interrupt", function()
+    local co = coroutine.create(function() coroutine.yield() busy() end)
+    coroutine.resume(co)
+    assert.is_true(mtint.interrupt(mtint.interruptible(mtint.id(co))))
+    assert.is_false((coroutine.resume(co)))
+  end)
+
+  it("keeps the id known after its target is collected", function()
+    local co = coroutine.create(busy)
+    local id = mtint.id(co)
+    local object = mtint.interruptible(id)
+    co = nil
+    collectgarbage(); collectgarbage()
+    assert.is_false(object:interrupt())
+    assert.is_false(mtint.interrupt(object))
+    assert.is_false(mtint.interrupt(id))
+    object = nil
+    collectgarbage(); collectgarbage()
+    local ok, err = pcall(mtint.interrupt, id)
+    assert.is_false(ok)
+    assert.is_truthy(err:match(mtint.error.unknown_object))
+  end)
+
+  it("raises mtint.error.unknown_object for an unknown id", function()
+    local ok, err = pcall(mtint.interruptible, 12345)
+    assert.is_false(ok)
+    assert.is_truthy(err:find("^mtint%.error%.unknown_object"))
+  end)
+end)
+
+describe("an id after its coroutine is collected", function()
+  it("is unknown, as in the seed's example", function()
+    local c = coroutine.create(function() end)
+    local id = mtint.id(c)
+    mtint.interrupt(id)
+    c = nil
+    collectgarbage(); collectgarbage()
+    local _, err = pcall(function() mtint.interrupt(id) end)
+    assert.is_truthy(err:match(mtint.error.unknown_object))
+  end)
+
+  it("does not keep the coroutine alive", function()
+    local weak = setmetatable({}, { __mode = "v" })
+    for i = 1, 50 do
+      local co = coroutine.create(busy)
+      mtint.id(co)
+      mtint.sethook(co, function() end)
+      weak[i] = co
+    end
+    collectgarbage(); collectgarbage(); collectgarbage()
+    assert.is_nil(next(weak))
+  end)
+end)
+
+describe("bad arguments", function()
+  local values = {
+    ["nil"] = nil, boolean = true, number = 1.5, string = "x",
+    table = {}, ["function"] = print, thread = coroutine.create(function() end),
+    userdata = io.stdout,
+  }
+
+  local function rejects(f, ...)
+    local ok, err = pcall(f, ...)
+    assert.is_false(ok)
+    assert.is_string(err)
+    assert.is_truthy(err:find("bad argument #%d") or err:find("^mtint%.error%."), err)
+    return err
+  end
+
+  local function check(name, f, accepts)
+    for kind, value in pairs(values) do
+      if not accepts[kind] then
+        it(("%s rejects a %s with a clear error"):format(name, kind), function()
+          rejects(f, value)
+          -- the state is still usable
+          assert.are.equal(mtint.id(), mtint.id())
+        end)
+      end
+    end
+  end
+
+  check("id", mtint.id, { ["nil"] = true, thread = true })
+  check("interrupt", mtint.interrupt, {})
+  check("interruptible", mtint.interruptible, {})
+
+  it("interrupt rejects a flag that is not a boolean", function()
+    local id = mtint.id(coroutine.create(function() end))
+    for _, flag in ipairs({ 1, "yes", {}, print }) do
+      local err = rejects(mtint.interrupt, id, flag)
+      assert.is_truthy(err:find("#2", 1, true))
+    end
+  end)
+
+  it("sethook rejects a handler that is not a function", function()
+    local co = coroutine.create(function() end)
+    for _, handler in ipairs({ 1, "yes", {}, true }) do
+      rejects(mtint.sethook, co, handler)
+      rejects(mtint.sethook, handler)
+    end
+  end)
+
+  it("interruptible methods reject a foreign self", function()
+    local object = mtint.interruptible(mtint.id(coroutine.create(function() end)))
+    rejects(object.id, {})
+    rejects(object.interrupt, "x")
+  end)
+end)
