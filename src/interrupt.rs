@@ -4,6 +4,7 @@
 //! and raises the errors: a function here returns `nil, message` where the
 //! Lua side is to raise `message` (a plain string, as mtint's errors are).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mlua::{Function, Lua, MultiValue, Table, Thread, UserData, UserDataRef, Value};
@@ -16,6 +17,19 @@ use crate::watchdog;
 
 /// A native interruptible handle: keeps its target's id known.
 struct Handle(Arc<Target>);
+
+impl Handle {
+    fn new(target: Arc<Target>) -> Handle {
+        target.handles.fetch_add(1, Ordering::SeqCst);
+        Handle(target)
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.handles.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl UserData for Handle {}
 
@@ -67,18 +81,28 @@ fn apply(target: Arc<Target>, request: Request) -> bool {
 }
 
 /// `interrupt(id, request)` -> true | false | nil, message
+///
+/// A dead target's id stays known (answer false) only while an
+/// interruptible object holds it; otherwise it is unknown at once, even if
+/// the thread's guard has not been finalized yet.
 fn interrupt_id(lua: &Lua, (id, name): (Id, String)) -> mlua::Result<MultiValue> {
     let request = request(&name)?;
-    match registry::lookup(id) {
-        Some(target) => lua.pack_multi(apply(target, request)),
-        None => lua.pack_multi((Value::Nil, unknown(id))),
+    let Some(target) = registry::lookup(id) else {
+        return lua.pack_multi((Value::Nil, unknown(id)));
+    };
+    let held = target.handles.load(Ordering::SeqCst) > 0;
+    let alive = apply(target, request);
+    if alive || held {
+        lua.pack_multi(alive)
+    } else {
+        lua.pack_multi((Value::Nil, unknown(id)))
     }
 }
 
 /// `handle(id)` -> handle | nil, message
 fn handle(lua: &Lua, id: Id) -> mlua::Result<MultiValue> {
     match registry::lookup(id) {
-        Some(target) => lua.pack_multi(Handle(target)),
+        Some(target) => lua.pack_multi(Handle::new(target)),
         None => lua.pack_multi((Value::Nil, unknown(id))),
     }
 }

@@ -5,7 +5,7 @@
 //! The table holds weak references: a target lives as long as the guard tied
 //! to its Lua thread, or an interruptible object, still holds it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 use dashmap::DashMap;
@@ -31,6 +31,9 @@ static TARGETS: LazyLock<DashMap<Id, Weak<Target>>> = LazyLock::new(DashMap::new
 pub struct Target {
     pub id: Id,
     pub vm: Arc<Vm>,
+    /// How many interruptible objects hold this target: while any does, its
+    /// id stays known after the thread dies.
+    pub handles: AtomicUsize,
 }
 
 impl Drop for Target {
@@ -48,7 +51,11 @@ pub fn create(vm: Arc<Vm>) -> Option<Arc<Target>> {
             (id < LAST_ID).then_some(id + 1)
         })
         .ok()?;
-    let target = Arc::new(Target { id, vm });
+    let target = Arc::new(Target {
+        id,
+        vm,
+        handles: AtomicUsize::new(0),
+    });
     TARGETS.insert(id, Arc::downgrade(&target));
     Some(target)
 }
