@@ -63,7 +63,9 @@ fn request(name: &str) -> mlua::Result<Request> {
         "once" => Ok(Request::Once),
         "sticky" => Ok(Request::Sticky),
         "clear" => Ok(Request::Clear),
-        _ => Err(mlua::Error::runtime(format!("unknown interrupt request '{name}'"))),
+        _ => Err(mlua::Error::runtime(format!(
+            "unknown interrupt request '{name}'"
+        ))),
     }
 }
 

@@ -90,7 +90,10 @@ pub fn id_of(lua: &Lua, thread: &Thread) -> mlua::Result<Result<Id, String>> {
         return Ok(Ok(id));
     }
     let Some(target) = registry::create(vm.clone()) else {
-        return Ok(Err(format!("{}: no interruptible ids left", errors::NOT_SUPPORTED)));
+        return Ok(Err(format!(
+            "{}: no interruptible ids left",
+            errors::NOT_SUPPORTED
+        )));
     };
     let id = target.id;
     let state = thread.to_pointer() as *mut ffi::lua_State;
@@ -126,7 +129,11 @@ fn is_running_main(lua: &Lua, state: *mut ffi::lua_State) -> mlua::Result<bool> 
 }
 
 /// Sets (or with `None` removes) the interrupt handler of `thread`.
-pub fn set_handler(lua: &Lua, thread: &Thread, handler: Option<mlua::Function>) -> mlua::Result<()> {
+pub fn set_handler(
+    lua: &Lua,
+    thread: &Thread,
+    handler: Option<mlua::Function>,
+) -> mlua::Result<()> {
     vm(lua)?;
     let handlers: Table = lua.named_registry_value(HANDLERS)?;
     handlers.raw_set(thread, handler)

@@ -77,7 +77,9 @@ struct Slot {
     /// Whether a re-arm is queued with the watchdog (at most one at a time).
     rearm_queued: bool,
     /// PUC Lua: whether our hook is installed on `state`, and what it replaced.
+    #[cfg(not(feature = "luajit"))]
     armed: bool,
+    #[cfg(not(feature = "luajit"))]
     saved: Option<SavedHook>,
 }
 
@@ -160,7 +162,9 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
 impl Vm {
     fn lock(&self) -> MutexGuard<'_, VmInner> {
         // A panic while holding the lock leaves plain data behind; carry on.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The anchor thread, or `None` once the VM is closed.
@@ -179,7 +183,9 @@ impl Vm {
                 state: StatePtr(state),
                 pending: Pending::None,
                 rearm_queued: false,
+                #[cfg(not(feature = "luajit"))]
                 armed: false,
+                #[cfg(not(feature = "luajit"))]
                 saved: None,
             },
         );
@@ -200,7 +206,9 @@ impl Vm {
         let Some(offset) = inner.block_offset else {
             return false;
         };
-        inner.blocks.insert((state as usize).wrapping_sub(offset), id);
+        inner
+            .blocks
+            .insert((state as usize).wrapping_sub(offset), id);
         true
     }
 
@@ -342,7 +350,10 @@ impl VmInner {
             let before = slot.pending;
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
-            slot.armed = false;
+            #[cfg(not(feature = "luajit"))]
+            {
+                slot.armed = false;
+            }
             self.count_transition(before, Pending::None);
         }
     }
@@ -438,4 +449,3 @@ impl Drop for VmGuard {
 }
 
 impl mlua::UserData for VmGuard {}
-

@@ -1,0 +1,47 @@
+-- Cross-thread latency of mtint.interrupt: from the call to the victim's
+-- error (both stamped with cqueues.monotime, one clock for all threads),
+-- and the round trip back to the interrupter. Usage: see bench/run.
+local mtint = require("mtint")
+local cqueues = require("cqueues")
+local threads = require("spec.helpers.threads")
+
+local ROUNDS = tonumber(arg and arg[1]) or 500
+
+local victim = threads.start(function(channel)
+  local mtint = require("mtint")
+  local monotime = require("cqueues").monotime
+  channel:send(mtint.id())
+  while true do
+    local _, err = pcall(function()
+      channel:send("ready")
+      local x = 0
+      while true do x = x + 1 end
+    end)
+    local caught = monotime()
+    assert(tostring(err):match(mtint.error.interrupted), err)
+    channel:send(("%.9f"):format(caught))
+    if channel:receive() ~= "again" then return end
+  end
+end)
+
+local id = tonumber(assert(victim:receive(10)))
+local to_error, round_trip = {}, {}
+for round = 1, ROUNDS do
+  assert(victim:receive(10) == "ready")
+  local sent = cqueues.monotime()
+  mtint.interrupt(id)
+  local caught = tonumber(assert(victim:receive(10)))
+  round_trip[round] = cqueues.monotime() - sent
+  to_error[round] = caught - sent
+  victim:send(round < ROUNDS and "again" or "stop")
+end
+assert(victim:join())
+
+local function quantile(samples, q)
+  table.sort(samples)
+  return samples[math.max(1, math.ceil(q * #samples))] * 1e6
+end
+local version = jit and jit.version or _VERSION
+print(("%-12s rounds %d  to error: median %6.1f us  p99 %7.1f us  round trip: median %6.1f us  p99 %7.1f us")
+  :format(version, ROUNDS, quantile(to_error, 0.5), quantile(to_error, 0.99),
+    quantile(round_trip, 0.5), quantile(round_trip, 0.99)))
