@@ -33,11 +33,15 @@ local function argerror(position, name, expected, got)
 end
 
 -- An id is an integer; numeric strings are accepted as in Lua's C API.
+-- Integers that no id can have (negative, or past 2^53) are unknown ids.
 local function checkid(position, name, value)
   local n = tonumber(value)
   if type(value) ~= "number" and type(value) ~= "string" or not n
       or n ~= math_floor(n) then
     argerror(position, name, "integer id", value)
+  end
+  if n < 0 or n >= 2^53 then
+    error(("%s: interruptible id %s"):format(M.error.unknown_object, tostring(value)), 0)
   end
   return n
 end
@@ -64,17 +68,19 @@ end
 
 --- Sets the interrupt handler of a thread: it is called on the interrupted
 -- thread instead of raising `mtint.error.interrupted`; nil restores the error.
+-- Called as `sethook(func)` or `sethook(co, func)`.
 -- @tparam[opt] thread co the coroutine; the running one if omitted
 -- @tparam ?function func the handler, or nil
-function M.sethook(co, func)
-  if type(co) ~= "thread" then
-    if select("#", co, func) > 1 and func ~= nil or co ~= nil and type(co) ~= "function" then
-      if co ~= nil then argerror(1, "sethook", "coroutine or function", co) end
-    end
+function M.sethook(...)
+  local co, func = ...
+  if select("#", ...) < 2 and type(co) ~= "thread" then
     co, func = nil, co
   end
+  if co ~= nil and type(co) ~= "thread" then
+    argerror(1, "sethook", "coroutine", co)
+  end
   if func ~= nil and type(func) ~= "function" then
-    argerror(co and 2 or 1, "sethook", "function or nil", func)
+    argerror(select("#", ...) < 2 and 1 or 2, "sethook", "function or nil", func)
   end
   native.sethook(co, func)
 end

@@ -331,6 +331,24 @@ describe("bad arguments", function()
   check("interrupt", mtint.interrupt, {})
   check("interruptible", mtint.interruptible, {})
 
+  it("interrupt and interruptible answer unknown_object for integers no id has", function()
+    for _, id in ipairs({ -1, 0, 2^53, 2^63, 1/0, -1/0, "12" }) do
+      for _, f in ipairs({ mtint.interrupt, mtint.interruptible }) do
+        local ok, err = pcall(f, id)
+        assert.is_false(ok)
+        assert.is_truthy(err:find("^mtint%.error%.unknown_object"), err)
+      end
+    end
+  end)
+
+  it("interrupt rejects numbers that are not integers", function()
+    for _, id in ipairs({ 1.5, 0/0, "1.5", "abc" }) do
+      local ok, err = pcall(mtint.interrupt, id)
+      assert.is_false(ok)
+      assert.is_truthy(err:find("bad argument #1 to 'interrupt'", 1, true), err)
+    end
+  end)
+
   it("interrupt rejects a flag that is not a boolean", function()
     local id = mtint.id(coroutine.create(function() end))
     for _, flag in ipairs({ 1, "yes", {}, print }) do

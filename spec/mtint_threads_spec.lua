@@ -164,7 +164,7 @@ local function lost_interrupts(in_coroutine, rounds)
   for round = 1, rounds do
     assert.are.equal("ready", victim:receive(TIMEOUT))
     mtint.interrupt(id)
-    local answer, err = victim:receive(TIMEOUT)
+    local answer = victim:receive(TIMEOUT)
     if answer == nil then
       lost = lost + 1
       mtint.interrupt(id, true) -- stop the victim
