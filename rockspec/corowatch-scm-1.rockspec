@@ -25,6 +25,7 @@ build = {
   install = {
     lua = {
       mtint = "lua/mtint.lua",
+      corowatch = "lua/corowatch.lua",
     },
     lib = {
       ["corowatch.core"] = "build/rock/core.so",

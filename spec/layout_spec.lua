@@ -18,14 +18,22 @@ local function find_all(name, path)
 end
 
 describe("the installed layout", function()
-  it("has mtint as a Lua module, not a native one", function()
-    assert.are.equal(1, #find_all("mtint", package.path))
-    assert.are.same({}, find_all("mtint", package.cpath))
+  it("has mtint and corowatch as Lua modules, not native ones", function()
+    for _, name in ipairs({ "mtint", "corowatch" }) do
+      assert.are.equal(1, #find_all(name, package.path))
+      assert.are.same({}, find_all(name, package.cpath))
+    end
   end)
 
   it("has exactly one native library, corowatch.core", function()
     assert.are.equal(1, #find_all("corowatch.core", package.cpath))
     assert.are.same({}, find_all("corowatch", package.cpath))
+  end)
+
+  it("gives corowatch and mtint the same native core", function()
+    local corowatch = require("corowatch")
+    assert.are.equal(core._VERSION, corowatch._VERSION:match("%S+$"))
+    assert.are.equal(core._VERSION, mtint._VERSION:match("%S+$"))
   end)
 
   it("shares one registry between the Lua module and the native core", function()

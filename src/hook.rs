@@ -17,6 +17,7 @@ use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
 
 use crate::registry::Id;
 use crate::vm;
+use crate::watch::Event;
 
 /// Every event the hook can be called for: whichever comes first delivers.
 pub const DELIVERY_MASK: c_int =
@@ -32,6 +33,8 @@ pub const LAZY_COUNT: c_int = 1000;
 /// allocating, the per-VM tables `thread -> id` and `thread -> handler`.
 pub static IDS_KEY: u8 = 0;
 pub static HANDLERS_KEY: u8 = 0;
+/// corowatch's Lua dispatcher: `dispatch(event, depth)`.
+pub static DISPATCH_KEY: u8 = 0;
 
 pub fn key(key: &'static u8) -> *const c_void {
     key as *const u8 as *const c_void
@@ -96,23 +99,39 @@ pub unsafe fn poll_lazily(state: *mut lua_State) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Continue,
+    /// An mtint interrupt for the thread with this id.
     Deliver(Id),
+    /// A corowatch event for the watched coroutine at this chain depth.
+    Watch(Event, usize),
 }
 
 /// The hook itself. It runs on the OS thread that runs `state`.
 ///
 /// Nothing with a destructor lives in this frame and no lock is held past
 /// `decide`: the delivery below ends in `lua_error`, or in `lua_call` of a
-/// handler that may raise, and both leave this frame by longjmp (PUC Lua)
-/// or by a foreign unwind (LuaJIT).
+/// handler or of corowatch's dispatcher, which may raise; both leave this
+/// frame by longjmp (PUC Lua) or by a foreign unwind (LuaJIT).
 pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, _ar: *mut lua_Debug) {
     let id = thread_id(state);
-    if let Verdict::Deliver(id) = decide(state, id) {
-        if push_handler(state) {
-            ffi::lua_call(state, 0, 0);
-        } else {
-            push_interrupted_message(state, id);
-            ffi::lua_error(state);
+    match decide(state, id) {
+        Verdict::Continue => {}
+        Verdict::Deliver(id) => {
+            if push_handler(state) {
+                ffi::lua_call(state, 0, 0);
+            } else {
+                push_interrupted_message(state, id);
+                ffi::lua_error(state);
+            }
+        }
+        Verdict::Watch(event, depth) => {
+            ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&DISPATCH_KEY));
+            if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
+                ffi::lua_pushinteger(state, event as ffi::lua_Integer);
+                ffi::lua_pushinteger(state, depth as ffi::lua_Integer);
+                ffi::lua_call(state, 2, 0);
+            } else {
+                ffi::lua_pop(state, 1);
+            }
         }
     }
 }

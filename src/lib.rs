@@ -3,6 +3,7 @@
 //! One library per Lua version, installed once as `corowatch.core` and shared
 //! by the thin Lua modules, so that ids and the watchdog are process-wide.
 
+mod corowatch;
 mod errors;
 mod hook;
 mod image;
@@ -12,6 +13,7 @@ mod state;
 #[cfg(feature = "lua51")]
 mod thread_free;
 mod vm;
+mod watch;
 mod watchdog;
 
 use mlua::{Lua, Table};
@@ -22,6 +24,7 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     image::pin();
     let core = lua.create_table()?;
     core.set("mtint", interrupt::module(lua)?)?;
+    core.set("corowatch", corowatch::module(lua)?)?;
     let names = lua.create_table()?;
     names.set("interrupted", errors::INTERRUPTED)?;
     names.set("not_supported", errors::NOT_SUPPORTED)?;

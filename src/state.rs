@@ -30,6 +30,10 @@ impl UserData for ThreadGuard {}
 
 /// The VM that `lua` belongs to, set up on first use.
 pub fn vm(lua: &Lua) -> mlua::Result<Arc<Vm>> {
+    // mlua keeps app data per VM (main state): the fast path.
+    if let Some(vm) = lua.app_data_ref::<Arc<Vm>>() {
+        return Ok(vm.clone());
+    }
     // SAFETY: the closure only pushes one light userdata onto the stack
     // mlua hands it, which belongs to the running thread.
     let key = unsafe {
@@ -37,10 +41,12 @@ pub fn vm(lua: &Lua) -> mlua::Result<Arc<Vm>> {
             ffi::lua_pushlightuserdata(state, vm::registry_key(state) as *mut c_void);
         })?
     };
-    match vm::of_key(key.0 as usize) {
-        Some(vm) => Ok(vm),
-        None => set_up(lua, key.0 as usize),
-    }
+    let vm = match vm::of_key(key.0 as usize) {
+        Some(vm) => vm,
+        None => set_up(lua, key.0 as usize)?,
+    };
+    lua.set_app_data(vm.clone());
+    Ok(vm)
 }
 
 fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {

@@ -28,13 +28,16 @@
 //! running thread itself, where the state is alive by definition.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use mlua::ffi::{self, lua_State};
 
 use crate::hook::{self, SavedHook, Verdict};
 use crate::registry::Id;
+use crate::watch::{Chain, Watch};
+use crate::watchdog;
 
 /// A raw `lua_State` pointer that may cross OS threads.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,11 +79,82 @@ struct Slot {
     pending: Pending,
     /// Whether a re-arm is queued with the watchdog (at most one at a time).
     rearm_queued: bool,
-    /// PUC Lua: whether our hook is installed on `state`, and what it replaced.
+}
+
+/// Where our hook is installed, and the hook it replaced there.
+#[derive(Default)]
+struct Arming {
+    /// PUC Lua: per state (by address), while our hook is on it.
     #[cfg(not(feature = "luajit"))]
-    armed: bool,
-    #[cfg(not(feature = "luajit"))]
-    saved: Option<SavedHook>,
+    states: HashMap<usize, Option<SavedHook>>,
+    /// LuaJIT: hooks are global to the VM.
+    #[cfg(feature = "luajit")]
+    global: Option<Option<SavedHook>>,
+}
+
+impl Arming {
+    /// Installs the delivery hook on `state` (LuaJIT: on its whole VM).
+    ///
+    /// # Safety
+    /// `state` must be alive; the caller holds the VM lock.
+    unsafe fn arm(&mut self, state: *mut lua_State) {
+        let mut saved = None;
+        hook::arm(state, &mut saved);
+        #[cfg(not(feature = "luajit"))]
+        self.states.entry(state as usize).or_insert(saved);
+        #[cfg(feature = "luajit")]
+        self.global.get_or_insert(saved);
+    }
+
+    /// Puts back what our hook replaced on `state` (nothing, if we never
+    /// armed it: it inherited our hook from the thread that created it).
+    ///
+    /// # Safety
+    /// As for [`Arming::arm`].
+    unsafe fn disarm(&mut self, state: *mut lua_State) {
+        #[cfg(not(feature = "luajit"))]
+        let saved = self.states.remove(&(state as usize)).flatten();
+        #[cfg(feature = "luajit")]
+        let saved = self.global.take().flatten();
+        hook::disarm(state, saved);
+    }
+
+    /// Whether our hook is on `state` (LuaJIT: on the VM).
+    fn is_armed(&self, state: *mut lua_State) -> bool {
+        #[cfg(not(feature = "luajit"))]
+        return self.states.contains_key(&(state as usize));
+        #[cfg(feature = "luajit")]
+        {
+            let _ = state;
+            self.global.is_some()
+        }
+    }
+
+    /// The user replaced the hook of `state` while ours was on it: keep
+    /// theirs to put back later, and install ours again.
+    ///
+    /// # Safety
+    /// As for [`Arming::arm`].
+    unsafe fn adopt_user_hook(&mut self, state: *mut lua_State) {
+        let mut saved = None;
+        hook::arm(state, &mut saved);
+        if saved.is_some() {
+            #[cfg(not(feature = "luajit"))]
+            self.states.insert(state as usize, saved);
+            #[cfg(feature = "luajit")]
+            {
+                self.global = Some(saved);
+            }
+        }
+    }
+
+    /// `state` is gone: forget what was saved for its address.
+    fn forget(&mut self, state: *mut lua_State) {
+        #[cfg(not(feature = "luajit"))]
+        self.states.remove(&(state as usize));
+        #[cfg(feature = "luajit")]
+        let _ = state;
+    }
 }
 
 struct VmInner {
@@ -92,11 +166,11 @@ struct VmInner {
     slots: HashMap<Id, Slot>,
     /// How many live slots have an interrupt pending.
     pending: usize,
-    /// LuaJIT: whether our hook is installed (globally) and what it replaced.
-    #[cfg(feature = "luajit")]
-    global_armed: bool,
-    #[cfg(feature = "luajit")]
-    global_saved: Option<SavedHook>,
+    arming: Arming,
+    /// corowatch: the running coroutines and their deadlines.
+    chain: Chain,
+    /// When the watchdog will next look at the chain's deadlines.
+    alarm: Option<Instant>,
     /// Lua 5.1: memory block of each watched coroutine -> its id.
     #[cfg(feature = "lua51")]
     blocks: HashMap<usize, Id>,
@@ -109,6 +183,7 @@ struct VmInner {
 /// One Lua VM (a main state and all its coroutines).
 pub struct Vm {
     key: usize,
+    me: Weak<Vm>,
     inner: Mutex<VmInner>,
 }
 
@@ -138,17 +213,17 @@ pub fn of_key(key: usize) -> Option<Arc<Vm>> {
 
 /// Registers a new VM. `anchor` must stay alive until [`Vm::close`].
 pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
-    let vm = Arc::new(Vm {
+    let vm = Arc::new_cyclic(|me| Vm {
         key,
+        me: me.clone(),
         inner: Mutex::new(VmInner {
             closed: false,
             anchor: StatePtr(anchor),
             slots: HashMap::new(),
             pending: 0,
-            #[cfg(feature = "luajit")]
-            global_armed: false,
-            #[cfg(feature = "luajit")]
-            global_saved: None,
+            arming: Arming::default(),
+            chain: Chain::default(),
+            alarm: None,
             #[cfg(feature = "lua51")]
             blocks: HashMap::new(),
             #[cfg(feature = "lua51")]
@@ -183,10 +258,6 @@ impl Vm {
                 state: StatePtr(state),
                 pending: Pending::None,
                 rearm_queued: false,
-                #[cfg(not(feature = "luajit"))]
-                armed: false,
-                #[cfg(not(feature = "luajit"))]
-                saved: None,
             },
         );
     }
@@ -243,6 +314,7 @@ impl Vm {
         inner.closed = true;
         inner.anchor = StatePtr::DEAD;
         inner.pending = 0;
+        inner.chain.clear();
         for slot in inner.slots.values_mut() {
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
@@ -300,30 +372,150 @@ impl Vm {
         pending
     }
 
-    /// The hook fired on `state`, whose id (if any) is `id`. Decides whether
-    /// to deliver, and leaves the hook armed only while something is pending.
+    /// The hook fired on `state`, whose id (if any) is `id`. Decides what to
+    /// deliver, and leaves the hook armed only while something needs it.
     pub fn on_hook(&self, state: *mut lua_State, id: Option<Id>) -> Verdict {
         let mut inner = self.lock();
-        let mut verdict = Verdict::Continue;
-        let mut keep_armed = false;
-        if let Some(id) = id {
-            if let Some(slot) = inner.slots.get_mut(&id) {
-                if slot.state.0 == state {
-                    let before = slot.pending;
-                    if before != Pending::None {
-                        verdict = Verdict::Deliver(id);
-                    }
-                    if before == Pending::Once {
-                        slot.pending = Pending::None;
-                    }
-                    keep_armed = slot.pending == Pending::Sticky;
-                    let after = slot.pending;
-                    inner.count_transition(before, after);
-                }
+        let now = Instant::now();
+        let mut verdict = inner.take_interrupt(state, id);
+        if verdict == Verdict::Continue {
+            if let Some((event, depth)) = inner.chain.event(state, now) {
+                verdict = Verdict::Watch(event, depth);
             }
         }
-        inner.settle_hook(state, id, keep_armed);
+        let sticky = id.is_some_and(|id| {
+            inner
+                .slots
+                .get(&id)
+                .is_some_and(|slot| slot.state.0 == state && slot.pending == Pending::Sticky)
+        });
+        let watch_needs_hook = inner.chain.top().is_some_and(|top| top.0 == state)
+            && inner.chain.needs_hook(now);
+        inner.settle_hook(state, sticky || watch_needs_hook);
+        self.set_alarm(&mut inner);
         verdict
+    }
+
+    // ---- corowatch -------------------------------------------------------
+
+    /// The running thread `resumer` is about to resume `resumed`, watched
+    /// with `limits` (kill, warn) if given.
+    pub fn enter(&self, resumer: *mut lua_State, resumed: *mut lua_State, watch: Option<Watch>) {
+        let mut inner = self.lock();
+        inner
+            .chain
+            .enter(StatePtr(resumer), StatePtr(resumed), watch);
+        self.after_chain_change(&mut inner);
+    }
+
+    /// The resume that `enter` announced returned, on `resumer` (now
+    /// running again). Returns whether the chain is still active.
+    pub fn leave(&self, resumer: *mut lua_State) -> bool {
+        let mut inner = self.lock();
+        let active = inner.chain.leave();
+        if inner.chain.top().is_some_and(|top| top.0 == resumer) {
+            self.after_chain_change(&mut inner);
+        }
+        active
+    }
+
+    /// Watches the running thread (or a coroutine that is running under
+    /// it) from now on. Returns its depth in the chain, or `None` if it is
+    /// not running.
+    pub fn watch_running(
+        &self,
+        state: *mut lua_State,
+        running: *mut lua_State,
+        watch: Watch,
+    ) -> Option<usize> {
+        let mut inner = self.lock();
+        let depth = inner
+            .chain
+            .watch_running(StatePtr(state), StatePtr(running), watch)?;
+        self.set_alarm(&mut inner);
+        Some(depth)
+    }
+
+    /// A warn callback at `depth` asked for more time.
+    pub fn reset(&self, depth: usize) {
+        let mut inner = self.lock();
+        inner.chain.reset(depth, Instant::now());
+        self.set_alarm(&mut inner);
+    }
+
+    /// Called by the watchdog when the alarm set by `set_alarm` goes off.
+    /// Returns the next alarm, if the watchdog should wait for it.
+    pub fn on_alarm(&self) -> Option<Instant> {
+        let mut inner = self.lock();
+        inner.alarm = None;
+        if inner.closed {
+            return None;
+        }
+        let now = Instant::now();
+        if inner.chain.needs_hook(now) {
+            if let Some(top) = inner.chain.top() {
+                // SAFETY: the top of the chain is the running thread: the
+                // patched resume pops it (under this lock) before it can be
+                // collected. We hold the lock.
+                unsafe { inner.arming.arm(top.0) };
+            }
+            return None;
+        }
+        inner.alarm = inner.chain.next_deadline();
+        inner.alarm
+    }
+
+    /// The running thread `state` called `debug.sethook`: if our hook was on
+    /// it, the user's new hook is what to put back later.
+    pub fn user_hook_changed(&self, state: *mut lua_State) {
+        let mut inner = self.lock();
+        if inner.arming.is_armed(state) {
+            // SAFETY: `state` is the running thread, on our OS thread.
+            unsafe { inner.arming.adopt_user_hook(state) };
+        }
+    }
+
+    /// While our hook is on the running thread `state`, puts the user's
+    /// hook back for a moment (to read it with `debug.gethook`); returns
+    /// whether it did, and then `user_hook_changed` must follow.
+    pub fn lend_user_hook(&self, state: *mut lua_State) -> bool {
+        let mut inner = self.lock();
+        if !inner.arming.is_armed(state) {
+            return false;
+        }
+        // SAFETY: `state` is the running thread, on our OS thread.
+        unsafe { inner.arming.disarm(state) };
+        #[cfg(not(feature = "luajit"))]
+        inner.arming.states.insert(state as usize, None);
+        #[cfg(feature = "luajit")]
+        {
+            inner.arming.global = Some(None);
+        }
+        true
+    }
+
+    /// After the chain changed on its (running) top: arm the top if it needs
+    /// the hook at once, and keep the watchdog's alarm right.
+    fn after_chain_change(&self, inner: &mut VmInner) {
+        if let Some(top) = inner.chain.top() {
+            if inner.chain.needs_hook(Instant::now()) {
+                // SAFETY: the top is the running thread, on our OS thread.
+                unsafe { inner.arming.arm(top.0) };
+            }
+        }
+        self.set_alarm(inner);
+    }
+
+    /// Makes sure the watchdog wakes up by the chain's next deadline.
+    fn set_alarm(&self, inner: &mut VmInner) {
+        let Some(deadline) = inner.chain.next_deadline() else {
+            return;
+        };
+        if inner.alarm.is_some_and(|alarm| alarm <= deadline) {
+            return;
+        }
+        inner.alarm = Some(deadline);
+        watchdog::schedule_alarm(self.me.clone(), deadline);
     }
 }
 
@@ -348,87 +540,92 @@ impl VmInner {
     fn kill(&mut self, id: Id) {
         if let Some(slot) = self.slots.get_mut(&id) {
             let before = slot.pending;
+            let state = slot.state;
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
-            #[cfg(not(feature = "luajit"))]
-            {
-                slot.armed = false;
-            }
             self.count_transition(before, Pending::None);
+            if state.is_alive() {
+                self.arming.forget(state.0);
+            }
+        }
+    }
+
+    /// Takes the interrupt pending for the running thread `state`, if any.
+    fn take_interrupt(&mut self, state: *mut lua_State, id: Option<Id>) -> Verdict {
+        let Some(id) = id else {
+            return Verdict::Continue;
+        };
+        let Some(slot) = self.slots.get_mut(&id).filter(|slot| slot.state.0 == state) else {
+            return Verdict::Continue;
+        };
+        let before = slot.pending;
+        if before == Pending::Once {
+            slot.pending = Pending::None;
+        }
+        let after = slot.pending;
+        self.count_transition(before, after);
+        if before == Pending::None {
+            Verdict::Continue
+        } else {
+            Verdict::Deliver(id)
         }
     }
 
     /// Installs the delivery hook for a live target.
     fn arm(&mut self, id: Id) {
+        let Some(slot) = self.live_slot(id) else {
+            return;
+        };
         #[cfg(not(feature = "luajit"))]
-        if let Some(slot) = self.live_slot(id) {
-            // SAFETY: the slot is live and we hold the VM lock (module comment).
-            unsafe { hook::arm(slot.state.0, &mut slot.saved) };
-            slot.armed = true;
-        }
+        let state = slot.state.0;
         #[cfg(feature = "luajit")]
-        if self.live_slot(id).is_some() {
-            // SAFETY: the anchor lives until `close`, which we are not past.
-            unsafe { hook::arm(self.anchor.0, &mut self.global_saved) };
-            self.global_armed = true;
-        }
+        let state = {
+            let _ = slot;
+            self.anchor.0
+        };
+        // SAFETY: a live slot's state is alive (module comment); the anchor
+        // lives until `close`, which we are not past. We hold the VM lock.
+        unsafe { self.arming.arm(state) };
     }
 
-    /// Removes the delivery hook of a target whose interrupt was cleared.
+    /// Removes the delivery hook of a target whose interrupt was cleared,
+    /// unless something else still needs it there.
     fn disarm(&mut self, id: Id) {
+        let Some(slot) = self.live_slot(id) else {
+            return;
+        };
         #[cfg(not(feature = "luajit"))]
-        if let Some(slot) = self.live_slot(id) {
-            if slot.armed {
-                // SAFETY: as in `arm`.
-                unsafe { hook::disarm(slot.state.0, slot.saved.take()) };
-                slot.armed = false;
-            }
-        }
+        let (state, needed) = {
+            let state = slot.state.0;
+            let watch = self.chain.top().is_some_and(|top| top.0 == state);
+            (state, watch && self.chain.needs_hook(Instant::now()))
+        };
         #[cfg(feature = "luajit")]
-        {
-            let _ = id;
-            if self.pending == 0 && self.global_armed && !self.closed {
-                // SAFETY: as in `arm`.
-                unsafe { hook::disarm(self.anchor.0, self.global_saved.take()) };
-                self.global_armed = false;
-            }
+        let (state, needed) = {
+            let _ = slot;
+            (self.anchor.0, self.pending > 0 || self.chain.needs_hook(Instant::now()))
+        };
+        if !needed && self.arming.is_armed(state) {
+            // SAFETY: as in `arm`.
+            unsafe { self.arming.disarm(state) };
         }
     }
 
-    /// After the hook ran on `state` (the running thread): keep, relax or
-    /// remove it.
-    fn settle_hook(&mut self, state: *mut lua_State, id: Option<Id>, keep_armed: bool) {
-        if keep_armed {
+    /// After the hook ran on `state` (the running thread): keep it if
+    /// `needed` there, else relax or remove it.
+    fn settle_hook(&mut self, state: *mut lua_State, needed: bool) {
+        if needed {
             return;
         }
-        #[cfg(not(feature = "luajit"))]
-        {
-            // Per-state hooks: only this state's own pending interrupts count.
-            // A state without a slot got our hook by inheritance (lua_newthread
-            // copies the creator's hook); it had no hook of its own to restore.
-            let saved = match id.and_then(|id| self.slots.get_mut(&id)) {
-                Some(slot) if slot.state.0 == state => {
-                    slot.armed = false;
-                    slot.saved.take()
-                }
-                _ => None,
-            };
-            // SAFETY: `state` is the running thread, we are in its hook.
-            unsafe { hook::disarm(state, saved) };
-        }
-        #[cfg(feature = "luajit")]
-        {
-            let _ = id;
-            // SAFETY: `state` is the running thread, we are in its hook; the
-            // hook is global, so this acts on the whole VM, as intended.
-            unsafe {
-                if self.pending == 0 {
-                    hook::disarm(state, self.global_saved.take());
-                    self.global_armed = false;
-                } else {
-                    hook::poll_lazily(state);
-                }
+        // SAFETY: `state` is the running thread, we are in its hook. On
+        // LuaJIT the hook is global, so this acts on the whole VM.
+        unsafe {
+            #[cfg(feature = "luajit")]
+            if self.pending > 0 {
+                hook::poll_lazily(state);
+                return;
             }
+            self.arming.disarm(state);
         }
     }
 }

@@ -1,5 +1,12 @@
-//! The watchdog: one process-wide thread that re-arms pending interrupts.
+//! The watchdog: one process-wide thread that wakes up when a watched
+//! coroutine's deadline passes, and re-arms pending interrupts.
 //!
+//! corowatch: each VM keeps one alarm here, at the earliest deadline of its
+//! running watched coroutines; at that time the VM arms the hook on its
+//! running thread. The thread asks the kernel for 1 ns of timer slack, so
+//! that it wakes on time (a kill lands within microseconds of its limit).
+//!
+//! mtint:
 //! An interrupt arms its target at once, from the interrupting thread. The
 //! running thread can still undo that arming in a few instructions' window
 //! (Lua 5.4 clears its "trap" flag after reading a stale hook mask; Lua 5.2
@@ -11,15 +18,25 @@ use std::sync::{Arc, Condvar, LazyLock, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
 use crate::registry::Target;
+use crate::vm::Vm;
 
 const FIRST_DELAY: Duration = Duration::from_millis(1);
 const MAX_DELAY: Duration = Duration::from_millis(50);
 
+enum Job {
+    /// Re-arm a pending interrupt, at doubling intervals.
+    Rearm {
+        /// Weak, so that a queued re-arm does not keep an id known.
+        target: Weak<Target>,
+        delay: Duration,
+    },
+    /// A VM's corowatch alarm.
+    Alarm(Weak<Vm>),
+}
+
 struct Rearm {
-    /// Weak, so that a queued re-arm does not keep an id known.
-    target: Weak<Target>,
+    job: Job,
     due: Instant,
-    delay: Duration,
 }
 
 struct Queue {
@@ -35,6 +52,24 @@ static START: Once = Once::new();
 
 /// Asks the watchdog to re-arm `target` until its interrupt is delivered.
 pub fn schedule_rearm(target: &Arc<Target>) {
+    push(Rearm {
+        job: Job::Rearm {
+            target: Arc::downgrade(target),
+            delay: FIRST_DELAY,
+        },
+        due: Instant::now() + FIRST_DELAY,
+    });
+}
+
+/// Asks the watchdog to call `vm.on_alarm()` at `due`.
+pub fn schedule_alarm(vm: Weak<Vm>, due: Instant) {
+    push(Rearm {
+        job: Job::Alarm(vm),
+        due,
+    });
+}
+
+fn push(entry: Rearm) {
     START.call_once(|| {
         // Without the thread, interrupts are still armed once, as the
         // original mtint does; there is nothing better to do than go on.
@@ -43,12 +78,11 @@ pub fn schedule_rearm(target: &Arc<Target>) {
             .spawn(run);
     });
     let mut entries = lock(&QUEUE.entries);
-    entries.push(Rearm {
-        target: Arc::downgrade(target),
-        due: Instant::now() + FIRST_DELAY,
-        delay: FIRST_DELAY,
-    });
-    QUEUE.wake.notify_one();
+    let earliest = entries.iter().all(|queued| queued.due > entry.due);
+    entries.push(entry);
+    if earliest {
+        QUEUE.wake.notify_one();
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -58,20 +92,40 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn run() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer
+    // slack; it reads no memory of ours.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
     loop {
         let due = take_due();
         let mut again = Vec::new();
-        for mut entry in due {
-            let Some(target) = entry.target.upgrade() else {
-                continue;
-            };
-            if target.vm.rearm(target.id) {
-                entry.delay = (entry.delay * 2).min(MAX_DELAY);
-                entry.due = Instant::now() + entry.delay;
-                again.push(entry);
+        for entry in due {
+            match entry.job {
+                Job::Rearm { target, delay } => {
+                    let Some(strong) = target.upgrade() else {
+                        continue;
+                    };
+                    if strong.vm.rearm(strong.id) {
+                        let delay = (delay * 2).min(MAX_DELAY);
+                        again.push(Rearm {
+                            job: Job::Rearm { target, delay },
+                            due: Instant::now() + delay,
+                        });
+                    }
+                    // `strong` is dropped here, outside every lock: dropping
+                    // the last reference to a target takes its VM's lock.
+                }
+                Job::Alarm(vm) => {
+                    if let Some(next) = vm.upgrade().and_then(|strong| strong.on_alarm()) {
+                        again.push(Rearm {
+                            job: Job::Alarm(vm),
+                            due: next,
+                        });
+                    }
+                }
             }
-            // `target` is dropped here, outside every lock: dropping the
-            // last reference to a target takes its VM's lock.
         }
         if !again.is_empty() {
             lock(&QUEUE.entries).extend(again);
