@@ -8,8 +8,7 @@
 local core = require("corowatch.core")
 
 local native = core.corowatch
-local enter, leave, watch_running, reset = native.enter, native.leave,
-  native.watch_running, native.reset
+local leave, watch_running, reset = native.leave, native.watch_running, native.reset
 local lend_user_hook, user_hook_changed = native.lend_user_hook, native.user_hook_changed
 
 local raw_create, raw_resume, raw_yield = coroutine.create, coroutine.resume, coroutine.yield
@@ -40,10 +39,11 @@ local explicit = setmetatable({}, weak_keys)  -- co -> settings of its watch()
 local inherited = setmetatable({}, weak_keys) -- co -> settings of its watched creator
 local killed = setmetatable({}, weak_keys)    -- co -> its kill message
 
--- Mirror of the native chain: the running coroutines, outermost first, while
--- something watched runs (`active`); empty otherwise.
-local stack = {}
-local active = false
+-- The coroutines resumed through `resume` and running, outermost first;
+-- stack[0] is the thread that resumed stack[1]. While something watched runs
+-- (`active`), the native chain mirrors stack[base], stack[base + 1], ...
+local stack, n = {}, 0
+local base, active = nil, false
 
 local function settings_of(co)
   return explicit[co] or inherited[co]
@@ -54,9 +54,10 @@ local function argerror(position, name, expected, got)
     :format(position, name, expected, type(got)), 3)
 end
 
---- Called by the native hook, on the running coroutine.
+--- Called by the native hook, on the running coroutine: `depth` is the
+-- watched coroutine's place in the native chain.
 local function dispatch(event, depth)
-  local co = stack[depth]
+  local co = stack[base + depth - 1]
   local settings = settings_of(co)
   if not settings then return end
   if event == WARN then
@@ -71,31 +72,51 @@ local function dispatch(event, depth)
 end
 native.set_dispatcher(dispatch)
 
+local resume_watched = native.make_resume(raw_resume)
+
+local function set_active(now_active)
+  active = now_active
+  if not active then base = nil end
+end
+
+-- Common end of both paths: pop `co`, and answer for a killed coroutine.
 local function finish(co, ...)
-  stack[#stack] = nil
-  active = leave()
-  if not active then stack = {} end
+  stack[n] = nil
+  n = n - 1
   local message = killed[co]
   if message then return false, message end
   return ...
+end
+
+local function finish_fast(co, ...)
+  -- Something inside called watch(nil), and the chain now includes `co`.
+  if active and n >= base then set_active(leave()) end
+  return finish(co, ...)
+end
+
+local function finish_watched(co, now_active, ...)
+  set_active(now_active)
+  return finish(co, ...)
 end
 
 --- `coroutine.resume`, keeping track of watched coroutines.
 function M.resume(co, ...)
   local message = killed[co]
   if message then return false, message end
+  if type(co) ~= "thread" then return raw_resume(co, ...) end
+  if n == 0 then stack[0] = running_key() end
+  n = n + 1
+  stack[n] = co
   local settings = settings_of(co)
-  if (not settings and not active) or type(co) ~= "thread" then
-    return raw_resume(co, ...)
+  if not settings and not active then
+    return finish_fast(co, raw_resume(co, ...))
   end
-  if #stack == 0 then stack[1] = running_key() end
-  stack[#stack + 1] = co
+  if not active then base = n - 1 end
+  active = true
   if settings then
-    enter(co, true, settings.kill, settings.warn)
-  else
-    enter(co, false)
+    return finish_watched(co, resume_watched(co, true, settings.kill, settings.warn, ...))
   end
-  return finish(co, raw_resume(co, ...))
+  return finish_watched(co, resume_watched(co, false, nil, nil, ...))
 end
 local resume = M.resume
 
@@ -138,7 +159,8 @@ function M.wrap(f)
 end
 
 local function check_limit(position, value)
-  if value ~= nil and (type(value) ~= "number" or not (value > 0) or value == 1/0) then
+  if value ~= nil and (type(value) ~= "number" or value ~= value -- NaN
+      or value <= 0 or value == 1/0) then
     argerror(position, "watch", "positive number of seconds or nil", value)
   end
 end
@@ -184,10 +206,9 @@ function M.watch(co, killlimit, warnlimit, cb, hookcount)
   inherited[key] = nil
 
   -- Its clock starts now if it is running, else when it is next resumed.
-  local empty = #stack == 0
-  if watch_running(thread, killlimit, warnlimit) then
-    if empty then stack[1] = running_key() end
-    active = true
+  if watch_running(thread, killlimit, warnlimit) and not active then
+    if n == 0 then stack[0] = running_key() end
+    base, active = n, true
   end
   return co or raw_running()
 end
@@ -204,8 +225,8 @@ end
 M.gettime = native.gettime
 
 -- Is `co` (the first argument of a debug function) the running thread?
-local function about_running(n, co)
-  return n == 0 or type(co) ~= "thread" or co == raw_running()
+local function about_running(argc, co)
+  return argc == 0 or type(co) ~= "thread" or co == raw_running()
 end
 
 --- `debug.sethook`: the user's hook runs beside a watch, and nothing done

@@ -377,6 +377,10 @@ impl Vm {
     pub fn on_hook(&self, state: *mut lua_State, id: Option<Id>) -> Verdict {
         let mut inner = self.lock();
         let now = Instant::now();
+        if inner.chain.is_below_top(state) {
+            // Inside the patched resume: deliver once it has returned.
+            return Verdict::Continue;
+        }
         let mut verdict = inner.take_interrupt(state, id);
         if verdict == Verdict::Continue {
             if let Some((event, depth)) = inner.chain.event(state, now) {
@@ -389,8 +393,8 @@ impl Vm {
                 .get(&id)
                 .is_some_and(|slot| slot.state.0 == state && slot.pending == Pending::Sticky)
         });
-        let watch_needs_hook = inner.chain.top().is_some_and(|top| top.0 == state)
-            && inner.chain.needs_hook(now);
+        let watch_needs_hook =
+            inner.chain.top().is_some_and(|top| top.0 == state) && inner.chain.needs_hook(now);
         inner.settle_hook(state, sticky || watch_needs_hook);
         self.set_alarm(&mut inner);
         verdict
@@ -603,7 +607,10 @@ impl VmInner {
         #[cfg(feature = "luajit")]
         let (state, needed) = {
             let _ = slot;
-            (self.anchor.0, self.pending > 0 || self.chain.needs_hook(Instant::now()))
+            (
+                self.anchor.0,
+                self.pending > 0 || self.chain.needs_hook(Instant::now()),
+            )
         };
         if !needed && self.arming.is_armed(state) {
             // SAFETY: as in `arm`.
@@ -621,7 +628,9 @@ impl VmInner {
         // LuaJIT the hook is global, so this acts on the whole VM.
         unsafe {
             #[cfg(feature = "luajit")]
-            if self.pending > 0 {
+            if self.pending > 0 || self.chain.needs_hook(Instant::now()) {
+                // Someone else (a suspended target, or the chain's top
+                // when it runs again) still needs the VM-wide hook.
                 hook::poll_lazily(state);
                 return;
             }

@@ -80,6 +80,16 @@ impl Chain {
         !self.entries.is_empty()
     }
 
+    /// Whether `state` is on the chain below its top: it is the resumer in
+    /// the middle of the patched resume, between telling the chain and the
+    /// real resume (or back). The hook must not raise there.
+    pub fn is_below_top(&self, state: *mut mlua::ffi::lua_State) -> bool {
+        match self.entries.split_last() {
+            Some((top, below)) => top.state.0 != state && below.iter().any(|e| e.state.0 == state),
+            None => false,
+        }
+    }
+
     /// The running thread, as far as the chain knows.
     pub fn top(&self) -> Option<StatePtr> {
         self.entries.last().map(|entry| entry.state)
@@ -127,7 +137,10 @@ impl Chain {
             });
             return Some(1);
         }
-        let depth = self.entries.iter().rposition(|entry| entry.state == state)?;
+        let depth = self
+            .entries
+            .iter()
+            .rposition(|entry| entry.state == state)?;
         self.entries[depth].watch = Some(watch);
         Some(depth + 1)
     }
@@ -155,16 +168,19 @@ impl Chain {
     /// a killed coroutine is still running (its kill must not be swallowed).
     pub fn needs_hook(&self, now: Instant) -> bool {
         self.entries.iter().any(|entry| {
-            entry
-                .watch
-                .as_ref()
-                .is_some_and(|watch| watch.killed || watch.next_deadline().is_some_and(|d| d <= now))
+            entry.watch.as_ref().is_some_and(|watch| {
+                watch.killed || watch.next_deadline().is_some_and(|d| d <= now)
+            })
         })
     }
 
     /// The hook fired on `state`: the event to dispatch, innermost first,
     /// with the depth of the coroutine it concerns.
-    pub fn event(&mut self, state: *mut mlua::ffi::lua_State, now: Instant) -> Option<(Event, usize)> {
+    pub fn event(
+        &mut self,
+        state: *mut mlua::ffi::lua_State,
+        now: Instant,
+    ) -> Option<(Event, usize)> {
         if self.top()?.0 != state {
             return None;
         }

@@ -1,0 +1,406 @@
+-- corowatch: the seed's API on the native core.
+local unpack = unpack or table.unpack
+if jit then jit.off() end
+
+local corowatch = require("corowatch")
+local cw = corowatch.export() -- the coroutine functions, in a fresh table
+
+local KILL = "^Coroutine exceeded its allowed running time of "
+
+local function spin()
+  local x = 0
+  while true do x = x + 1 end
+end
+
+local function busy(n)
+  local x = 0
+  for i = 1, n or 1e4 do x = x + i end
+  return x
+end
+
+-- Runs a Lua file with this interpreter; returns its output and success.
+local function run_file(code)
+  local file = os.tmpname()
+  local handle = assert(io.open(file, "w"))
+  handle:write(code)
+  handle:close()
+  local lua = os.getenv("CW_LUA") or "lua"
+  local pipe = assert(io.popen(lua .. " " .. file .. " 2>&1; echo \"exit=$?\""))
+  local output = pipe:read("*a")
+  pipe:close()
+  os.remove(file)
+  local status = tonumber(output:match("exit=(%d+)%s*$"))
+  return output:gsub("exit=%d+%s*$", ""), status == 0
+end
+
+describe("corowatch.watch", function()
+  it("kills a coroutine that loops past its limit, with the documented message", function()
+    local co = corowatch.watch(cw.create(spin), 0.05)
+    local started = corowatch.gettime()
+    local ok, err = cw.resume(co)
+    local elapsed = corowatch.gettime() - started
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL .. "0.05 seconds, without yielding\nstack traceback:\n"), err)
+    assert.is_true(elapsed >= 0.05 and elapsed < 0.1, "killed after " .. elapsed)
+    assert.are.equal("dead", cw.status(co))
+    assert.are.same({ false, err }, { cw.resume(co) })
+  end)
+
+  it("restarts the clock at every resume: only running without yielding counts", function()
+    local co = corowatch.watch(cw.create(function()
+      for _ = 1, 6 do
+        local t = corowatch.gettime()
+        while corowatch.gettime() - t < 0.02 do end
+        cw.yield()
+      end
+      return "done"
+    end), 0.05)
+    local results
+    for _ = 1, 7 do results = { cw.resume(co) } end
+    assert.are.same({ true, "done" }, results)
+  end)
+
+  it("warns, resets on a truthy answer, then kills: the seed's semantics", function()
+    local events = {}
+    local co = corowatch.watch(cw.create(spin), 0.1, 0.05, function(kind)
+      events[#events + 1] = kind
+      if kind == "warn" then return #events < 4 end
+    end)
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+    assert.are.same({ "warn", "warn", "warn", "warn", "kill" }, events)
+  end)
+
+  it("runs the callback on the watched coroutine", function()
+    local where
+    local co
+    co = corowatch.watch(cw.create(spin), 0.1, 0.02, function(kind)
+      if kind == "warn" then where = coroutine.running() end
+    end)
+    cw.resume(co)
+    assert.are.equal(co, where)
+  end)
+
+  it("has no debug hook installed while the coroutine runs within its limits", function()
+    local co = corowatch.watch(cw.create(function()
+      busy(1e5)
+      return (debug.gethook())
+    end), 5)
+    assert.are.same({ true }, { cw.resume(co) })
+  end)
+
+  it("watches the running coroutine when co is nil", function()
+    local co = cw.create(function()
+      corowatch.watch(nil, 0.05)
+      spin()
+    end)
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
+  it("returns the coroutine", function()
+    local co = cw.create(busy)
+    assert.are.equal(co, corowatch.watch(co, 1))
+  end)
+end)
+
+describe("a killed coroutine", function()
+  local function killed_by(body, limit)
+    local co = corowatch.watch(cw.create(body), limit or 0.05)
+    local ok, err = cw.resume(co)
+    return ok, err, co
+  end
+
+  it("cannot survive a pcall loop", function()
+    local ok, err = killed_by(function() while true do pcall(spin) end end)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
+  it("cannot survive an xpcall loop with an error handler", function()
+    local ok, err = killed_by(function()
+      while true do xpcall(spin, function(e) return e end) end
+    end)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
+  it("is killed in a busy table.sort comparator", function()
+    local ok, err = killed_by(function()
+      local t = {}
+      for i = 1, 100 do t[i] = i end
+      while true do
+        pcall(table.sort, t, function(a, b) busy(1e3) return a > b end)
+      end
+    end)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
+  it("is killed in a string.gsub callback", function()
+    local ok, err = killed_by(function()
+      while true do pcall(string.gsub, ("x"):rep(100), "x", function() busy(1e3) end) end
+    end)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
+  it("is dead, and resuming it answers false and the kill message", function()
+    local _, err, co = killed_by(spin)
+    assert.are.equal("dead", cw.status(co))
+    assert.are.same({ false, err }, { cw.resume(co) })
+  end)
+
+  it("leaves the main state and other coroutines running normally", function()
+    killed_by(spin)
+    local other = cw.create(function(a) local b = cw.yield(a + 1) return b * 2 end)
+    assert.are.same({ true, 2 }, { cw.resume(other, 1) })
+    assert.are.same({ true, 10 }, { cw.resume(other, 5) })
+    assert.are.equal(busy(1e5), busy(1e5))
+  end)
+
+  it("raises the kill in whichever coroutine it resumed, and dies too", function()
+    local inner
+    local outer = corowatch.watch(cw.create(function()
+      inner = coroutine.create(spin) -- not watched: plain create
+      local ok, err = cw.resume(inner)
+      return "survived", ok, err
+    end), 0.05)
+    local ok, err = cw.resume(outer)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+    assert.are.equal("dead", cw.status(inner))
+  end)
+end)
+
+describe("inheritance and nesting", function()
+  it("gives a coroutine created in a watched one the same limits", function()
+    local parent = corowatch.watch(cw.create(function()
+      cw.yield(cw.create(spin), coroutine.create(spin))
+    end), 0.05)
+    local _, child, plain_child = cw.resume(parent)
+    -- resumed from here, outside the parent: only the child's own watch counts
+    local ok, err = cw.resume(child)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL .. "0.05 seconds"))
+    -- created with the original coroutine.create: not watched
+    local unwatched = coroutine.create(function() busy(1e5) return "done" end)
+    assert.are.same({ true, "done" }, { cw.resume(unwatched) })
+    assert.are.equal("suspended", cw.status(plain_child))
+  end)
+
+  it("lets an explicit watch replace an inherited one", function()
+    local child_result
+    local parent = corowatch.watch(cw.create(function()
+      local child = corowatch.watch(cw.create(spin), 0.02)
+      child_result = { cw.resume(child) }
+      return "parent went on"
+    end), 0.5)
+    assert.are.same({ true, "parent went on" }, { cw.resume(parent) })
+    assert.is_truthy(child_result[2]:find(KILL .. "0.02 seconds"))
+  end)
+
+  it("keeps each nested watch to its own limit", function()
+    local log = {}
+    local outer = corowatch.watch(cw.create(function()
+      local inner = corowatch.watch(cw.create(spin), 0.03)
+      local _, err = cw.resume(inner)
+      log[#log + 1] = err:match("time of (%S+) seconds")
+      spin()
+    end), 0.2)
+    local started = corowatch.gettime()
+    local _, err = cw.resume(outer)
+    local elapsed = corowatch.gettime() - started
+    log[#log + 1] = err:match("time of (%S+) seconds")
+    assert.are.same({ "0.03", "0.2" }, log)
+    assert.is_true(elapsed >= 0.2 and elapsed < 0.4, "outer killed after " .. elapsed)
+  end)
+
+  it("keeps the watched coroutine's clock running while it resumes others", function()
+    local outer = corowatch.watch(cw.create(function()
+      while true do
+        local helper = coroutine.create(function() busy(1e4) end)
+        coroutine.resume(helper)
+      end
+    end), 0.05)
+    local ok, err = cw.resume(outer)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+end)
+
+describe("watch arguments", function()
+  local function fails(pattern, ...)
+    local ok, err = pcall(corowatch.watch, ...)
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find(pattern), err)
+  end
+
+  it("refuses a second explicit watch", function()
+    local co = corowatch.watch(cw.create(busy), 1)
+    fails("already watched", co, 2)
+  end)
+
+  it("needs a limit", function() fails("limit", cw.create(busy)) end)
+
+  it("needs a callback with a warn limit", function()
+    fails("callback", cw.create(busy), 1, 0.5)
+  end)
+
+  it("needs the warn limit below the kill limit", function()
+    fails("below", cw.create(busy), 1, 1, print)
+    fails("below", cw.create(busy), 1, 2, print)
+  end)
+
+  it("rejects limits that are not positive numbers", function()
+    for _, bad in ipairs({ "1", {}, true, -1, 0, 0/0, 1/0 }) do
+      fails("bad argument #2", cw.create(busy), bad)
+      fails("bad argument #3", cw.create(busy), 2, bad, print)
+    end
+  end)
+
+  it("rejects a callback that is not a function", function()
+    fails("bad argument #4", cw.create(busy), 1, nil, "print")
+  end)
+
+  it("rejects a hookcount below 1", function()
+    fails("bad argument #5", cw.create(busy), 1, nil, nil, 0)
+    fails("bad argument #5", cw.create(busy), 1, nil, nil, "x")
+  end)
+
+  it("rejects a co that is not a coroutine", function()
+    fails("bad argument #1", print, 1)
+    fails("bad argument #1", {}, 1)
+  end)
+end)
+
+describe("wrap and wrapf", function()
+  it("wrap returns values without the status flag", function()
+    local f = cw.wrap(function(a) local b = cw.yield(a + 1) return b, "end" end)
+    assert.are.equal(2, f(1))
+    assert.are.same({ 7, "end" }, { f(7) })
+  end)
+
+  it("wrap raises errors in the caller", function()
+    local f = cw.wrap(function() error("boom", 0) end)
+    assert.are.same({ false, "boom" }, { pcall(f) })
+  end)
+
+  it("wrapf watches the wrapped function and raises the kill in the caller", function()
+    local f = cw.wrapf(spin, 0.05)
+    local ok, err = pcall(f)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
+  it("wrapf passes values through like wrap", function()
+    local f = cw.wrapf(function(a) return a * 2 end, 1)
+    assert.are.equal(6, f(3))
+  end)
+end)
+
+describe("gettime", function()
+  it("is a monotonic clock in seconds with sub-millisecond resolution", function()
+    local t0 = corowatch.gettime()
+    local t1 = t0
+    while t1 == t0 do t1 = corowatch.gettime() end
+    assert.is_true(t1 - t0 < 1e-3)
+    local t2 = corowatch.gettime()
+    assert.is_true(t2 >= t1)
+  end)
+end)
+
+describe("debug hooks beside a watch", function()
+  it("runs the user's hook with its own mask and count, and the watch still kills", function()
+    local calls = 0
+    local co = corowatch.watch(cw.create(function()
+      debug.sethook(function() calls = calls + 1 end, "", 1000)
+      spin()
+    end), 0.05)
+    corowatch.export({ coroutine = {}, debug = debug }) -- patch debug.sethook/gethook
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+    assert.is_true(calls > 10)
+  end)
+
+  it("shows the user's hook through debug.gethook, even while the watch's hook is on", function()
+    local env = corowatch.export({ coroutine = {}, debug = {} })
+    local seen = {}
+    local function hook() end
+    local co = corowatch.watch(cw.create(function()
+      env.debug.sethook(hook, "", 500)
+      seen.before = { env.debug.gethook() }
+      while true do pcall(spin) end
+    end), 0.05, 0.02, function(kind)
+      if kind == "warn" then seen.during = { env.debug.gethook() } end
+    end)
+    local ok = cw.resume(co)
+    assert.is_false(ok)
+    assert.are.same({ hook, "", 500 }, seen.before)
+    assert.are.same({ hook, "", 500 }, seen.during)
+  end)
+end)
+
+describe("corowatch.export", function()
+  it("puts the coroutine functions in a plain table and returns it", function()
+    local t = {}
+    assert.are.equal(t, corowatch.export(t))
+    for _, name in ipairs({ "create", "resume", "yield", "status", "wrap", "running",
+        "watch", "wrapf", "gettime" }) do
+      assert.is_function(t[name], name)
+    end
+    assert.is_nil(t.corowatch)
+  end)
+
+  it("patches a global environment and publishes the module", function()
+    local env = { coroutine = {}, debug = {} }
+    corowatch.export(env)
+    assert.are.equal(corowatch.resume, env.coroutine.resume)
+    assert.are.equal(corowatch.watch, env.coroutine.watch)
+    assert.are.equal(corowatch.sethook, env.debug.sethook)
+    assert.are.equal(corowatch, env.corowatch)
+  end)
+
+  it("returns a new table when given nothing", function()
+    assert.is_table(corowatch.export())
+  end)
+
+  it("rejects what is not a table", function()
+    assert.is_false((pcall(corowatch.export, "x")))
+  end)
+end)
+
+describe("the seed's example", function()
+  it("prints four warnings, the kill line, false and the message", function()
+    local handle = assert(io.open("examples/corowatch_seed.lua"))
+    local output = run_file(handle:read("*a"))
+    handle:close()
+    local lines = {}
+    for line in output:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.are.same({
+      "Warning, coroutine might get killed....1",
+      "Warning, coroutine might get killed....2",
+      "Warning, coroutine might get killed....3",
+      "Warning, coroutine might get killed....4",
+      "now killing coroutine...",
+      "false\tCoroutine exceeded its allowed running time of 1 seconds, without yielding",
+      "stack traceback:",
+    }, { unpack(lines, 1, 7) })
+  end)
+end)
+
+describe("watching the main thread", function()
+  it("kills a runaway main chunk, and the error reaches the host", function()
+    local output, ok = run_file([[
+      if jit then jit.off() end
+      require("corowatch").export(_G)
+      corowatch.watch(nil, 0.1)
+      while true do pcall(function() local x = 0 while true do x = x + 1 end end) end
+    ]])
+    assert.is_false(ok)
+    assert.is_truthy(output:find("Coroutine exceeded its allowed running time of 0.1 seconds"), output)
+  end)
+end)
