@@ -80,8 +80,9 @@ local function set_active(now_active)
 end
 
 -- Common end of both paths: pop `co`, and answer for a killed coroutine.
+-- (false, not nil: a slot set to nil and back costs Lua a rehash.)
 local function finish(co, ...)
-  stack[n] = nil
+  stack[n] = false
   n = n - 1
   local message = killed[co]
   if message then return false, message end
@@ -122,7 +123,7 @@ local resume = M.resume
 
 --- `coroutine.yield`; a killed coroutine cannot yield.
 function M.yield(...)
-  local message = killed[running_key()]
+  local message = killed[raw_running() or MAIN]
   if message then error(message, 0) end
   return raw_yield(...)
 end

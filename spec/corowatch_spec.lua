@@ -326,6 +326,21 @@ describe("debug hooks beside a watch", function()
     assert.is_true(calls > 10)
   end)
 
+  it("keeps the watch whatever the coroutine does with debug.sethook", function()
+    local env = corowatch.export({ coroutine = {}, debug = {} })
+    local co = corowatch.watch(cw.create(function()
+      env.debug.sethook()
+      while true do
+        pcall(spin)
+        env.debug.sethook(function() end, "l")
+        env.debug.sethook()
+      end
+    end), 0.05)
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL))
+  end)
+
   it("shows the user's hook through debug.gethook, even while the watch's hook is on", function()
     local env = corowatch.export({ coroutine = {}, debug = {} })
     local seen = {}

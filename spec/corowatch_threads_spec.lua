@@ -1,0 +1,59 @@
+-- corowatch in several OS threads at once, with mtint interrupting the same
+-- coroutines from another thread: one watchdog and one hook serve them all.
+local mtint = require("mtint")
+local threads = require("spec.helpers.threads")
+
+local WORKERS = 3
+local ROUNDS = tonumber(os.getenv("STRESS_ROUNDS")) or 40
+
+local function worker(channel, rounds)
+  local corowatch = require("corowatch")
+  local mtint = require("mtint")
+  local cw = corowatch.export()
+  local outcomes = { killed = 0, interrupted = 0 }
+  for _ = 1, tonumber(rounds) do
+    local co = corowatch.watch(cw.create(function()
+      local x = 0
+      while true do pcall(function() for i = 1, 1e3 do x = x + i end end) end
+    end), 0.01)
+    channel:send(mtint.id(co))
+    local ok, err = cw.resume(co)
+    assert(not ok, "the coroutine survived")
+    if err:find("^Coroutine exceeded its allowed running time of 0.01 seconds") then
+      outcomes.killed = outcomes.killed + 1
+    elseif err:match(mtint.error.interrupted) then
+      outcomes.interrupted = outcomes.interrupted + 1
+    else
+      error("unexpected error: " .. err)
+    end
+    assert(cw.status(co) == "dead")
+  end
+  channel:send("done", outcomes.killed, outcomes.interrupted)
+end
+
+describe("corowatch in several threads", function()
+  it("kills every runaway coroutine while another thread interrupts some", function()
+    local workers = {}
+    for i = 1, WORKERS do workers[i] = threads.start(worker, ROUNDS) end
+    local killed, interrupted, done = 0, 0, 0
+    local round = 0
+    while done < WORKERS do
+      for _, w in ipairs(workers) do
+        if not w.done then
+          local line = assert(w:receive(60))
+          local k, i = line:match("^done (%d+) (%d+)$")
+          if k then
+            killed, interrupted = killed + tonumber(k), interrupted + tonumber(i)
+            w.done, done = true, done + 1
+          else
+            round = round + 1
+            if round % 3 == 0 then pcall(mtint.interrupt, tonumber(line)) end
+          end
+        end
+      end
+    end
+    for _, w in ipairs(workers) do assert.is_true(w:join()) end
+    assert.are.equal(WORKERS * ROUNDS, killed + interrupted)
+    assert.is_true(killed > 0)
+  end)
+end)
