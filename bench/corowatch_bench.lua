@@ -64,9 +64,7 @@ local function memory(make)
   local keep = {}
   for i = 1, N do keep[i] = make() end
   collectgarbage(); collectgarbage()
-  local bytes = (collectgarbage("count") - before) * 1024 / N
-  keep = nil -- luacheck: ignore
-  collectgarbage(); collectgarbage()
+  local bytes = (collectgarbage("count") - before) * 1024 / #keep
   return bytes
 end
 local function body() end

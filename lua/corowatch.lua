@@ -8,10 +8,10 @@
 local core = require("corowatch.core")
 
 local native = core.corowatch
-local leave, watch_running, reset = native.leave, native.watch_running, native.reset
+local watch_running, reset = native.watch_running, native.reset
 local lend_user_hook, user_hook_changed = native.lend_user_hook, native.user_hook_changed
 
-local raw_create, raw_resume, raw_yield = coroutine.create, coroutine.resume, coroutine.yield
+local raw_create, raw_resume = coroutine.create, coroutine.resume
 local raw_status, raw_running = coroutine.status, coroutine.running
 local raw_sethook, raw_gethook = debug.sethook, debug.gethook
 local traceback = debug.traceback
@@ -25,108 +25,49 @@ local M = {
 local KILL_MESSAGE = "Coroutine exceeded its allowed running time of %s seconds, without yielding"
 local WARN, KILL = 1, 2 -- events from the native hook; 3 is "killed again"
 
--- Lua 5.1's coroutine.running() gives nil on the main thread: this key
--- stands for it there. Elsewhere the main thread is a thread like any other.
-local MAIN = {}
+-- The running thread, main thread included (Lua 5.1's coroutine.running()
+-- gives nil there).
+local running_thread = native.running_thread
 local function running_key()
-  local co, is_main = raw_running()
-  if co == nil then return MAIN, true end
-  return co, is_main == true
+  return raw_running() or running_thread()
 end
 
 local weak_keys = { __mode = "k" }
-local explicit = setmetatable({}, weak_keys)  -- co -> settings of its watch()
-local inherited = setmetatable({}, weak_keys) -- co -> settings of its watched creator
-local killed = setmetatable({}, weak_keys)    -- co -> its kill message
+-- co -> its watch settings { kill, warn, cb, message }: its own (watch) or
+-- those of the watched coroutine that created it. Read by the native resume.
+local watched = setmetatable({}, weak_keys)
+local explicit = setmetatable({}, weak_keys) -- co -> true once watch()ed
+local killed = setmetatable({}, weak_keys)   -- co -> its kill message
 
--- The coroutines resumed through `resume` and running, outermost first;
--- stack[0] is the thread that resumed stack[1]. While something watched runs
--- (`active`), the native chain mirrors stack[base], stack[base + 1], ...
-local stack, n = {}, 0
-local base, active = nil, false
-
-local function settings_of(co)
-  return explicit[co] or inherited[co]
-end
+-- Fields of a settings record; the native resume reads the first two.
+local CALLBACK, MESSAGE = 3, 4
 
 local function argerror(position, name, expected, got)
   error(("bad argument #%d to '%s' (%s expected, got %s)")
     :format(position, name, expected, type(got)), 3)
 end
 
---- Called by the native hook, on the running coroutine: `depth` is the
--- watched coroutine's place in the native chain.
-local function dispatch(event, depth)
-  local co = stack[base + depth - 1]
-  local settings = settings_of(co)
+--- Called by the native hook, on the running coroutine, about the watched
+-- coroutine `co` at `depth` in the native chain.
+local function dispatch(event, co, depth)
+  local settings = watched[co]
   if not settings then return end
   if event == WARN then
-    if settings.cb("warn") then reset(depth) end
+    if settings[CALLBACK]("warn") then reset(depth) end
   elseif event == KILL then
-    killed[co] = settings.message
-    if settings.cb then settings.cb("kill") end
-    error(settings.message, 0)
+    killed[co] = settings[MESSAGE]
+    if settings[CALLBACK] then settings[CALLBACK]("kill") end
+    error(settings[MESSAGE], 0)
   else
-    error(killed[co] or settings.message, 0)
+    error(killed[co] or settings[MESSAGE], 0)
   end
 end
 native.set_dispatcher(dispatch)
 
-local resume_watched = native.make_resume(raw_resume)
-
-local function set_active(now_active)
-  active = now_active
-  if not active then base = nil end
-end
-
--- Common end of both paths: pop `co`, and answer for a killed coroutine.
--- (false, not nil: a slot set to nil and back costs Lua a rehash.)
-local function finish(co, ...)
-  stack[n] = false
-  n = n - 1
-  local message = killed[co]
-  if message then return false, message end
-  return ...
-end
-
-local function finish_fast(co, ...)
-  -- Something inside called watch(nil), and the chain now includes `co`.
-  if active and n >= base then set_active(leave()) end
-  return finish(co, ...)
-end
-
-local function finish_watched(co, now_active, ...)
-  set_active(now_active)
-  return finish(co, ...)
-end
-
---- `coroutine.resume`, keeping track of watched coroutines.
-function M.resume(co, ...)
-  local message = killed[co]
-  if message then return false, message end
-  if type(co) ~= "thread" then return raw_resume(co, ...) end
-  if n == 0 then stack[0] = running_key() end
-  n = n + 1
-  stack[n] = co
-  local settings = settings_of(co)
-  if not settings and not active then
-    return finish_fast(co, raw_resume(co, ...))
-  end
-  if not active then base = n - 1 end
-  active = true
-  if settings then
-    return finish_watched(co, resume_watched(co, true, settings.kill, settings.warn, ...))
-  end
-  return finish_watched(co, resume_watched(co, false, nil, nil, ...))
-end
+--- `coroutine.resume`, keeping track of watched coroutines (native).
+-- `coroutine.yield`; a killed coroutine cannot yield (native).
+M.resume, M.yield = native.make_functions(raw_resume, watched, killed)
 local resume = M.resume
-
---- `coroutine.yield`; a killed coroutine cannot yield.
-function M.yield(...)
-  local message = killed[raw_running() or MAIN]
-  if message then error(message, 0) end
-  return raw_yield(...)
-end
 
 --- `coroutine.status`; a killed coroutine is "dead".
 function M.status(co)
@@ -141,8 +82,8 @@ M.running = raw_running
 -- inherits its watch settings (with its own clock).
 function M.create(f)
   local co = raw_create(f)
-  local settings = settings_of(running_key())
-  if settings then inherited[co] = settings end
+  local settings = watched[running_key()]
+  if settings then watched[co] = settings end
   return co
 end
 local create = M.create
@@ -199,18 +140,12 @@ function M.watch(co, killlimit, warnlimit, cb, hookcount)
   if explicit[key] then
     error("corowatch.watch: this coroutine is already watched", 2)
   end
-  local message = KILL_MESSAGE:format(tostring(killlimit))
-  explicit[key] = {
-    kill = killlimit, warn = warnlimit, cb = cb, hookcount = hookcount,
-    message = traceback(message, 2),
-  }
-  inherited[key] = nil
+  local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), 2)
+  explicit[key] = true
+  watched[key] = { killlimit or false, warnlimit or false, cb or false, message }
 
   -- Its clock starts now if it is running, else when it is next resumed.
-  if watch_running(thread, killlimit, warnlimit) and not active then
-    if n == 0 then stack[0] = running_key() end
-    base, active = n, true
-  end
+  watch_running(thread, killlimit, warnlimit)
   return co or raw_running()
 end
 

@@ -33,8 +33,10 @@ pub const LAZY_COUNT: c_int = 1000;
 /// allocating, the per-VM tables `thread -> id` and `thread -> handler`.
 pub static IDS_KEY: u8 = 0;
 pub static HANDLERS_KEY: u8 = 0;
-/// corowatch's Lua dispatcher: `dispatch(event, depth)`.
+/// corowatch's Lua dispatcher: `dispatch(event, co, depth)`.
 pub static DISPATCH_KEY: u8 = 0;
+/// corowatch's anchors: `depth -> thread` for the running chain.
+pub static ANCHORS_KEY: u8 = 0;
 
 pub fn key(key: &'static u8) -> *const c_void {
     key as *const u8 as *const c_void
@@ -125,12 +127,18 @@ pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, _ar: *mut lua_Debug)
         }
         Verdict::Watch(event, depth) => {
             ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&DISPATCH_KEY));
-            if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
+            ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&ANCHORS_KEY));
+            if ffi::lua_type(state, -2) == ffi::LUA_TFUNCTION
+                && ffi::lua_type(state, -1) == ffi::LUA_TTABLE
+            {
+                ffi::lua_rawgeti(state, -1, depth as _);
+                ffi::lua_remove(state, -2);
                 ffi::lua_pushinteger(state, event as ffi::lua_Integer);
+                ffi::lua_insert(state, -2);
                 ffi::lua_pushinteger(state, depth as ffi::lua_Integer);
-                ffi::lua_call(state, 2, 0);
+                ffi::lua_call(state, 3, 0);
             } else {
-                ffi::lua_pop(state, 1);
+                ffi::lua_pop(state, 2);
             }
         }
     }

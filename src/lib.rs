@@ -9,6 +9,7 @@ mod hook;
 mod image;
 mod interrupt;
 mod registry;
+mod resume;
 mod state;
 #[cfg(feature = "lua51")]
 mod thread_free;

@@ -28,6 +28,7 @@
 //! running thread itself, where the state is alive by definition.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -36,7 +37,7 @@ use mlua::ffi::{self, lua_State};
 
 use crate::hook::{self, SavedHook, Verdict};
 use crate::registry::Id;
-use crate::watch::{Chain, Watch};
+use crate::watch::{Chain, Left, Watch};
 use crate::watchdog;
 
 /// A raw `lua_State` pointer that may cross OS threads.
@@ -184,6 +185,9 @@ struct VmInner {
 pub struct Vm {
     key: usize,
     me: Weak<Vm>,
+    /// Whether the chain is active: read without the lock by the patched
+    /// resume on the VM's own thread, which is also the only writer.
+    active: AtomicBool,
     inner: Mutex<VmInner>,
 }
 
@@ -216,6 +220,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
     let vm = Arc::new_cyclic(|me| Vm {
         key,
         me: me.clone(),
+        active: AtomicBool::new(false),
         inner: Mutex::new(VmInner {
             closed: false,
             anchor: StatePtr(anchor),
@@ -315,6 +320,7 @@ impl Vm {
         inner.anchor = StatePtr::DEAD;
         inner.pending = 0;
         inner.chain.clear();
+        self.active.store(false, Ordering::Relaxed);
         for slot in inner.slots.values_mut() {
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
@@ -402,30 +408,53 @@ impl Vm {
 
     // ---- corowatch -------------------------------------------------------
 
+    /// Whether anything watched runs in this VM (the chain is active).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
     /// The running thread `resumer` is about to resume `resumed`, watched
-    /// with `limits` (kill, warn) if given.
-    pub fn enter(&self, resumer: *mut lua_State, resumed: *mut lua_State, watch: Option<Watch>) {
+    /// if `watch` is given. Returns the depth of `resumed` in the chain.
+    pub fn enter(
+        &self,
+        resumer: *mut lua_State,
+        resumed: *mut lua_State,
+        watch: Option<Watch>,
+    ) -> usize {
         let mut inner = self.lock();
-        inner
+        let depth = inner
             .chain
             .enter(StatePtr(resumer), StatePtr(resumed), watch);
+        self.active.store(true, Ordering::Relaxed);
         self.after_chain_change(&mut inner);
+        depth
     }
 
     /// The resume that `enter` announced returned, on `resumer` (now
-    /// running again). Returns whether the chain is still active.
-    pub fn leave(&self, resumer: *mut lua_State) -> bool {
+    /// running again).
+    pub fn leave(&self, resumer: *mut lua_State) -> Left {
         let mut inner = self.lock();
-        let active = inner.chain.leave();
+        let left = inner.chain.leave();
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
             self.after_chain_change(&mut inner);
         }
-        active
+        self.active
+            .store(inner.chain.is_active(), Ordering::Relaxed);
+        left
+    }
+
+    /// A coroutine that watched itself returned to an unwatched resumer.
+    pub fn leave_root(&self, co: *mut lua_State) -> Left {
+        let mut inner = self.lock();
+        let left = inner.chain.leave_root(StatePtr(co));
+        self.active
+            .store(inner.chain.is_active(), Ordering::Relaxed);
+        left
     }
 
     /// Watches the running thread (or a coroutine that is running under
     /// it) from now on. Returns its depth in the chain, or `None` if it is
-    /// not running.
+    /// not running (its watch starts when it is next resumed).
     pub fn watch_running(
         &self,
         state: *mut lua_State,
@@ -436,6 +465,7 @@ impl Vm {
         let depth = inner
             .chain
             .watch_running(StatePtr(state), StatePtr(running), watch)?;
+        self.active.store(true, Ordering::Relaxed);
         self.set_alarm(&mut inner);
         Some(depth)
     }

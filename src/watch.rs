@@ -68,6 +68,13 @@ struct Entry {
     watch: Option<Watch>,
 }
 
+/// What `leave` popped: its depth, and whether it was killed.
+#[derive(Clone, Copy, Default)]
+pub struct Left {
+    pub depth: usize,
+    pub killed: bool,
+}
+
 /// The coroutines running in one VM, outermost first; empty while nothing
 /// watched runs.
 #[derive(Default)]
@@ -95,8 +102,9 @@ impl Chain {
         self.entries.last().map(|entry| entry.state)
     }
 
-    /// `resumer` resumes `resumed` (watched if `watch` is given).
-    pub fn enter(&mut self, resumer: StatePtr, resumed: StatePtr, watch: Option<Watch>) {
+    /// `resumer` resumes `resumed` (watched if `watch` is given). Returns
+    /// the depth of `resumed` (1-based).
+    pub fn enter(&mut self, resumer: StatePtr, resumed: StatePtr, watch: Option<Watch>) -> usize {
         if self.entries.is_empty() {
             self.entries.push(Entry {
                 state: resumer,
@@ -107,20 +115,35 @@ impl Chain {
             state: resumed,
             watch,
         });
+        self.entries.len()
     }
 
-    /// The top coroutine yielded, returned or died. Returns whether the
-    /// chain is still active (something watched still runs).
-    pub fn leave(&mut self) -> bool {
-        self.entries.pop();
+    /// The top coroutine yielded, returned or died.
+    pub fn leave(&mut self) -> Left {
+        let depth = self.entries.len();
+        let killed = self
+            .entries
+            .pop()
+            .and_then(|entry| entry.watch)
+            .is_some_and(|watch| watch.killed);
         if !self.entries.iter().any(|entry| entry.watch.is_some()) {
             self.entries.clear();
         }
-        self.is_active()
+        Left { depth, killed }
+    }
+
+    /// Like `leave`, if `state` is the top: a coroutine that watched itself
+    /// (and so became the chain's root) returned to an unwatched resumer.
+    pub fn leave_root(&mut self, state: StatePtr) -> Left {
+        if self.top() == Some(state) {
+            self.leave()
+        } else {
+            Left::default()
+        }
     }
 
     /// Watches `state` from `now` on, if it is running (on the chain, or
-    /// `running` with an empty chain). Returns its 1-based depth.
+    /// `running` with an empty chain). Returns its depth.
     pub fn watch_running(
         &mut self,
         state: StatePtr,
@@ -188,17 +211,18 @@ impl Chain {
             let Some(watch) = entry.watch.as_mut() else {
                 continue;
             };
-            if watch.killed {
-                return Some((Event::Killed, index + 1));
-            }
-            if watch.kill_at.is_some_and(|kill| kill <= now) {
+            let found = if watch.killed {
+                Event::Killed
+            } else if watch.kill_at.is_some_and(|kill| kill <= now) {
                 watch.killed = true;
-                return Some((Event::Kill, index + 1));
-            }
-            if watch.warn_at.is_some_and(|warn| warn <= now) {
+                Event::Kill
+            } else if watch.warn_at.is_some_and(|warn| warn <= now) {
                 watch.warn_at = None;
-                return Some((Event::Warn, index + 1));
-            }
+                Event::Warn
+            } else {
+                continue;
+            };
+            return Some((found, index + 1));
         }
         None
     }
