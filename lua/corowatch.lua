@@ -33,14 +33,19 @@ local function running_key()
 end
 
 local weak_keys = { __mode = "k" }
--- co -> its watch settings { kill, warn, cb, message }: its own (watch) or
--- those of the watched coroutine that created it. Read by the native resume.
+-- co -> its watch settings { kill, warn, cb, message, explicit, inherited }:
+-- its own (from watch: explicit is true), or the `inherited` twin of those
+-- of the watched coroutine that created it (explicit false), shared by all
+-- it created. The native resume reads the first two.
 local watched = setmetatable({}, weak_keys)
-local explicit = setmetatable({}, weak_keys) -- co -> true once watch()ed
-local killed = setmetatable({}, weak_keys)   -- co -> its kill message
+local killed = setmetatable({}, weak_keys) -- co -> its kill message
 
--- Fields of a settings record; the native resume reads the first two.
-local CALLBACK, MESSAGE = 3, 4
+-- Fields of a settings record.
+local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
+
+-- The kill message of the last watch: watches set in a loop at one place
+-- share one string instead of a traceback each.
+local last_message
 
 local function argerror(position, name, expected, got)
   error(("bad argument #%d to '%s' (%s expected, got %s)")
@@ -83,7 +88,17 @@ M.running = raw_running
 function M.create(f)
   local co = raw_create(f)
   local settings = watched[running_key()]
-  if settings then watched[co] = settings end
+  if settings then
+    if settings[EXPLICIT] then
+      local twin = settings[INHERITED]
+      if not twin then
+        twin = { settings[1], settings[2], settings[CALLBACK], settings[MESSAGE], false }
+        settings[INHERITED] = twin
+      end
+      settings = twin
+    end
+    watched[co] = settings
+  end
   return co
 end
 local create = M.create
@@ -137,12 +152,14 @@ function M.watch(co, killlimit, warnlimit, cb, hookcount)
 
   local key, thread = co, co
   if co == nil then key = running_key(); thread = nil end
-  if explicit[key] then
+  local current = watched[key]
+  if current and current[EXPLICIT] then
     error("corowatch.watch: this coroutine is already watched", 2)
   end
   local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), 2)
-  explicit[key] = true
-  watched[key] = { killlimit or false, warnlimit or false, cb or false, message }
+  if message == last_message then message = last_message end
+  last_message = message
+  watched[key] = { killlimit or false, warnlimit or false, cb or false, message, true }
 
   -- Its clock starts now if it is running, else when it is next resumed.
   watch_running(thread, killlimit, warnlimit)

@@ -100,6 +100,20 @@ describe("corowatch.watch", function()
     assert.is_truthy(err:find(KILL))
   end)
 
+  it("does not keep watched or killed coroutines alive", function()
+    local alive = setmetatable({}, { __mode = "k" })
+    for _ = 1, 20 do
+      alive[corowatch.watch(cw.create(busy), 1)] = true
+      local parent = corowatch.watch(cw.create(function() cw.yield(cw.create(busy)) end), 1)
+      alive[parent] = true
+      alive[select(2, cw.resume(parent))] = true
+    end
+    alive[corowatch.watch(cw.create(spin), 0.02)] = true
+    for co in pairs(alive) do cw.resume(co) end
+    collectgarbage(); collectgarbage(); collectgarbage()
+    assert.is_nil(next(alive))
+  end)
+
   it("returns the coroutine", function()
     local co = cw.create(busy)
     assert.are.equal(co, corowatch.watch(co, 1))

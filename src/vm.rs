@@ -99,12 +99,23 @@ impl Arming {
     /// # Safety
     /// `state` must be alive; the caller holds the VM lock.
     unsafe fn arm(&mut self, state: *mut lua_State) {
+        // `saved` is set only if the hook in place was not ours: then it is
+        // what to put back, and an entry left from a dead state that had
+        // the same address is stale and replaced.
         let mut saved = None;
         hook::arm(state, &mut saved);
         #[cfg(not(feature = "luajit"))]
-        self.states.entry(state as usize).or_insert(saved);
+        if saved.is_some() {
+            self.states.insert(state as usize, saved);
+        } else {
+            self.states.entry(state as usize).or_insert(None);
+        }
         #[cfg(feature = "luajit")]
-        self.global.get_or_insert(saved);
+        if saved.is_some() {
+            self.global = Some(saved);
+        } else {
+            self.global.get_or_insert(None);
+        }
     }
 
     /// Puts back what our hook replaced on `state` (nothing, if we never
