@@ -327,6 +327,11 @@ describe("gettime", function()
 end)
 
 describe("debug hooks beside a watch", function()
+  -- LuaJIT updates its hook mask without synchronisation while a hook runs;
+  -- arming from the watchdog thread while the user's frequent hook runs can
+  -- leave every hook disabled for good (see the README's limitations).
+  local it = jit and function(name) pending("LuaJIT: " .. name) end or it
+
   it("runs the user's hook with its own mask and count, and the watch still kills", function()
     local calls = 0
     local co = corowatch.watch(cw.create(function()

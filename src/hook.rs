@@ -67,6 +67,13 @@ unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, c
 /// other thread installs or removes a hook on it at the same time.
 pub unsafe fn arm(state: *mut lua_State, saved: &mut Option<SavedHook>) {
     let func = ffi::lua_gethook(state);
+    if is_ours(func)
+        && ffi::lua_gethookmask(state) == DELIVERY_MASK
+        && ffi::lua_gethookcount(state) == 1
+    {
+        // Already armed: writing again would only add to the races.
+        return;
+    }
     if !is_ours(func) {
         *saved = Some(SavedHook {
             func,
@@ -159,29 +166,14 @@ fn decide(state: *mut lua_State, id: Option<Id>) -> Verdict {
     .unwrap_or(Verdict::Continue)
 }
 
-/// The id of the running thread, read from the VM's weak `thread -> id` table.
+/// Pushes `table[running thread]` from the per-VM table under `key`;
+/// returns false, leaving the stack as it was, if there is no such table.
 ///
 /// SAFETY (caller): `state` is the running thread, inside its hook, which
 /// Lua guarantees `LUA_MINSTACK` free stack slots; this uses two and
 /// allocates nothing.
-unsafe fn thread_id(state: *mut lua_State) -> Option<Id> {
-    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&IDS_KEY));
-    if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
-        ffi::lua_pop(state, 1);
-        return None;
-    }
-    ffi::lua_pushthread(state);
-    ffi::lua_rawget(state, -2);
-    let id = ffi::lua_tonumber(state, -1);
-    ffi::lua_pop(state, 2);
-    // Ids are integers below 2^53, exact as a double.
-    (id > 0.0).then_some(id as Id)
-}
-
-/// Pushes the interrupt handler set with `mtint.sethook` for the running
-/// thread; returns false, leaving the stack as it was, if there is none.
-unsafe fn push_handler(state: *mut lua_State) -> bool {
-    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&HANDLERS_KEY));
+unsafe fn push_thread_entry(state: *mut lua_State, table_key: &'static u8) -> bool {
+    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(table_key));
     if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
         ffi::lua_pop(state, 1);
         return false;
@@ -189,6 +181,26 @@ unsafe fn push_handler(state: *mut lua_State) -> bool {
     ffi::lua_pushthread(state);
     ffi::lua_rawget(state, -2);
     ffi::lua_remove(state, -2);
+    true
+}
+
+/// The id of the running thread, read from the VM's weak `thread -> id` table.
+unsafe fn thread_id(state: *mut lua_State) -> Option<Id> {
+    if !push_thread_entry(state, &IDS_KEY) {
+        return None;
+    }
+    let id = ffi::lua_tonumber(state, -1);
+    ffi::lua_pop(state, 1);
+    // Ids are integers below 2^53, exact as a double.
+    (id > 0.0).then_some(id as Id)
+}
+
+/// Pushes the interrupt handler set with `mtint.sethook` for the running
+/// thread; returns false, leaving the stack as it was, if there is none.
+unsafe fn push_handler(state: *mut lua_State) -> bool {
+    if !push_thread_entry(state, &HANDLERS_KEY) {
+        return false;
+    }
     if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
         true
     } else {

@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use mlua::ffi::{self, lua_State};
@@ -183,6 +183,11 @@ struct VmInner {
     chain: Chain,
     /// When the watchdog will next look at the chain's deadlines.
     alarm: Option<Instant>,
+    /// While the chain needs the hook, the watchdog arms it again after
+    /// this delay, doubling: the running thread can undo an arming (LuaJIT
+    /// restores its hook mask after running a finalizer; 5.4 can clear the
+    /// trap just set), and a kill must not wait forever.
+    retry: Duration,
     /// Lua 5.1: memory block of each watched coroutine -> its id.
     #[cfg(feature = "lua51")]
     blocks: HashMap<usize, Id>,
@@ -191,6 +196,9 @@ struct VmInner {
     #[cfg(feature = "lua51")]
     block_offset: Option<usize>,
 }
+
+const FIRST_RETRY: Duration = Duration::from_millis(1);
+const MAX_RETRY: Duration = Duration::from_millis(50);
 
 /// One Lua VM (a main state and all its coroutines).
 pub struct Vm {
@@ -240,6 +248,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             arming: Arming::default(),
             chain: Chain::default(),
             alarm: None,
+            retry: FIRST_RETRY,
             #[cfg(feature = "lua51")]
             blocks: HashMap::new(),
             #[cfg(feature = "lua51")]
@@ -504,8 +513,13 @@ impl Vm {
                 // collected. We hold the lock.
                 unsafe { inner.arming.arm(top.0) };
             }
-            return None;
+            // Come back in case the arming is undone before the hook fires.
+            let retry = inner.retry;
+            inner.retry = (retry * 2).min(MAX_RETRY);
+            inner.alarm = Some(now + retry);
+            return inner.alarm;
         }
+        inner.retry = FIRST_RETRY;
         inner.alarm = inner.chain.next_deadline();
         inner.alarm
     }
