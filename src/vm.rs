@@ -142,21 +142,18 @@ impl Arming {
         }
     }
 
-    /// The user replaced the hook of `state` while ours was on it: keep
-    /// theirs to put back later, and install ours again.
+    /// Puts the hook our hook replaced on `state` back for a moment, and
+    /// marks `state` to be armed again (then `arm` saves the hook in place).
     ///
     /// # Safety
     /// As for [`Arming::arm`].
-    unsafe fn adopt_user_hook(&mut self, state: *mut lua_State) {
-        let mut saved = None;
-        hook::arm(state, &mut saved);
-        if saved.is_some() {
-            #[cfg(not(feature = "luajit"))]
-            self.states.insert(state as usize, saved);
-            #[cfg(feature = "luajit")]
-            {
-                self.global = Some(saved);
-            }
+    unsafe fn lend(&mut self, state: *mut lua_State) {
+        self.disarm(state);
+        #[cfg(not(feature = "luajit"))]
+        self.states.insert(state as usize, None);
+        #[cfg(feature = "luajit")]
+        {
+            self.global = Some(None);
         }
     }
 
@@ -407,18 +404,12 @@ impl Vm {
             // Inside the patched resume: deliver once it has returned.
             return Verdict::Continue;
         }
-        let mut verdict = inner.take_interrupt(state, id);
+        let (mut verdict, sticky) = inner.take_interrupt(state, id);
         if verdict == Verdict::Continue {
             if let Some((event, depth)) = inner.chain.event(state, now) {
                 verdict = Verdict::Watch(event, depth);
             }
         }
-        let sticky = id.is_some_and(|id| {
-            inner
-                .slots
-                .get(&id)
-                .is_some_and(|slot| slot.state.0 == state && slot.pending == Pending::Sticky)
-        });
         let watch_needs_hook =
             inner.chain.top().is_some_and(|top| top.0 == state) && inner.chain.needs_hook(now);
         inner.settle_hook(state, sticky || watch_needs_hook);
@@ -529,8 +520,9 @@ impl Vm {
     pub fn user_hook_changed(&self, state: *mut lua_State) {
         let mut inner = self.lock();
         if inner.arming.is_armed(state) {
+            // Our hook is no longer in place: arming saves the user's.
             // SAFETY: `state` is the running thread, on our OS thread.
-            unsafe { inner.arming.adopt_user_hook(state) };
+            unsafe { inner.arming.arm(state) };
         }
     }
 
@@ -543,13 +535,7 @@ impl Vm {
             return false;
         }
         // SAFETY: `state` is the running thread, on our OS thread.
-        unsafe { inner.arming.disarm(state) };
-        #[cfg(not(feature = "luajit"))]
-        inner.arming.states.insert(state as usize, None);
-        #[cfg(feature = "luajit")]
-        {
-            inner.arming.global = Some(None);
-        }
+        unsafe { inner.arming.lend(state) };
         true
     }
 
@@ -609,13 +595,14 @@ impl VmInner {
         }
     }
 
-    /// Takes the interrupt pending for the running thread `state`, if any.
-    fn take_interrupt(&mut self, state: *mut lua_State, id: Option<Id>) -> Verdict {
+    /// Takes the interrupt pending for the running thread `state`, if any;
+    /// also says whether one stays pending there (sticky).
+    fn take_interrupt(&mut self, state: *mut lua_State, id: Option<Id>) -> (Verdict, bool) {
         let Some(id) = id else {
-            return Verdict::Continue;
+            return (Verdict::Continue, false);
         };
         let Some(slot) = self.slots.get_mut(&id).filter(|slot| slot.state.0 == state) else {
-            return Verdict::Continue;
+            return (Verdict::Continue, false);
         };
         let before = slot.pending;
         if before == Pending::Once {
@@ -624,9 +611,9 @@ impl VmInner {
         let after = slot.pending;
         self.count_transition(before, after);
         if before == Pending::None {
-            Verdict::Continue
+            (Verdict::Continue, false)
         } else {
-            Verdict::Deliver(id)
+            (Verdict::Deliver(id), after == Pending::Sticky)
         }
     }
 
