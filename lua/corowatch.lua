@@ -10,12 +10,14 @@ local core = require("corowatch.core")
 local native = core.corowatch
 local watch_running, reset = native.watch_running, native.reset
 local lend_user_hook, user_hook_changed = native.lend_user_hook, native.user_hook_changed
+local begin_user_hook_change = native.begin_user_hook_change
 
 local raw_create, raw_resume = coroutine.create, coroutine.resume
 local raw_status, raw_running = coroutine.status, coroutine.running
 local raw_sethook, raw_gethook = debug.sethook, debug.gethook
 local traceback = debug.traceback
-local error, type, select, tostring, setmetatable = error, type, select, tostring, setmetatable
+local error, pcall, type, select, tostring, setmetatable =
+  error, pcall, type, select, tostring, setmetatable
 
 local M = {
   _VERSION = "corowatch " .. core._VERSION,
@@ -185,16 +187,28 @@ end
 --- `debug.sethook`: the user's hook runs beside a watch, and nothing done
 -- with it removes the watch.
 function M.sethook(...)
-  raw_sethook(...)
-  if about_running(select("#", ...), ...) then user_hook_changed() end
+  begin_user_hook_change()
+  local ok, err = pcall(raw_sethook, ...)
+  user_hook_changed(about_running(select("#", ...), ...))
+  if not ok then
+    -- An argument error gets the caller's position; anything else (a kill
+    -- that landed meanwhile) goes on unchanged.
+    local bad_argument = type(err) == "string" and err:find("^bad argument")
+    error(err, bad_argument and 2 or 0)
+  end
+end
+
+-- Puts the watch's hook back after `gethook` read the user's.
+local function relend(ok, ...)
+  user_hook_changed(true)
+  if not ok then error((...), 0) end
+  return ...
 end
 
 --- `debug.gethook`: shows the user's hook, not the watch's.
 function M.gethook(...)
-  if about_running(select("#", ...), ...) and lend_user_hook() then
-    local hook, mask, count = raw_gethook(...)
-    user_hook_changed()
-    return hook, mask, count
+  if lend_user_hook(about_running(select("#", ...), ...)) then
+    return relend(pcall(raw_gethook, ...))
   end
   return raw_gethook(...)
 end

@@ -57,3 +57,43 @@ describe("corowatch in several threads", function()
     assert.is_true(killed > 0)
   end)
 end)
+
+-- A victim whose user hook fires every 200 instructions (set through
+-- corowatch's debug.sethook), interrupted again and again from here. On
+-- LuaJIT, arming from another thread while that hook ran could disable all
+-- hooks for good.
+local function hooked_victim(channel)
+  local mtint = require("mtint")
+  require("corowatch").export(_G)
+  local calls = 0
+  debug.sethook(function() calls = calls + 1 end, "", 200)
+  channel:send(mtint.id())
+  while true do
+    local _, err = pcall(function()
+      channel:send("ready")
+      local x = 0
+      while true do x = x + 1 end
+    end)
+    assert(tostring(err):match(mtint.error.interrupted), err)
+    channel:send("caught", calls)
+    if channel:receive() ~= "again" then return end
+  end
+end
+
+describe("mtint beside a user's debug hook", function()
+  it("lands every interrupt, and the user's hook keeps firing", function()
+    local victim = threads.start(hooked_victim)
+    local id = tonumber(assert(victim:receive(10)))
+    local rounds = ROUNDS * 5
+    local calls
+    for round = 1, rounds do
+      assert.are.equal("ready", victim:receive(10))
+      assert.is_true(mtint.interrupt(id))
+      local line = assert(victim:receive(10), "interrupt lost in round " .. round)
+      calls = tonumber(line:match("^caught (%d+)$"))
+      victim:send(round < rounds and "again" or "stop")
+    end
+    assert.is_true(victim:join())
+    assert.is_true(calls > rounds, "user hook calls: " .. tostring(calls))
+  end)
+end)

@@ -23,6 +23,10 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     )?;
     corowatch.set("gettime", lua.create_function(|_, ()| Ok(gettime()))?)?;
     corowatch.set("set_dispatcher", lua.create_function(set_dispatcher)?)?;
+    corowatch.set(
+        "begin_user_hook_change",
+        lua.create_function(begin_user_hook_change)?,
+    )?;
     corowatch.set("user_hook_changed", lua.create_function(user_hook_changed)?)?;
     corowatch.set("lend_user_hook", lua.create_function(lend_user_hook)?)?;
     Ok(corowatch)
@@ -133,13 +137,22 @@ fn set_dispatcher(lua: &Lua, dispatcher: Function) -> mlua::Result<()> {
     }
 }
 
-/// `user_hook_changed()`: the running thread just called `debug.sethook`.
-fn user_hook_changed(lua: &Lua, (): ()) -> mlua::Result<()> {
-    state::vm(lua)?.user_hook_changed(running(lua));
+/// `begin_user_hook_change()`: the running thread is about to call
+/// `debug.sethook`; `user_hook_changed` must follow, whatever happens.
+fn begin_user_hook_change(lua: &Lua, (): ()) -> mlua::Result<()> {
+    state::vm(lua)?.begin_user_hook_change();
     Ok(())
 }
 
-/// `lend_user_hook()` -> whether the user's hook was put back for a moment.
-fn lend_user_hook(lua: &Lua, (): ()) -> mlua::Result<bool> {
-    Ok(state::vm(lua)?.lend_user_hook(running(lua)))
+/// `user_hook_changed(about_running)`: the running thread just called
+/// `debug.sethook`, about itself if `about_running`.
+fn user_hook_changed(lua: &Lua, about_running: bool) -> mlua::Result<()> {
+    state::vm(lua)?.user_hook_changed(running(lua), about_running);
+    Ok(())
+}
+
+/// `lend_user_hook(about_running)` -> whether the user's hook was put back
+/// for a moment (then `user_hook_changed` must follow).
+fn lend_user_hook(lua: &Lua, about_running: bool) -> mlua::Result<bool> {
+    Ok(state::vm(lua)?.lend_user_hook(running(lua), about_running))
 }

@@ -1,9 +1,10 @@
-//! The one debug hook, how it is armed and disarmed, and how it delivers.
+//! The one debug hook, and how it delivers.
 //!
-//! While nothing is pending no hook of ours is installed: an interrupt arms
-//! the hook on its target (on LuaJIT, where hooks are global to a VM, on the
-//! VM), the hook delivers on the target's own OS thread and disarms itself,
-//! giving back whatever hook was there before.
+//! While nothing is pending no hook of ours is installed (on LuaJIT, none
+//! but the one that chains the user's: see [`crate::arming`]): an interrupt
+//! arms the hook on its target (on LuaJIT, where hooks are global to a VM,
+//! on the VM), the hook delivers on the target's own OS thread and disarms
+//! itself, giving back whatever hook was there before.
 //!
 //! Delivery does not depend on the instruction count alone. Another thread's
 //! `lua_sethook` races with the running thread's own updates of the count
@@ -15,6 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
 
+use crate::arming;
 use crate::registry::Id;
 use crate::vm;
 use crate::watch::Event;
@@ -22,12 +24,6 @@ use crate::watch::Event;
 /// Every event the hook can be called for: whichever comes first delivers.
 pub const DELIVERY_MASK: c_int =
     ffi::LUA_MASKCALL | ffi::LUA_MASKRET | ffi::LUA_MASKLINE | ffi::LUA_MASKCOUNT;
-
-/// On LuaJIT the hook is global: while an interrupt waits for a coroutine
-/// that is not running, the hook polls at this count instead of firing on
-/// every instruction of whatever runs meanwhile.
-#[cfg(feature = "luajit")]
-pub const LAZY_COUNT: c_int = 1000;
 
 /// Registry keys (light userdata) under which the hook finds, without
 /// allocating, the per-VM tables `thread -> id` and `thread -> handler`.
@@ -40,68 +36,6 @@ pub static ANCHORS_KEY: u8 = 0;
 
 pub fn key(key: &'static u8) -> *const c_void {
     key as *const u8 as *const c_void
-}
-
-/// A hook that was installed before ours, to put back when we disarm.
-#[derive(Clone, Copy)]
-pub struct SavedHook {
-    func: Option<lua_Hook>,
-    mask: c_int,
-    count: c_int,
-}
-
-fn is_ours(func: Option<lua_Hook>) -> bool {
-    func.is_some_and(|f| f as *const () == hook as *const ())
-}
-
-/// `lua_sethook` returns `int` up to 5.2 and nothing from 5.3 on.
-#[allow(clippy::let_unit_value)]
-unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
-    let _ = ffi::lua_sethook(state, func, mask, count);
-}
-
-/// Installs the delivery hook on `state`, remembering a foreign hook in `saved`.
-///
-/// # Safety
-/// `state` must be alive, and the caller must hold its VM's lock so that no
-/// other thread installs or removes a hook on it at the same time.
-pub unsafe fn arm(state: *mut lua_State, saved: &mut Option<SavedHook>) {
-    let func = ffi::lua_gethook(state);
-    if is_ours(func)
-        && ffi::lua_gethookmask(state) == DELIVERY_MASK
-        && ffi::lua_gethookcount(state) == 1
-    {
-        // Already armed: writing again would only add to the races.
-        return;
-    }
-    if !is_ours(func) {
-        *saved = Some(SavedHook {
-            func,
-            mask: ffi::lua_gethookmask(state),
-            count: ffi::lua_gethookcount(state),
-        });
-    }
-    set_hook(state, Some(hook), DELIVERY_MASK, 1);
-}
-
-/// Puts back the hook that was there before ours (or none).
-///
-/// # Safety
-/// As for [`arm`].
-pub unsafe fn disarm(state: *mut lua_State, saved: Option<SavedHook>) {
-    match saved {
-        Some(s) if s.func.is_some() && s.mask != 0 => set_hook(state, s.func, s.mask, s.count),
-        _ => set_hook(state, None, 0, 0),
-    }
-}
-
-/// Keeps the hook but lets it fire only every [`LAZY_COUNT`] instructions.
-///
-/// # Safety
-/// As for [`arm`].
-#[cfg(feature = "luajit")]
-pub unsafe fn poll_lazily(state: *mut lua_State) {
-    set_hook(state, Some(hook), ffi::LUA_MASKCOUNT, LAZY_COUNT);
 }
 
 /// What the hook does once it has looked at the pending interrupts.
@@ -118,11 +52,14 @@ pub enum Verdict {
 ///
 /// Nothing with a destructor lives in this frame and no lock is held past
 /// `decide`: the delivery below ends in `lua_error`, or in `lua_call` of a
-/// handler or of corowatch's dispatcher, which may raise; both leave this
-/// frame by longjmp (PUC Lua) or by a foreign unwind (LuaJIT).
-pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, _ar: *mut lua_Debug) {
-    let id = thread_id(state);
-    match decide(state, id) {
+/// handler or of corowatch's dispatcher, and the user's chained hook may
+/// raise too; all leave this frame by longjmp (PUC Lua) or by a foreign
+/// unwind (LuaJIT).
+pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) {
+    // SAFETY: Lua passes the hook a valid `lua_Debug` for this call.
+    let event = (*ar).event;
+    let (verdict, user_hook) = decide(state, event);
+    match verdict {
         Verdict::Continue => {}
         Verdict::Deliver(id) => {
             if push_handler(state) {
@@ -149,21 +86,27 @@ pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, _ar: *mut lua_Debug)
             }
         }
     }
+    if let Some(user_hook) = user_hook {
+        // LuaJIT: the user's hook, chained (see `crate::arming`); it gets
+        // the event as Lua gave it to us.
+        user_hook(state, ar);
+    }
 }
 
 /// The Rust half of the hook: everything that takes locks or may panic.
 /// A panic here must not cross into C, so it is caught and the hook carries on.
-fn decide(state: *mut lua_State, id: Option<Id>) -> Verdict {
+fn decide(state: *mut lua_State, event: c_int) -> (Verdict, Option<lua_Hook>) {
     catch_unwind(AssertUnwindSafe(|| match vm::of_state(state) {
-        Some(vm) => vm.on_hook(state, id),
+        // SAFETY: we are in `state`'s hook, on its thread.
+        Some(vm) => vm.on_hook(state, || unsafe { thread_id(state) }, event),
         None => {
             // SAFETY: we are on `state`'s own thread, inside its hook; the VM
             // is closing or unknown, so nobody else arms this state.
-            unsafe { disarm(state, None) };
-            Verdict::Continue
+            unsafe { arming::remove(state) };
+            (Verdict::Continue, None)
         }
     }))
-    .unwrap_or(Verdict::Continue)
+    .unwrap_or((Verdict::Continue, None))
 }
 
 /// Pushes `table[running thread]` from the per-VM table under `key`;

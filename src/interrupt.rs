@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use mlua::{Function, Lua, MultiValue, Table, Thread, UserData, UserDataRef, Value};
 
+use crate::arming::Side;
 use crate::errors;
 use crate::registry::{self, Id, Target};
 use crate::state;
@@ -74,12 +75,19 @@ fn unknown(id: Id) -> String {
 }
 
 /// Applies `request` to `target`: true if it is alive and was signalled.
-fn apply(target: Arc<Target>, request: Request) -> bool {
-    let (alive, queue_rearm) = target.vm.interrupt(target.id, request);
+fn apply(lua: &Lua, target: Arc<Target>, request: Request) -> mlua::Result<bool> {
+    // The caller runs on its VM's own thread: if that is the target's VM,
+    // the hook can be installed at once, whatever hook runs.
+    let side = if Arc::ptr_eq(&state::vm(lua)?, &target.vm) {
+        Side::Owner
+    } else {
+        Side::Afar
+    };
+    let (alive, queue_rearm) = target.vm.interrupt(target.id, request, side);
     if queue_rearm {
         watchdog::schedule_rearm(&target);
     }
-    alive
+    Ok(alive)
 }
 
 /// `interrupt(id, request)` -> true | false | nil, message
@@ -93,7 +101,7 @@ fn interrupt_id(lua: &Lua, (id, name): (Id, String)) -> mlua::Result<MultiValue>
         return lua.pack_multi((Value::Nil, unknown(id)));
     };
     let held = target.handles.load(Ordering::SeqCst) > 0;
-    let alive = apply(target, request);
+    let alive = apply(lua, target, request)?;
     if alive || held {
         lua.pack_multi(alive)
     } else {
@@ -110,6 +118,9 @@ fn handle(lua: &Lua, id: Id) -> mlua::Result<MultiValue> {
 }
 
 /// `interrupt_handle(handle, request)` -> true | false
-fn interrupt_handle(_: &Lua, (handle, name): (UserDataRef<Handle>, String)) -> mlua::Result<bool> {
-    Ok(apply(handle.0.clone(), request(&name)?))
+fn interrupt_handle(
+    lua: &Lua,
+    (handle, name): (UserDataRef<Handle>, String),
+) -> mlua::Result<bool> {
+    apply(lua, handle.0.clone(), request(&name)?)
 }

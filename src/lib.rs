@@ -3,6 +3,7 @@
 //! One library per Lua version, installed once as `corowatch.core` and shared
 //! by the thin Lua modules, so that ids and the watchdog are process-wide.
 
+mod arming;
 mod corowatch;
 mod errors;
 mod hook;

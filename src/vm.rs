@@ -28,14 +28,17 @@
 //! running thread itself, where the state is alive by definition.
 
 use std::collections::HashMap;
+use std::ffi::c_int;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use mlua::ffi::{self, lua_State};
+use mlua::ffi::{self, lua_Hook, lua_State};
 
-use crate::hook::{self, SavedHook, Verdict};
+use crate::arming::{Arming, Need, Side};
+use crate::hook::Verdict;
 use crate::registry::Id;
 use crate::watch::{Chain, Left, Watch};
 use crate::watchdog;
@@ -82,90 +85,6 @@ struct Slot {
     rearm_queued: bool,
 }
 
-/// Where our hook is installed, and the hook it replaced there.
-#[derive(Default)]
-struct Arming {
-    /// PUC Lua: per state (by address), while our hook is on it.
-    #[cfg(not(feature = "luajit"))]
-    states: HashMap<usize, Option<SavedHook>>,
-    /// LuaJIT: hooks are global to the VM.
-    #[cfg(feature = "luajit")]
-    global: Option<Option<SavedHook>>,
-}
-
-impl Arming {
-    /// Installs the delivery hook on `state` (LuaJIT: on its whole VM).
-    ///
-    /// # Safety
-    /// `state` must be alive; the caller holds the VM lock.
-    unsafe fn arm(&mut self, state: *mut lua_State) {
-        // `saved` is set only if the hook in place was not ours: then it is
-        // what to put back, and an entry left from a dead state that had
-        // the same address is stale and replaced.
-        let mut saved = None;
-        hook::arm(state, &mut saved);
-        #[cfg(not(feature = "luajit"))]
-        if saved.is_some() {
-            self.states.insert(state as usize, saved);
-        } else {
-            self.states.entry(state as usize).or_insert(None);
-        }
-        #[cfg(feature = "luajit")]
-        if saved.is_some() {
-            self.global = Some(saved);
-        } else {
-            self.global.get_or_insert(None);
-        }
-    }
-
-    /// Puts back what our hook replaced on `state` (nothing, if we never
-    /// armed it: it inherited our hook from the thread that created it).
-    ///
-    /// # Safety
-    /// As for [`Arming::arm`].
-    unsafe fn disarm(&mut self, state: *mut lua_State) {
-        #[cfg(not(feature = "luajit"))]
-        let saved = self.states.remove(&(state as usize)).flatten();
-        #[cfg(feature = "luajit")]
-        let saved = self.global.take().flatten();
-        hook::disarm(state, saved);
-    }
-
-    /// Whether our hook is on `state` (LuaJIT: on the VM).
-    fn is_armed(&self, state: *mut lua_State) -> bool {
-        #[cfg(not(feature = "luajit"))]
-        return self.states.contains_key(&(state as usize));
-        #[cfg(feature = "luajit")]
-        {
-            let _ = state;
-            self.global.is_some()
-        }
-    }
-
-    /// Puts the hook our hook replaced on `state` back for a moment, and
-    /// marks `state` to be armed again (then `arm` saves the hook in place).
-    ///
-    /// # Safety
-    /// As for [`Arming::arm`].
-    unsafe fn lend(&mut self, state: *mut lua_State) {
-        self.disarm(state);
-        #[cfg(not(feature = "luajit"))]
-        self.states.insert(state as usize, None);
-        #[cfg(feature = "luajit")]
-        {
-            self.global = Some(None);
-        }
-    }
-
-    /// `state` is gone: forget what was saved for its address.
-    fn forget(&mut self, state: *mut lua_State) {
-        #[cfg(not(feature = "luajit"))]
-        self.states.remove(&(state as usize));
-        #[cfg(feature = "luajit")]
-        let _ = state;
-    }
-}
-
 struct VmInner {
     closed: bool,
     /// A thread pinned in the registry until `lua_close`: a handle on the VM
@@ -208,8 +127,37 @@ pub struct Vm {
 }
 
 /// Live VMs by the address of their registry table, which is unique among
-/// live VMs and constant for a VM's life. The hook finds its VM here.
-static VMS: LazyLock<DashMap<usize, Arc<Vm>>> = LazyLock::new(DashMap::new);
+/// live VMs and constant for a VM's life. The hook finds its VM here, at
+/// every event while it chains the user's hook: the key is hashed cheaply.
+static VMS: LazyLock<DashMap<usize, Arc<Vm>, BuildHasherDefault<AddressHasher>>> =
+    LazyLock::new(DashMap::default);
+
+/// Hashes an address by multiplying it with a large odd constant: the
+/// keys are not chosen by an adversary, only spread by the allocator.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_usize(&mut self, address: usize) {
+        self.write_u64(address as u64);
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
 
 /// The key of the VM that `state` belongs to.
 ///
@@ -346,9 +294,10 @@ impl Vm {
         VMS.remove_if(&self.key, |_, vm| std::ptr::eq(&**vm, self));
     }
 
-    /// Applies an interrupt request. Returns false if the target is dead, and
-    /// whether the watchdog should re-arm it later.
-    pub fn interrupt(&self, id: Id, request: Request) -> (bool, bool) {
+    /// Applies an interrupt request, made on this VM's own thread or from
+    /// another. Returns false if the target is dead, and whether the
+    /// watchdog should re-arm it later.
+    pub fn interrupt(&self, id: Id, request: Request, side: Side) -> (bool, bool) {
         let mut inner = self.lock();
         let Some(slot) = inner.live_slot(id) else {
             return (false, false);
@@ -364,9 +313,9 @@ impl Vm {
         slot.rearm_queued |= queue_rearm;
         inner.count_transition(before, after);
         if after == Pending::None {
-            inner.disarm(id);
+            inner.disarm(id, side);
         } else {
-            inner.arm(id);
+            inner.arm(id, side);
         }
         (true, queue_rearm)
     }
@@ -390,19 +339,31 @@ impl Vm {
             }
         };
         if pending {
-            inner.arm(id);
+            inner.arm(id, Side::Afar);
         }
         pending
     }
 
-    /// The hook fired on `state`, whose id (if any) is `id`. Decides what to
-    /// deliver, and leaves the hook armed only while something needs it.
-    pub fn on_hook(&self, state: *mut lua_State, id: Option<Id>) -> Verdict {
+    /// The hook fired on `state` for `event`; `id_of_state` reads the id of
+    /// `state`, if any. Decides what to deliver, and leaves the hook armed
+    /// only while something needs it. Also returns the user's chained hook,
+    /// if this event is one the user asked for.
+    pub fn on_hook(
+        &self,
+        state: *mut lua_State,
+        id_of_state: impl FnOnce() -> Option<Id>,
+        event: c_int,
+    ) -> (Verdict, Option<lua_Hook>) {
         let mut inner = self.lock();
+        let forward = inner.arming.forward(event);
+        if inner.arming.is_resting() {
+            return (Verdict::Continue, forward);
+        }
+        let id = id_of_state();
         let now = Instant::now();
         if inner.chain.is_below_top(state) {
             // Inside the patched resume: deliver once it has returned.
-            return Verdict::Continue;
+            return (Verdict::Continue, forward);
         }
         let (mut verdict, sticky) = inner.take_interrupt(state, id);
         if verdict == Verdict::Continue {
@@ -412,9 +373,9 @@ impl Vm {
         }
         let watch_needs_hook =
             inner.chain.top().is_some_and(|top| top.0 == state) && inner.chain.needs_hook(now);
-        inner.settle_hook(state, sticky || watch_needs_hook);
+        inner.settle_hook(state, sticky || watch_needs_hook, now);
         self.set_alarm(&mut inner);
-        verdict
+        (verdict, forward)
     }
 
     // ---- corowatch -------------------------------------------------------
@@ -502,7 +463,7 @@ impl Vm {
                 // SAFETY: the top of the chain is the running thread: the
                 // patched resume pops it (under this lock) before it can be
                 // collected. We hold the lock.
-                unsafe { inner.arming.arm(top.0) };
+                unsafe { inner.arming.arm(top.0, Side::Afar) };
             }
             // Come back in case the arming is undone before the hook fires.
             let retry = inner.retry;
@@ -515,28 +476,28 @@ impl Vm {
         inner.alarm
     }
 
-    /// The running thread `state` called `debug.sethook`: if our hook was on
-    /// it, the user's new hook is what to put back later.
-    pub fn user_hook_changed(&self, state: *mut lua_State) {
-        let mut inner = self.lock();
-        if inner.arming.is_armed(state) {
-            // Our hook is no longer in place: arming saves the user's.
-            // SAFETY: `state` is the running thread, on our OS thread.
-            unsafe { inner.arming.arm(state) };
-        }
+    /// The running thread is about to call `debug.sethook`.
+    pub fn begin_user_hook_change(&self) {
+        self.lock().arming.begin_user_change();
     }
 
-    /// While our hook is on the running thread `state`, puts the user's
-    /// hook back for a moment (to read it with `debug.gethook`); returns
-    /// whether it did, and then `user_hook_changed` must follow.
-    pub fn lend_user_hook(&self, state: *mut lua_State) -> bool {
+    /// The running thread `state` called `debug.sethook`, about itself if
+    /// `about_running`: the user's new hook is what to put back later
+    /// (PUC Lua) or what to chain (LuaJIT).
+    pub fn user_hook_changed(&self, state: *mut lua_State, about_running: bool) {
         let mut inner = self.lock();
-        if !inner.arming.is_armed(state) {
-            return false;
-        }
         // SAFETY: `state` is the running thread, on our OS thread.
-        unsafe { inner.arming.lend(state) };
-        true
+        unsafe { inner.arming.user_hook_changed(state, about_running) };
+    }
+
+    /// While our hook is in place of the user's on the running thread
+    /// `state`, puts the user's back for a moment (to read it with
+    /// `debug.gethook`); returns whether it did, and then
+    /// `user_hook_changed` must follow.
+    pub fn lend_user_hook(&self, state: *mut lua_State, about_running: bool) -> bool {
+        let mut inner = self.lock();
+        // SAFETY: `state` is the running thread, on our OS thread.
+        unsafe { inner.arming.lend(state, about_running) }
     }
 
     /// After the chain changed on its (running) top: arm the top if it needs
@@ -545,7 +506,7 @@ impl Vm {
         if let Some(top) = inner.chain.top() {
             if inner.chain.needs_hook(Instant::now()) {
                 // SAFETY: the top is the running thread, on our OS thread.
-                unsafe { inner.arming.arm(top.0) };
+                unsafe { inner.arming.arm(top.0, Side::Owner) };
             }
         }
         self.set_alarm(inner);
@@ -618,7 +579,7 @@ impl VmInner {
     }
 
     /// Installs the delivery hook for a live target.
-    fn arm(&mut self, id: Id) {
+    fn arm(&mut self, id: Id, side: Side) {
         let Some(slot) = self.live_slot(id) else {
             return;
         };
@@ -631,12 +592,12 @@ impl VmInner {
         };
         // SAFETY: a live slot's state is alive (module comment); the anchor
         // lives until `close`, which we are not past. We hold the VM lock.
-        unsafe { self.arming.arm(state) };
+        unsafe { self.arming.arm(state, side) };
     }
 
     /// Removes the delivery hook of a target whose interrupt was cleared,
     /// unless something else still needs it there.
-    fn disarm(&mut self, id: Id) {
+    fn disarm(&mut self, id: Id, side: Side) {
         let Some(slot) = self.live_slot(id) else {
             return;
         };
@@ -656,28 +617,25 @@ impl VmInner {
         };
         if !needed && self.arming.is_armed(state) {
             // SAFETY: as in `arm`.
-            unsafe { self.arming.disarm(state) };
+            unsafe { self.arming.disarm(state, side) };
         }
     }
 
-    /// After the hook ran on `state` (the running thread): keep it if
+    /// After the hook ran on `state` (the running thread): keep it armed if
     /// `needed` there, else relax or remove it.
-    fn settle_hook(&mut self, state: *mut lua_State, needed: bool) {
-        if needed {
-            return;
-        }
-        // SAFETY: `state` is the running thread, we are in its hook. On
-        // LuaJIT the hook is global, so this acts on the whole VM.
-        unsafe {
-            #[cfg(feature = "luajit")]
-            if self.pending > 0 || self.chain.needs_hook(Instant::now()) {
-                // Someone else (a suspended target, or the chain's top
-                // when it runs again) still needs the VM-wide hook.
-                hook::poll_lazily(state);
-                return;
-            }
-            self.arming.disarm(state);
-        }
+    fn settle_hook(&mut self, state: *mut lua_State, needed: bool, now: Instant) {
+        let need = if needed {
+            Need::Armed
+        } else if cfg!(feature = "luajit") && (self.pending > 0 || self.chain.needs_hook(now)) {
+            // The hook is global: someone else (a suspended target, or the
+            // chain's top when it runs again) still needs it.
+            Need::Poll
+        } else {
+            Need::Nothing
+        };
+        // SAFETY: `state` is the running thread, we are in its hook, and we
+        // hold the VM lock.
+        unsafe { self.arming.settle(state, need) };
     }
 }
 

@@ -1,0 +1,430 @@
+//! Where our hook is installed, and what becomes of the hook that was there.
+//!
+//! PUC Lua: hooks belong to each thread. Ours goes on a target's thread while
+//! something is due there and comes off again, putting back the hook it
+//! replaced (the user's). Another OS thread may install it: `lua_sethook`
+//! writes plain fields, and the delivery mask makes a lost count harmless.
+//!
+//! LuaJIT: one hook serves the whole VM, and LuaJIT sets and clears a "hook
+//! running" bit in the byte that holds the hook mask, around every hook call,
+//! without synchronisation. A `lua_sethook` from another OS thread while any
+//! hook runs can write the bit back after it was cleared, and then no hook
+//! ever runs again: the kill never lands. So on LuaJIT:
+//!
+//! - The user's hook is chained: ours is installed in its place, with the
+//!   user's events and count, and calls it. The VM's own thread does that
+//!   when the user calls `debug.sethook` (corowatch patches it), or the
+//!   first time it sees a hook it did not install.
+//! - While our hook is installed, another OS thread writes nothing: the hook
+//!   fires at least every [`LAZY_COUNT`] instructions and arms itself when
+//!   something is due.
+//! - Another OS thread installs our hook only where no hook at all is
+//!   installed, and not within [`REMOVAL_GUARD`] of the VM's own thread
+//!   removing ours (it may still be leaving the hook then).
+
+use std::ffi::c_int;
+
+use mlua::ffi::{self, lua_Hook, lua_State};
+
+use crate::hook::{hook, DELIVERY_MASK};
+
+/// How often an installed but idle hook of ours fires on LuaJIT: often
+/// enough to see what became due, rarely enough to cost nothing measurable.
+#[cfg(feature = "luajit")]
+pub const LAZY_COUNT: c_int = 1000;
+
+/// How long after the VM's thread removed our hook another thread waits
+/// before installing it (LuaJIT): that thread may still be leaving the hook.
+#[cfg(feature = "luajit")]
+const REMOVAL_GUARD: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Who asks for the hook: the thread running the VM, or another OS thread.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Owner,
+    Afar,
+}
+
+/// What the running VM needs from our hook, as the hook itself decides.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing is due.
+    Nothing,
+    /// Something waits for a thread that is not running (LuaJIT only: the
+    /// hook is global, and polls until that thread runs).
+    Poll,
+    /// Something is due on the running thread: fire at every event.
+    Armed,
+}
+
+/// A hook that is not ours: the user's.
+#[derive(Clone, Copy)]
+pub struct SavedHook {
+    func: lua_Hook,
+    mask: c_int,
+    count: c_int,
+}
+
+fn is_ours(func: Option<lua_Hook>) -> bool {
+    func.is_some_and(|f| f as *const () == hook as *const ())
+}
+
+/// `lua_sethook` returns `int` up to 5.2 and nothing from 5.3 on.
+#[allow(clippy::let_unit_value)]
+unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
+    let _ = ffi::lua_sethook(state, func, mask, count);
+}
+
+/// Installs `func` unless exactly that is installed: every write adds to
+/// the races with the running thread.
+unsafe fn install(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
+    let (mask, count) = if func.is_some() && mask != 0 {
+        (mask, count)
+    } else {
+        (0, 0)
+    };
+    let current = ffi::lua_gethook(state);
+    let same = match (current, func) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a as *const () == b as *const (),
+        _ => false,
+    };
+    if !same || ffi::lua_gethookmask(state) != mask || ffi::lua_gethookcount(state) != count {
+        set_hook(state, func.filter(|_| mask != 0), mask, count);
+    }
+}
+
+/// Removes whatever hook is on `state` (its VM is closing or unknown).
+///
+/// # Safety
+/// `state` is the running thread, inside its hook.
+pub unsafe fn remove(state: *mut lua_State) {
+    set_hook(state, None, 0, 0);
+}
+
+/// The hook installed on `state`, if it is someone else's.
+unsafe fn foreign_hook(state: *mut lua_State) -> Option<SavedHook> {
+    let func = ffi::lua_gethook(state)?;
+    let mask = ffi::lua_gethookmask(state);
+    (!is_ours(Some(func)) && mask != 0).then(|| SavedHook {
+        func,
+        mask,
+        count: ffi::lua_gethookcount(state),
+    })
+}
+
+#[cfg(not(feature = "luajit"))]
+pub use puc::Arming;
+
+#[cfg(feature = "luajit")]
+pub use luajit::Arming;
+
+#[cfg(not(feature = "luajit"))]
+mod puc {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Per state (by address), while our hook is on it: the user's hook it
+    /// replaced, if any.
+    #[derive(Default)]
+    pub struct Arming {
+        states: HashMap<usize, Option<SavedHook>>,
+    }
+
+    impl Arming {
+        /// Installs the delivery hook on `state`.
+        ///
+        /// # Safety
+        /// `state` must be alive; the caller holds the VM lock.
+        pub unsafe fn arm(&mut self, state: *mut lua_State, _: Side) {
+            let func = ffi::lua_gethook(state);
+            if !is_ours(func) {
+                // A hook of the user's is what to put back; an entry left
+                // from a dead state that had the same address is stale.
+                self.states.insert(state as usize, foreign_hook(state));
+            } else {
+                // Ours, set here or inherited from the thread that created
+                // this one (then there is nothing to put back).
+                self.states.entry(state as usize).or_insert(None);
+            }
+            install(state, Some(hook), DELIVERY_MASK, 1);
+        }
+
+        /// Puts back what our hook replaced on `state` (nothing, if it
+        /// inherited our hook from the thread that created it).
+        ///
+        /// # Safety
+        /// As for [`Arming::arm`].
+        pub unsafe fn disarm(&mut self, state: *mut lua_State, _: Side) {
+            let saved = self.states.remove(&(state as usize)).flatten();
+            match saved {
+                Some(user) => install(state, Some(user.func), user.mask, user.count),
+                None => install(state, None, 0, 0),
+            }
+        }
+
+        /// The hook ran on the running thread `state` and found `need`.
+        ///
+        /// # Safety
+        /// `state` is the running thread, inside its hook; the caller holds
+        /// the VM lock.
+        pub unsafe fn settle(&mut self, state: *mut lua_State, need: Need) {
+            if need != Need::Armed {
+                self.disarm(state, Side::Owner);
+            }
+        }
+
+        /// Whether our hook is on `state`.
+        pub fn is_armed(&self, state: *mut lua_State) -> bool {
+            self.states.contains_key(&(state as usize))
+        }
+
+        /// The user is about to change the hook of the running thread.
+        pub fn begin_user_change(&mut self) {}
+
+        /// The running thread `state` called `debug.sethook`: if our hook
+        /// was on it, the user's new hook is what to put back later.
+        ///
+        /// # Safety
+        /// `state` is the running thread; the caller holds the VM lock.
+        pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State, about_running: bool) {
+            if about_running && self.is_armed(state) {
+                self.arm(state, Side::Owner);
+            }
+        }
+
+        /// Puts the user's hook back on the running thread for a moment (to
+        /// read it); returns whether it did, and then `user_hook_changed`
+        /// must follow.
+        ///
+        /// # Safety
+        /// As for [`Arming::user_hook_changed`].
+        pub unsafe fn lend(&mut self, state: *mut lua_State, about_running: bool) -> bool {
+            if !about_running || !self.is_armed(state) {
+                return false;
+            }
+            self.disarm(state, Side::Owner);
+            // Armed again by `user_hook_changed`, which saves what it finds.
+            self.states.insert(state as usize, None);
+            true
+        }
+
+        /// Our hook is installed only while something is due.
+        pub fn is_resting(&self) -> bool {
+            false
+        }
+
+        /// The user's hook to call for this event: none on PUC Lua, where
+        /// ours replaces it only while something is due.
+        pub fn forward(&mut self, _event: c_int) -> Option<lua_Hook> {
+            None
+        }
+
+        /// `state` is gone: forget what was saved for its address.
+        pub fn forget(&mut self, state: *mut lua_State) {
+            self.states.remove(&(state as usize));
+        }
+    }
+}
+
+#[cfg(feature = "luajit")]
+mod luajit {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// The VM-wide hook, and the user's hook it chains.
+    #[derive(Default)]
+    pub struct Arming {
+        /// What the VM needs, as last decided on its own thread.
+        need: Option<Need>,
+        /// The hook ours calls for the user's events.
+        user: Option<SavedHook>,
+        /// Instructions until the user's next count event.
+        countdown: c_int,
+        /// The count our hook is installed with.
+        count: c_int,
+        /// When the VM's own thread last removed our hook.
+        removed_at: Option<Instant>,
+        /// Another thread found something due while our hook rests beside
+        /// the user's: the hook must look at everything again.
+        due: bool,
+        /// The user is changing the hook through corowatch's
+        /// `debug.sethook` or reading it with `debug.gethook`: the hook in
+        /// place may be the user's own, unchained, and must not be touched
+        /// from another thread.
+        user_changing: bool,
+    }
+
+    impl Arming {
+        /// Installs our hook for `need` (on the VM's own thread).
+        ///
+        /// # Safety
+        /// `state` must be alive and run by the calling OS thread (or be
+        /// a VM where no hook at all is installed); the caller holds the
+        /// VM lock.
+        unsafe fn apply(&mut self, state: *mut lua_State, need: Need) {
+            self.adopt(state);
+            self.need = Some(need);
+            let (mask, count) = match (need, self.user) {
+                (Need::Armed, _) => (DELIVERY_MASK, 1),
+                (Need::Nothing, None) => {
+                    if ffi::lua_gethook(state).is_some() {
+                        install(state, None, 0, 0);
+                        self.removed_at = Some(Instant::now());
+                    }
+                    self.count = 0;
+                    return;
+                }
+                // Poll, or rest beside the user's hook: the user's events,
+                // and a count to notice what becomes due in a loop that
+                // sends none of them.
+                (_, user) => {
+                    let user = user.map_or((0, LAZY_COUNT), |u| {
+                        let count = if u.mask & ffi::LUA_MASKCOUNT != 0 {
+                            u.count
+                        } else {
+                            LAZY_COUNT
+                        };
+                        (u.mask, count)
+                    });
+                    (user.0 | ffi::LUA_MASKCOUNT, user.1.clamp(1, LAZY_COUNT))
+                }
+            };
+            install(state, Some(hook), mask, count);
+            self.count = count;
+        }
+
+        /// Takes a hook that is not ours as the user's, to chain; if none
+        /// is installed at all, the user has none.
+        unsafe fn adopt(&mut self, state: *mut lua_State) {
+            if is_ours(ffi::lua_gethook(state)) {
+                return;
+            }
+            self.user = foreign_hook(state);
+            self.countdown = self.user.map_or(0, |u| u.count);
+        }
+
+        /// Installs the delivery hook on the VM of `state`.
+        ///
+        /// # Safety
+        /// `state` must be alive (any thread of the VM: the anchor); the
+        /// caller holds the VM lock.
+        pub unsafe fn arm(&mut self, state: *mut lua_State, side: Side) {
+            if side == Side::Owner {
+                return self.apply(state, Need::Armed);
+            }
+            if self.user_changing || is_ours(ffi::lua_gethook(state)) {
+                // Ours fires by itself (at least every LAZY_COUNT
+                // instructions) and arms itself when it sees the need; the
+                // watchdog comes back if it does not.
+                self.due = true;
+                return;
+            }
+            if ffi::lua_gethook(state).is_none() {
+                if let Some(removed) = self.removed_at {
+                    // The VM's thread may still be leaving the hook that
+                    // removed itself; its exit is a few instructions long.
+                    std::thread::sleep(REMOVAL_GUARD.saturating_sub(removed.elapsed()));
+                }
+            }
+            // A hook in place that was not set through corowatch's
+            // `debug.sethook` is chained from now on; this one write races
+            // with it (see the module comment).
+            self.apply(state, Need::Armed);
+        }
+
+        /// Nothing is due on the target any more.
+        ///
+        /// # Safety
+        /// As for [`Arming::arm`].
+        pub unsafe fn disarm(&mut self, state: *mut lua_State, side: Side) {
+            // From another thread: the hook, which fires at least every
+            // LAZY_COUNT instructions, removes itself when it sees nothing due.
+            if side == Side::Owner {
+                self.apply(state, Need::Nothing);
+            }
+        }
+
+        /// The hook ran on the running thread `state` and found `need`.
+        ///
+        /// # Safety
+        /// `state` is the running thread, inside its hook; the caller holds
+        /// the VM lock.
+        pub unsafe fn settle(&mut self, state: *mut lua_State, need: Need) {
+            self.due = false;
+            self.apply(state, need);
+        }
+
+        /// Whether our hook only rests beside the user's: nothing is due,
+        /// and it need do nothing but forward the user's events.
+        pub fn is_resting(&self) -> bool {
+            self.need == Some(Need::Nothing) && !self.due
+        }
+
+        /// Whether our hook is on the VM for something due.
+        pub fn is_armed(&self, _: *mut lua_State) -> bool {
+            matches!(self.need, Some(Need::Armed | Need::Poll))
+        }
+
+        /// The user is about to change the VM's hook with `debug.sethook`.
+        pub fn begin_user_change(&mut self) {
+            self.user_changing = true;
+        }
+
+        /// The running thread `state` called `debug.sethook` (hooks are
+        /// global on LuaJIT, whatever thread it named): chain the new hook.
+        ///
+        /// # Safety
+        /// `state` is the running thread; the caller holds the VM lock.
+        pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State, _: bool) {
+            self.user_changing = false;
+            self.apply(state, self.need.unwrap_or(Need::Nothing));
+        }
+
+        /// Puts the user's hook in place of ours for a moment (to read it);
+        /// returns whether it did, and then `user_hook_changed` must follow.
+        ///
+        /// # Safety
+        /// As for [`Arming::user_hook_changed`].
+        pub unsafe fn lend(&mut self, state: *mut lua_State, _: bool) -> bool {
+            if !is_ours(ffi::lua_gethook(state)) {
+                return false;
+            }
+            self.user_changing = true;
+            match self.user {
+                Some(user) => install(state, Some(user.func), user.mask, user.count),
+                None => install(state, None, 0, 0),
+            }
+            true
+        }
+
+        /// The user's hook to call for this event of ours, if the user asked
+        /// for it (count events: once per the user's count).
+        pub fn forward(&mut self, event: c_int) -> Option<lua_Hook> {
+            let user = self.user?;
+            let mask = match event {
+                ffi::LUA_HOOKCALL => ffi::LUA_MASKCALL,
+                ffi::LUA_HOOKLINE => ffi::LUA_MASKLINE,
+                ffi::LUA_HOOKCOUNT => ffi::LUA_MASKCOUNT,
+                // Return and tail return.
+                _ => ffi::LUA_MASKRET,
+            };
+            if user.mask & mask == 0 {
+                return None;
+            }
+            if event == ffi::LUA_HOOKCOUNT {
+                self.countdown -= self.count;
+                if self.countdown > 0 {
+                    return None;
+                }
+                self.countdown = user.count.max(1);
+            }
+            Some(user.func)
+        }
+
+        /// Coroutine states are never touched on LuaJIT.
+        pub fn forget(&mut self, _: *mut lua_State) {}
+    }
+}
