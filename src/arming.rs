@@ -119,6 +119,24 @@ pub use puc::Arming;
 #[cfg(feature = "luajit")]
 pub use luajit::Arming;
 
+/// The mask our hook is armed with, replacing `user`'s hook.
+///
+/// Lua 5.1 reads `lineinfo[-1]` (the allocator's header: harmless, but
+/// out of bounds) when the line mask appears between a function's first and
+/// second instruction, which another thread's arming can do. The line mask
+/// is there in case the running thread's count decrement overwrites the
+/// count we set, and on 5.1 the count is only decremented while the line or
+/// count mask is set: with no line mask before, the count alone is safe.
+#[cfg(not(feature = "luajit"))]
+fn delivery_mask(user: Option<SavedHook>) -> c_int {
+    if cfg!(feature = "lua51") {
+        let line = user.map_or(0, |u| u.mask & ffi::LUA_MASKLINE);
+        (DELIVERY_MASK & !ffi::LUA_MASKLINE) | line
+    } else {
+        DELIVERY_MASK
+    }
+}
+
 #[cfg(not(feature = "luajit"))]
 mod puc {
     use std::collections::HashMap;
@@ -139,16 +157,18 @@ mod puc {
         /// `state` must be alive; the caller holds the VM lock.
         pub unsafe fn arm(&mut self, state: *mut lua_State, _: Side) {
             let func = ffi::lua_gethook(state);
-            if !is_ours(func) {
+            let user = if !is_ours(func) {
                 // A hook of the user's is what to put back; an entry left
                 // from a dead state that had the same address is stale.
-                self.states.insert(state as usize, foreign_hook(state));
+                let user = foreign_hook(state);
+                self.states.insert(state as usize, user);
+                user
             } else {
                 // Ours, set here or inherited from the thread that created
                 // this one (then there is nothing to put back).
-                self.states.entry(state as usize).or_insert(None);
-            }
-            install(state, Some(hook), DELIVERY_MASK, 1);
+                *self.states.entry(state as usize).or_insert(None)
+            };
+            install(state, Some(hook), delivery_mask(user), 1);
         }
 
         /// Puts back what our hook replaced on `state` (nothing, if it
