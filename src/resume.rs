@@ -1,19 +1,23 @@
 //! corowatch's `coroutine.resume` and `coroutine.yield`, as C functions.
 //!
 //! They are the hot path: a Lua wrapper alone costs more than the resume it
-//! wraps. Resuming a coroutine that is not watched, while nothing watched
-//! runs, costs two table lookups and a protected call of the original
-//! `coroutine.resume`. Resuming watched code also tells the VM's chain
-//! (one lock, one clock read) before and after, and anchors the coroutine
-//! at its depth in a table, where the hook finds it for the dispatcher.
+//! wraps. A coroutine that yielded (or, on PUC Lua, has not started) is
+//! resumed with `lua_resume` directly, as `coroutine.resume` does itself;
+//! not watched, while nothing watched runs, that costs one table lookup on
+//! top. Resuming watched code also tells the VM's chain (a lock and a clock
+//! read) before and after, and anchors the coroutine at its depth in a
+//! table, where the hook finds it for the dispatcher.
 //!
-//! The original resume is always called under `lua_pcall`: nothing can leave
-//! the chain pointing at a coroutine that does not run (the watchdog arms the
-//! chain's top from another thread), and an error is raised again once the
-//! chain is right. The resumed coroutine stays on our stack throughout, so
-//! it cannot be collected while the chain names it.
+//! `lua_resume` catches whatever the coroutine raises, so nothing can leave
+//! the chain naming a coroutine that does not run (the watchdog arms the
+//! chain's top from another thread). Every other case (dead, running or
+//! normal coroutines, LuaJIT's fresh ones) goes to the original resume under
+//! `lua_pcall`, which refuses with its own messages; an error is raised
+//! again once the chain is right. The resumed coroutine stays on our stack
+//! throughout, so it cannot be collected while the chain names it.
 
 use std::ffi::{c_int, c_void};
+use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
@@ -55,14 +59,207 @@ pub unsafe fn push_yield(state: *mut lua_State, vm: *const Vm) {
     ffi::lua_pushcclosure(state, yield_, 2);
 }
 
+/// A watch's kill and warn limits.
+type Limits = (Option<Duration>, Option<Duration>);
+
 /// A settings record `{kill, warn, ...}`: limit `index`, if it is one.
 unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Option<Duration> {
     ffi::lua_rawgeti(state, record, index as _);
-    let value = ffi::lua_tonumber(state, -1);
+    let seconds = ffi::lua_tonumber(state, -1);
     ffi::lua_pop(state, 1);
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|limit| !limit.is_zero())
+    // `watch` checked the limits (positive, finite); `false` reads as 0.
+    // Limits beyond u64 nanoseconds (584 years) saturate.
+    (seconds > 0.0).then(|| Duration::from_nanos((seconds * 1e9) as u64))
+}
+
+/// The watch of the coroutine at index 1, if it is watched.
+unsafe fn watch_limits(state: *mut lua_State) -> Option<Limits> {
+    ffi::lua_pushvalue(state, 1);
+    ffi::lua_rawget(state, WATCHED);
+    let limits = if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
+        let record = ffi::lua_gettop(state);
+        Some((limit(state, record, 1), limit(state, record, 2)))
+    } else {
+        None
+    };
+    ffi::lua_pop(state, 1);
+    limits
+}
+
+/// `resume(co, ...)`, same results as `coroutine.resume`; a killed
+/// coroutine answers `false, message`.
+///
+/// Nothing with a destructor lives in this frame or the ones it calls
+/// here: it may end in `lua_error`, and the Rust calls that lock run in
+/// their own frames.
+unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
+    let co = ffi::lua_tothread(state, 1);
+    if co.is_null() {
+        // Not a coroutine: let the original raise its usual error.
+        ffi::lua_pushvalue(state, ORIGINAL_RESUME);
+        ffi::lua_insert(state, 1);
+        ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
+        return ffi::lua_gettop(state);
+    }
+    if ffi::lua_checkstack(state, 4) == 0 {
+        // Let the original resume say what is wrong.
+        return resume_through_original(state, co, None);
+    }
+    let limits = watch_limits(state);
+    let narg = ffi::lua_gettop(state) - 1;
+    if !is_suspended(state, co) || ffi::lua_checkstack(co, narg) == 0 {
+        return resume_through_original(state, co, limits);
+    }
+    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
+    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
+    // `co` stays at index 1 throughout: alive while the chain names it.
+    if limits.is_none() && !vm.is_active() {
+        let outcome = resume_suspended(state, co);
+        let mut killed = false;
+        if vm.is_active() {
+            // The coroutine watched itself (watch(nil)): it is the chain's
+            // root, and is not running any more.
+            let left = leave_root(vm, co);
+            unanchor(state, left.depth);
+            killed = left.killed;
+        }
+        return finish(state, co, outcome, killed);
+    }
+    let depth = enter(vm, state, co, limits);
+    anchor(state, depth);
+    let outcome = resume_suspended(state, co);
+    let left = leave(vm, state);
+    unanchor(state, left.depth);
+    finish(state, co, outcome, left.killed)
+}
+
+/// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:
+/// it yielded, or (PUC Lua) it has not started. Every other case (running,
+/// normal, dead, LuaJIT's fresh coroutines) goes to the original resume,
+/// which refuses it with its own message.
+unsafe fn is_suspended(state: *mut lua_State, co: *mut lua_State) -> bool {
+    if co == state {
+        return false;
+    }
+    match ffi::lua_status(co) {
+        ffi::LUA_YIELD => true,
+        ffi::LUA_OK if cfg!(not(feature = "luajit")) => {
+            let mut ar = MaybeUninit::<ffi::lua_Debug>::zeroed();
+            // No frame yet, and a function to start: a fresh coroutine.
+            ffi::lua_getstack(co, 0, ar.as_mut_ptr()) == 0 && ffi::lua_gettop(co) > 0
+        }
+        _ => false,
+    }
+}
+
+#[cfg(feature = "lua51")]
+extern "C-unwind" {
+    /// Lua 5.1: gives `to` the C-call depth of `from`, as `coroutine.resume`
+    /// does before `lua_resume` (later versions take `from` in `lua_resume`).
+    fn lua_setlevel(from: *mut lua_State, to: *mut lua_State);
+}
+
+/// Moves the arguments above index 1 to the suspended `co` and resumes it;
+/// returns the status and the number of results left on `co`'s stack.
+///
+/// SAFETY (caller): `co` is suspended (see [`is_suspended`]) and its stack
+/// has room for the arguments.
+unsafe fn resume_suspended(state: *mut lua_State, co: *mut lua_State) -> (c_int, c_int) {
+    let narg = ffi::lua_gettop(state) - 1;
+    ffi::lua_xmove(state, co, narg);
+    #[cfg(feature = "lua51")]
+    lua_setlevel(state, co);
+    let mut nres = 0;
+    let status = ffi::lua_resume(co, state, narg, &mut nres);
+    (status, nres)
+}
+
+/// Moves the outcome of `co`'s resume to `state` as `coroutine.resume`
+/// returns it: `true, values...`, or `false, error`. A killed coroutine
+/// answers `false, message`. Returns the result count.
+unsafe fn finish(
+    state: *mut lua_State,
+    co: *mut lua_State,
+    (status, nres): (c_int, c_int),
+    killed: bool,
+) -> c_int {
+    if !killed && (status == ffi::LUA_OK || status == ffi::LUA_YIELD) {
+        if ffi::lua_checkstack(state, nres + 1) == 0 {
+            ffi::lua_pop(co, nres);
+            // 5.1 and LuaJIT raise this; later versions return it.
+            if cfg!(any(feature = "lua51", feature = "luajit")) {
+                push_str(state, "too many results to resume");
+                ffi::lua_error(state);
+            }
+            ffi::lua_pushboolean(state, 0);
+            push_str(state, "too many results to resume");
+            return 2;
+        }
+        ffi::lua_pushboolean(state, 1);
+        ffi::lua_xmove(co, state, nres);
+        return nres + 1;
+    }
+    ffi::lua_pushboolean(state, 0);
+    if status == ffi::LUA_OK || status == ffi::LUA_YIELD {
+        ffi::lua_pop(co, nres);
+        ffi::lua_pushnil(state);
+    } else {
+        ffi::lua_xmove(co, state, 1);
+    }
+    // The error a killed coroutine left may be anything it raised since;
+    // its answer is the kill message.
+    ffi::lua_pushvalue(state, 1);
+    ffi::lua_rawget(state, KILLED);
+    if ffi::lua_isnil(state, -1) == 0 {
+        ffi::lua_replace(state, -2);
+    } else {
+        ffi::lua_pop(state, 1);
+    }
+    2
+}
+
+unsafe fn push_str(state: *mut lua_State, text: &'static str) {
+    ffi::lua_pushlstring(state, text.as_ptr().cast(), text.len());
+}
+
+/// The general path, through the original resume under `lua_pcall`, for
+/// everything but a plainly suspended coroutine: the original gives its own
+/// refusals and errors. No error can leave the chain naming a coroutine
+/// that does not run; one is raised again once the chain is right.
+unsafe fn resume_through_original(
+    state: *mut lua_State,
+    co: *mut lua_State,
+    limits: Option<Limits>,
+) -> c_int {
+    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
+    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
+    // Keep `co` below everything: it stays alive while the chain names it.
+    ffi::lua_pushvalue(state, 1);
+    ffi::lua_insert(state, 1);
+
+    if limits.is_none() && !vm.is_active() {
+        let status = call_original(state);
+        let mut killed = false;
+        if vm.is_active() {
+            let left = leave_root(vm, co);
+            unanchor(state, left.depth);
+            killed = left.killed;
+        }
+        if status != ffi::LUA_OK {
+            ffi::lua_error(state);
+        }
+        return answer(state, killed);
+    }
+
+    let depth = enter(vm, state, co, limits);
+    anchor(state, depth);
+    let status = call_original(state);
+    let left = leave(vm, state);
+    unanchor(state, left.depth);
+    if status != ffi::LUA_OK {
+        ffi::lua_error(state);
+    }
+    answer(state, left.killed)
 }
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
@@ -93,62 +290,12 @@ unsafe fn answer(state: *mut lua_State, killed: bool) -> c_int {
     ffi::lua_gettop(state)
 }
 
-/// `resume(co, ...)`, same results as `coroutine.resume`; a killed
-/// coroutine answers `false, message`.
-///
-/// Nothing with a destructor lives in this frame: it may end in
-/// `lua_error`, and the Rust calls that lock run in their own frames.
-unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
-    let co = ffi::lua_tothread(state, 1);
-    if co.is_null() || ffi::lua_checkstack(state, 4) == 0 {
-        // Not a coroutine: let the original raise its usual error.
-        ffi::lua_pushvalue(state, ORIGINAL_RESUME);
-        ffi::lua_insert(state, 1);
-        ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
-        return ffi::lua_gettop(state);
+/// Anchors the coroutine at index 1 at `depth`, where the hook finds it.
+unsafe fn anchor(state: *mut lua_State, depth: usize) {
+    if depth > 0 {
+        ffi::lua_pushvalue(state, 1);
+        ffi::lua_rawseti(state, ANCHORS, depth as _);
     }
-    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
-    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
-    ffi::lua_pushvalue(state, 1);
-    ffi::lua_rawget(state, WATCHED);
-    let watched = ffi::lua_type(state, -1) == ffi::LUA_TTABLE;
-    let limits = if watched {
-        let record = ffi::lua_gettop(state);
-        Some((limit(state, record, 1), limit(state, record, 2)))
-    } else {
-        None
-    };
-    ffi::lua_pop(state, 1);
-    // Keep `co` below everything: it stays alive while the chain names it.
-    ffi::lua_pushvalue(state, 1);
-    ffi::lua_insert(state, 1);
-
-    if !watched && !vm.is_active() {
-        let status = call_original(state);
-        let mut killed = false;
-        if vm.is_active() {
-            // The coroutine watched itself (watch(nil)): it is the chain's
-            // root, and is not running any more.
-            let left = leave_root(vm, co);
-            unanchor(state, left.depth);
-            killed = left.killed;
-        }
-        if status != ffi::LUA_OK {
-            ffi::lua_error(state);
-        }
-        return answer(state, killed);
-    }
-
-    let depth = enter(vm, state, co, limits);
-    ffi::lua_pushvalue(state, 1);
-    ffi::lua_rawseti(state, ANCHORS, depth as _);
-    let status = call_original(state);
-    let left = leave(vm, state);
-    unanchor(state, left.depth);
-    if status != ffi::LUA_OK {
-        ffi::lua_error(state);
-    }
-    answer(state, left.killed)
 }
 
 /// Clears the anchor at `depth` (false, not nil: a slot set to nil and back
@@ -182,15 +329,11 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 // The calls into the VM, in frames of their own (they lock), with panics
 // kept out of C.
 
-fn enter(
-    vm: &Vm,
-    resumer: *mut lua_State,
-    co: *mut lua_State,
-    limits: Option<(Option<Duration>, Option<Duration>)>,
-) -> usize {
+fn enter(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State, limits: Option<Limits>) -> usize {
     catch_unwind(AssertUnwindSafe(|| {
-        let watch = limits.map(|(kill, warn)| Watch::start(kill, warn, Instant::now()));
-        vm.enter(resumer, co, watch)
+        let now = Instant::now();
+        let watch = limits.map(|(kill, warn)| Watch::start(kill, warn, now));
+        vm.enter(resumer, co, watch, now)
     }))
     .unwrap_or(0)
 }

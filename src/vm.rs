@@ -387,18 +387,20 @@ impl Vm {
 
     /// The running thread `resumer` is about to resume `resumed`, watched
     /// if `watch` is given. Returns the depth of `resumed` in the chain.
+    /// `now` is when the watch started (the caller read the clock once).
     pub fn enter(
         &self,
         resumer: *mut lua_State,
         resumed: *mut lua_State,
         watch: Option<Watch>,
+        now: Instant,
     ) -> usize {
         let mut inner = self.lock();
         let depth = inner
             .chain
             .enter(StatePtr(resumer), StatePtr(resumed), watch);
         self.active.store(true, Ordering::Relaxed);
-        self.after_chain_change(&mut inner);
+        self.after_chain_change(&mut inner, now);
         depth
     }
 
@@ -407,8 +409,10 @@ impl Vm {
     pub fn leave(&self, resumer: *mut lua_State) -> Left {
         let mut inner = self.lock();
         let left = inner.chain.leave();
+        // With nothing watched left the chain is empty; otherwise the
+        // resumer's own deadlines may have passed meanwhile.
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
-            self.after_chain_change(&mut inner);
+            self.after_chain_change(&mut inner, Instant::now());
         }
         self.active
             .store(inner.chain.is_active(), Ordering::Relaxed);
@@ -502,9 +506,9 @@ impl Vm {
 
     /// After the chain changed on its (running) top: arm the top if it needs
     /// the hook at once, and keep the watchdog's alarm right.
-    fn after_chain_change(&self, inner: &mut VmInner) {
+    fn after_chain_change(&self, inner: &mut VmInner, now: Instant) {
         if let Some(top) = inner.chain.top() {
-            if inner.chain.needs_hook(Instant::now()) {
+            if inner.chain.needs_hook(now) {
                 // SAFETY: the top is the running thread, on our OS thread.
                 unsafe { inner.arming.arm(top.0, Side::Owner) };
             }
