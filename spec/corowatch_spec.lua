@@ -374,6 +374,93 @@ describe("debug hooks beside a watch", function()
   end)
 end)
 
+describe("the patched resume", function()
+  -- Runs `scenario(create, resume, yield, status)` with the original
+  -- functions and with the patched ones, which must give the same answers.
+  local function same_as_original(scenario)
+    local original = { scenario(coroutine.create, coroutine.resume, coroutine.yield,
+      coroutine.status) }
+    local patched = { scenario(cw.create, cw.resume, cw.yield, cw.status) }
+    assert.are.same(original, patched)
+    return patched[1]
+  end
+
+  it("passes arguments and results both ways, many of them", function()
+    local got = same_as_original(function(create, resume, yield)
+      local co = create(function(...)
+        local sum = select("#", ...)
+        while true do sum = sum + select("#", yield(sum, ...)) end
+      end)
+      local answers = {}
+      local args = {}
+      for i = 1, 200 do args[i] = i end
+      for round = 1, 3 do
+        answers[round] = { resume(co, unpack(args, 1, round * 60)) }
+      end
+      return answers
+    end)
+    -- 60 + 120 + 180 arguments counted; 60 values passed back each time.
+    assert.are.equal(360, got[3][2])
+    assert.are.equal(62, #got[3])
+  end)
+
+  it("gives the original's answers for dead, running and normal coroutines", function()
+    local got = same_as_original(function(create, resume, yield, status)
+      local answers = {}
+      local finished = create(function() return "done" end)
+      answers.first = { resume(finished) }
+      answers.dead = { resume(finished) }
+      answers.dead_status = status(finished)
+      local outer
+      outer = create(function()
+        answers.running = { resume(outer) }
+        local inner = create(function() return resume(outer) end)
+        answers.normal = { resume(inner) }
+        yield()
+      end)
+      answers.outer = { resume(outer) }
+      local failing = create(function() error("boom", 0) end)
+      answers.error = { resume(failing) }
+      answers.after_error = { resume(failing) }
+      answers.error_status = status(failing)
+      local table_error = create(function() error({ code = 7 }) end)
+      local ok, err = resume(table_error)
+      answers.table_error = { ok, err.code }
+      return answers
+    end)
+    assert.are.same({ false, "cannot resume dead coroutine" }, got.dead)
+    assert.are.same({ false, "boom" }, got.error)
+  end)
+
+  it("raises the original's error for what is not a coroutine", function()
+    local function message(resume, ...)
+      local ok, err = pcall(resume, ...)
+      assert.is_false(ok)
+      return (err:gsub("'[%w_.]*resume'", "'resume'"))
+    end
+    assert.are.equal(message(coroutine.resume, 42), message(cw.resume, 42))
+    assert.are.equal(message(coroutine.resume), message(cw.resume))
+  end)
+
+  it("resumes coroutines nested in watched ones, yielding across levels", function()
+    local trace = {}
+    local outer = corowatch.watch(cw.create(function()
+      local inner = cw.create(function(a)
+        local b = cw.yield(a + 1)
+        return b * 2
+      end)
+      trace[#trace + 1] = select(2, cw.resume(inner, 1))
+      local x = cw.yield("outer paused")
+      trace[#trace + 1] = select(2, cw.resume(inner, x))
+      trace[#trace + 1] = cw.status(inner)
+      return "outer done"
+    end), 10)
+    assert.are.same({ true, "outer paused" }, { cw.resume(outer) })
+    assert.are.same({ true, "outer done" }, { cw.resume(outer, 21) })
+    assert.are.same({ 2, 42, "dead" }, trace)
+  end)
+end)
+
 describe("the user's hook beside a watch", function()
   -- The same loop with the user's count hook, with and without a watch.
   local function count_calls(resume, create, sethook)
