@@ -1,5 +1,6 @@
 -- corowatch against plain coroutines, in one process: CPU-loop time,
--- resume+yield round trip, kill overshoot, memory. Usage: see bench/run.
+-- resume+yield round trip, kill overshoot, memory, a user's hook beside a
+-- watch. Usage: see bench/run.
 if jit then jit.off() end -- hooks only reach interpreted code
 local corowatch = require("corowatch")
 local cw = corowatch.export()
@@ -79,7 +80,27 @@ end), 600)
 local _, mem_inherited = cw.resume(parent)
 local mem_watched = memory(function() return corowatch.watch(cw.create(body), 60) end)
 
--- 5. RSS after creating and collecting 1e6 watched coroutines.
+-- 5. A user's line hook in a watched coroutine, set with the original
+-- debug.sethook and with corowatch's (which chains it on LuaJIT).
+local patched_sethook = corowatch.export({ coroutine = {}, debug = {} }).debug.sethook
+local function time_user_hook(sethook)
+  return best_of(5, function()
+    local co = corowatch.watch(cw.create(function()
+      local lines = 0
+      sethook(function() lines = lines + 1 end, "l")
+      local t = clock()
+      for i = 1, 2e5 do lines = lines + i % 2 end
+      local elapsed = clock() - t
+      sethook()
+      return elapsed
+    end), 60)
+    return select(2, assert(cw.resume(co)))
+  end)
+end
+local hook_raw = time_user_hook(debug.sethook)
+local hook_patched = time_user_hook(patched_sethook)
+
+-- 6. RSS after creating and collecting 1e6 watched coroutines.
 local function rss_kib()
   local statm = io.open("/proc/self/statm")
   if not statm then return 0 end
@@ -102,7 +123,8 @@ local rss_after = rss_kib()
 local version = jit and jit.version or _VERSION
 print(("%-18s cpu loop %.3f | round trip raw %4.0f ns, patched %4.0f ns (%.2fx), watched %4.0f ns (%.2fx)"
   .. " | kill overshoot median %.3f ms max %.3f ms | bytes per watched: explicit %.0f, inherited %.0f"
-  .. " | RSS after 1e6 watched: %+d KiB")
+  .. " | RSS after 1e6 watched: %+d KiB | user line hook through corowatch %.2fx")
   :format(version, loop_watched / loop_plain, rt_raw * 1e9, rt_plain * 1e9, rt_plain / rt_raw,
     rt_watched * 1e9, rt_watched / rt_raw, overshoot[math.floor(#overshoot / 2) + 1] or 0, overshoot[#overshoot],
-    mem_watched - mem_plain, mem_inherited - mem_plain, rss_after - rss_before))
+    mem_watched - mem_plain, mem_inherited - mem_plain, rss_after - rss_before,
+    hook_patched / hook_raw))
