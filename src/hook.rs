@@ -9,7 +9,9 @@
 //! Delivery does not depend on the instruction count alone. Another thread's
 //! `lua_sethook` races with the running thread's own updates of the count
 //! (Lua 5.2 loses interrupts that way), so the hook is armed with the line,
-//! call and return masks too: any loop jumps backwards and fires the line hook.
+//! call and return masks too: any loop jumps backwards and fires the line
+//! hook. (Lua 5.1 is armed without the line mask where it cannot lose the
+//! count: see `delivery_mask` in [`crate::arming`].)
 
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
