@@ -10,18 +10,11 @@ local ROUNDS = tonumber(arg and arg[1]) or 500
 local victim = threads.start(function(channel)
   local mtint = require("mtint")
   local monotime = require("cqueues").monotime
-  channel:send(mtint.id())
-  while true do
-    local _, err = pcall(function()
-      channel:send("ready")
-      local x = 0
-      while true do x = x + 1 end
-    end)
+  require("spec.helpers.victim").serve(channel, function(err)
     local caught = monotime()
     assert(tostring(err):match(mtint.error.interrupted), err)
-    channel:send(("%.9f"):format(caught))
-    if channel:receive() ~= "again" then return end
-  end
+    return ("%.9f"):format(caught)
+  end)
 end)
 
 local id = tonumber(assert(victim:receive(10)))

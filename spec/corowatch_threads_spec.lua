@@ -67,17 +67,10 @@ local function hooked_victim(channel)
   require("corowatch").export(_G)
   local calls = 0
   debug.sethook(function() calls = calls + 1 end, "", 200)
-  channel:send(mtint.id())
-  while true do
-    local _, err = pcall(function()
-      channel:send("ready")
-      local x = 0
-      while true do x = x + 1 end
-    end)
+  require("spec.helpers.victim").serve(channel, function(err)
     assert(tostring(err):match(mtint.error.interrupted), err)
-    channel:send("caught", calls)
-    if channel:receive() ~= "again" then return end
-  end
+    return "caught " .. calls
+  end)
 end
 
 describe("mtint beside a user's debug hook", function()

@@ -137,20 +137,10 @@ end)
 local function lost_interrupts(in_coroutine, rounds)
   local victim = threads.start(function(channel, in_coroutine)
     local mtint = require("mtint")
-    local function spin_until_interrupted()
-      return pcall(function()
-        channel:send("ready")
-        local x = 0
-        while true do x = x + 1 end
-      end)
-    end
     local function serve()
-      channel:send(mtint.id())
-      while true do
-        local _, err = spin_until_interrupted()
-        channel:send(tostring(err):match(mtint.error.interrupted) and "caught" or tostring(err))
-        if channel:receive() ~= "again" then return end
-      end
+      require("spec.helpers.victim").serve(channel, function(err)
+        return tostring(err):match(mtint.error.interrupted) and "caught" or tostring(err)
+      end)
     end
     if in_coroutine == "true" then
       local co = coroutine.create(serve)
