@@ -110,27 +110,39 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
     if !is_suspended(state, co) || ffi::lua_checkstack(co, narg) == 0 {
         return resume_through_original(state, co, limits);
     }
+    // `co` stays at index 1 throughout: alive while the chain names it.
+    let (outcome, killed) = tracked(state, co, limits, || resume_suspended(state, co));
+    finish(state, co, outcome, killed)
+}
+
+/// Runs `resume_co`, which resumes the coroutine `co` at index 1 and
+/// catches whatever it raises, with the VM's chain told: entered before
+/// and left after when something watched is involved, or left as its root
+/// if the coroutine watched itself meanwhile (`watch(nil)`). Returns what
+/// `resume_co` returned, and whether the coroutine was killed.
+unsafe fn tracked<R>(
+    state: *mut lua_State,
+    co: *mut lua_State,
+    limits: Option<Limits>,
+    resume_co: impl FnOnce() -> R,
+) -> (R, bool) {
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
     let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
-    // `co` stays at index 1 throughout: alive while the chain names it.
     if limits.is_none() && !vm.is_active() {
-        let outcome = resume_suspended(state, co);
-        let mut killed = false;
-        if vm.is_active() {
-            // The coroutine watched itself (watch(nil)): it is the chain's
-            // root, and is not running any more.
-            let left = leave_root(vm, co);
-            unanchor(state, left.depth);
-            killed = left.killed;
+        let outcome = resume_co();
+        if !vm.is_active() {
+            return (outcome, false);
         }
-        return finish(state, co, outcome, killed);
+        let left = leave_root(vm, co);
+        unanchor(state, left.depth);
+        return (outcome, left.killed);
     }
     let depth = enter(vm, state, co, limits);
     anchor(state, depth);
-    let outcome = resume_suspended(state, co);
+    let outcome = resume_co();
     let left = leave(vm, state);
     unanchor(state, left.depth);
-    finish(state, co, outcome, left.killed)
+    (outcome, left.killed)
 }
 
 /// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:
@@ -231,35 +243,14 @@ unsafe fn resume_through_original(
     co: *mut lua_State,
     limits: Option<Limits>,
 ) -> c_int {
-    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
-    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
     // Keep `co` below everything: it stays alive while the chain names it.
     ffi::lua_pushvalue(state, 1);
     ffi::lua_insert(state, 1);
-
-    if limits.is_none() && !vm.is_active() {
-        let status = call_original(state);
-        let mut killed = false;
-        if vm.is_active() {
-            let left = leave_root(vm, co);
-            unanchor(state, left.depth);
-            killed = left.killed;
-        }
-        if status != ffi::LUA_OK {
-            ffi::lua_error(state);
-        }
-        return answer(state, killed);
-    }
-
-    let depth = enter(vm, state, co, limits);
-    anchor(state, depth);
-    let status = call_original(state);
-    let left = leave(vm, state);
-    unanchor(state, left.depth);
+    let (status, killed) = tracked(state, co, limits, || call_original(state));
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
-    answer(state, left.killed)
+    answer(state, killed)
 }
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
