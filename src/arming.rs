@@ -121,19 +121,23 @@ pub use luajit::Arming;
 
 /// The mask our hook is armed with, replacing `user`'s hook.
 ///
-/// Lua 5.1 reads `lineinfo[-1]` (the allocator's header: harmless, but
-/// out of bounds) when the line mask appears between a function's first and
-/// second instruction, which another thread's arming can do. The line mask
-/// is there in case the running thread's count decrement overwrites the
-/// count we set, and on 5.1 the count is only decremented while the line or
-/// count mask is set: with no line mask before, the count alone is safe.
+/// Lua 5.1–5.3 compare the running function's position with the one they
+/// saw last (`oldpc`) when the line mask is on, and when another thread
+/// turns it on, that position can belong to another function: 5.1 then
+/// reads `lineinfo[-1]` (harmless, but out of bounds), 5.2 and 5.3 read
+/// `lineinfo` at an index as far off as two heap blocks are apart, and can
+/// crash. So there the line mask is set only if it was on already (the
+/// user's hook had it). What it guarded against, the running thread's count
+/// decrement overwriting the count we set, is repaired by the watchdog's
+/// re-arm, which rewrites the hook (see `Arming::arm`). Lua 5.4 checks
+/// `oldpc` against the function's size and keeps the line mask.
 #[cfg(not(feature = "luajit"))]
 fn delivery_mask(user: Option<SavedHook>) -> c_int {
-    if cfg!(feature = "lua51") {
+    if cfg!(feature = "lua54") {
+        DELIVERY_MASK
+    } else {
         let line = user.map_or(0, |u| u.mask & ffi::LUA_MASKLINE);
         (DELIVERY_MASK & !ffi::LUA_MASKLINE) | line
-    } else {
-        DELIVERY_MASK
     }
 }
 
@@ -151,7 +155,10 @@ mod puc {
     }
 
     impl Arming {
-        /// Installs the delivery hook on `state`.
+        /// Installs the delivery hook on `state`. It is written even if it
+        /// looks installed: the running thread may have overwritten the
+        /// count (`lua_gethookcount` shows the count set, not the one left),
+        /// and this is how the watchdog's re-arm repairs that.
         ///
         /// # Safety
         /// `state` must be alive; the caller holds the VM lock.
@@ -168,7 +175,7 @@ mod puc {
                 // this one (then there is nothing to put back).
                 *self.states.entry(state as usize).or_insert(None)
             };
-            install(state, Some(hook), delivery_mask(user), 1);
+            set_hook(state, Some(hook), delivery_mask(user), 1);
         }
 
         /// Puts back what our hook replaced on `state` (nothing, if it

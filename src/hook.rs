@@ -8,10 +8,11 @@
 //!
 //! Delivery does not depend on the instruction count alone. Another thread's
 //! `lua_sethook` races with the running thread's own updates of the count
-//! (Lua 5.2 loses interrupts that way), so the hook is armed with the line,
-//! call and return masks too: any loop jumps backwards and fires the line
-//! hook. (Lua 5.1 is armed without the line mask where it cannot lose the
-//! count: see `delivery_mask` in [`crate::arming`].)
+//! (Lua 5.2 loses interrupts that way): the hook is armed with the call and
+//! return masks too, the watchdog re-arms it until it has delivered, and on
+//! Lua 5.4 (and LuaJIT) the line mask makes any loop's backward jump fire
+//! it. Lua 5.1–5.3 cannot take the line mask from another thread: see
+//! `delivery_mask` in [`crate::arming`].
 
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
