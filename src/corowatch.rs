@@ -7,28 +7,66 @@ use std::time::{Duration, Instant};
 
 use mlua::{ffi, Function, Lua, MultiValue, Table, Thread};
 
+use crate::gate::{self, WhenClosed};
 use crate::hook::{self, ANCHORS_KEY, DISPATCH_KEY};
 use crate::resume;
 use crate::state;
 use crate::watch::Watch;
 
+/// The VM is closing: corowatch's functions that cannot do without it
+/// raise this; those about the user's hook do nothing.
+const CLOSING: &str = "corowatch: the Lua state is closing";
+
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let corowatch = lua.create_table()?;
-    corowatch.set("make_functions", lua.create_function(make_functions)?)?;
-    corowatch.set("watch_running", lua.create_function(watch_running)?)?;
-    corowatch.set("reset", lua.create_function(reset)?)?;
-    corowatch.set(
-        "running_thread",
-        lua.create_function(|lua, ()| Ok(lua.current_thread()))?,
+    let vm = state::vm(lua)?;
+    let raise = WhenClosed::Raise(CLOSING);
+    let nothing = WhenClosed::Nothing;
+    gate::set_all(
+        lua,
+        &corowatch,
+        &vm,
+        vec![
+            (
+                "make_functions",
+                lua.create_function(make_functions)?,
+                raise,
+            ),
+            ("watch_running", lua.create_function(watch_running)?, raise),
+            ("reset", lua.create_function(reset)?, nothing),
+            (
+                "set_dispatcher",
+                lua.create_function(set_dispatcher)?,
+                raise,
+            ),
+            (
+                "begin_user_hook_change",
+                lua.create_function(begin_user_hook_change)?,
+                nothing,
+            ),
+            (
+                "user_hook_changed",
+                lua.create_function(user_hook_changed)?,
+                nothing,
+            ),
+            (
+                "lend_user_hook",
+                lua.create_function(lend_user_hook)?,
+                nothing,
+            ),
+        ],
     )?;
-    corowatch.set("gettime", lua.create_function(|_, ()| Ok(gettime()))?)?;
-    corowatch.set("set_dispatcher", lua.create_function(set_dispatcher)?)?;
-    corowatch.set(
-        "begin_user_hook_change",
-        lua.create_function(begin_user_hook_change)?,
-    )?;
-    corowatch.set("user_hook_changed", lua.create_function(user_hook_changed)?)?;
-    corowatch.set("lend_user_hook", lua.create_function(lend_user_hook)?)?;
+    // Plain C functions, which work at any point of `lua_close`.
+    for (name, function) in [
+        ("gettime", lua_gettime as ffi::lua_CFunction),
+        ("running_thread", lua_running_thread),
+    ] {
+        // SAFETY: pushes one C function for mlua to take.
+        let function = unsafe {
+            lua.exec_raw::<Function>((), |state| ffi::lua_pushcfunction(state, function))?
+        };
+        corowatch.set(name, function)?;
+    }
     Ok(corowatch)
 }
 
@@ -116,6 +154,21 @@ fn watch_running(
 fn reset(lua: &Lua, depth: usize) -> mlua::Result<()> {
     state::vm(lua)?.reset(depth);
     Ok(())
+}
+
+/// `running_thread()`: the running thread, main thread included (Lua 5.1's
+/// `coroutine.running()` gives nil there).
+unsafe extern "C-unwind" fn lua_running_thread(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    // SAFETY: Lua guarantees a C function room for one result.
+    ffi::lua_pushthread(state);
+    1
+}
+
+/// `gettime()`: seconds on a monotonic clock.
+unsafe extern "C-unwind" fn lua_gettime(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    // SAFETY: Lua guarantees a C function room for one result.
+    ffi::lua_pushnumber(state, gettime());
+    1
 }
 
 /// Seconds on a monotonic clock, from an arbitrary origin.

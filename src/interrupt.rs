@@ -11,6 +11,7 @@ use mlua::{Function, Lua, MultiValue, Table, Thread, UserData, UserDataRef, Valu
 
 use crate::arming::Side;
 use crate::errors;
+use crate::gate::{self, WhenClosed};
 use crate::registry::{self, Id, Target};
 use crate::state;
 use crate::vm::Request;
@@ -34,13 +35,29 @@ impl Drop for Handle {
 
 impl UserData for Handle {}
 
+/// The VM is closing: mtint's functions raise this.
+const CLOSING: &str = "mtint.error.not_supported: the Lua state is closing";
+
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let mtint = lua.create_table()?;
-    mtint.set("id", lua.create_function(id)?)?;
-    mtint.set("sethook", lua.create_function(sethook)?)?;
-    mtint.set("interrupt", lua.create_function(interrupt_id)?)?;
-    mtint.set("handle", lua.create_function(handle)?)?;
-    mtint.set("interrupt_handle", lua.create_function(interrupt_handle)?)?;
+    let vm = state::vm(lua)?;
+    let raise = WhenClosed::Raise(CLOSING);
+    gate::set_all(
+        lua,
+        &mtint,
+        &vm,
+        vec![
+            ("id", lua.create_function(id)?, raise),
+            ("sethook", lua.create_function(sethook)?, raise),
+            ("interrupt", lua.create_function(interrupt_id)?, raise),
+            ("handle", lua.create_function(handle)?, raise),
+            (
+                "interrupt_handle",
+                lua.create_function(interrupt_handle)?,
+                raise,
+            ),
+        ],
+    )?;
     Ok(mtint)
 }
 

@@ -6,6 +6,7 @@
 mod arming;
 mod corowatch;
 mod errors;
+mod gate;
 mod hook;
 mod image;
 mod interrupt;

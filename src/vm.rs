@@ -123,6 +123,9 @@ pub struct Vm {
     /// Whether the chain is active: read without the lock by the patched
     /// resume on the VM's own thread, which is also the only writer.
     active: AtomicBool,
+    /// Set once `lua_close` finalized the VM's guard: read without the lock
+    /// by the gates (see [`crate::gate`]).
+    closed: AtomicBool,
     inner: Mutex<VmInner>,
 }
 
@@ -185,6 +188,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
         key,
         me: me.clone(),
         active: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
         inner: Mutex::new(VmInner {
             closed: false,
             anchor: StatePtr(anchor),
@@ -210,6 +214,11 @@ impl Vm {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether `lua_close` has begun finalizing this VM.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// The anchor thread, or `None` once the VM is closed.
@@ -282,6 +291,7 @@ impl Vm {
     pub fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
+        self.closed.store(true, Ordering::Release);
         inner.anchor = StatePtr::DEAD;
         inner.pending = 0;
         inner.chain.clear();
