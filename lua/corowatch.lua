@@ -35,12 +35,16 @@ local function running_key()
 end
 
 local weak_keys = { __mode = "k" }
+-- One set of these per Lua state, however often this module is loaded: a
+-- host that reloads it keeps its watches.
+local shared = core.shared("corowatch")
 -- co -> its watch settings { kill, warn, cb, message, explicit, inherited }:
 -- its own (from watch: explicit is true), or the `inherited` twin of those
 -- of the watched coroutine that created it (explicit false), shared by all
 -- it created. The native resume reads the first two.
-local watched = setmetatable({}, weak_keys)
-local killed = setmetatable({}, weak_keys) -- co -> its kill message
+local watched = shared.watched or setmetatable({}, weak_keys)
+local killed = shared.killed or setmetatable({}, weak_keys) -- co -> its kill message
+shared.watched, shared.killed = watched, killed
 
 -- Fields of a settings record.
 local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
@@ -75,6 +79,18 @@ native.set_dispatcher(dispatch)
 -- `coroutine.yield`; a killed coroutine cannot yield (native).
 M.resume, M.yield = native.make_functions(raw_resume, watched, killed)
 local resume = M.resume
+
+if jit then
+  -- LuaJIT treats a C function that yields while any hook runs (the hook
+  -- is global to the VM) as a yield of the hook itself: wrong values, then
+  -- a crash. Its own yield knows better; this is the same check in Lua.
+  local raw_yield = coroutine.yield
+  function M.yield(...)
+    local message = killed[raw_running()]
+    if message then error(message, 0) end
+    return raw_yield(...)
+  end
+end
 
 --- `coroutine.status`; a killed coroutine is "dead".
 function M.status(co)
@@ -179,9 +195,10 @@ end
 --- Seconds on a monotonic clock (native; sub-microsecond resolution).
 M.gettime = native.gettime
 
--- Is `co` (the first argument of a debug function) the running thread?
-local function about_running(argc, co)
-  return argc == 0 or type(co) ~= "thread" or co == raw_running()
+-- The thread a call of a debug function is about: its first argument if
+-- that is a thread, else nil (the running thread).
+local function hook_target(argc, co)
+  if argc > 0 and type(co) == "thread" then return co end
 end
 
 --- `debug.sethook`: the user's hook runs beside a watch, and nothing done
@@ -189,7 +206,7 @@ end
 function M.sethook(...)
   begin_user_hook_change()
   local ok, err = pcall(raw_sethook, ...)
-  user_hook_changed(about_running(select("#", ...), ...))
+  user_hook_changed(hook_target(select("#", ...), ...))
   if not ok then
     -- An argument error gets the caller's position; anything else (a kill
     -- that landed meanwhile) goes on unchanged.
@@ -198,17 +215,18 @@ function M.sethook(...)
   end
 end
 
--- Puts the watch's hook back after `gethook` read the user's.
-local function relend(ok, ...)
-  user_hook_changed(true)
+-- Puts the watch's hook back on `target` after `gethook` read the user's.
+local function relend(target, ok, ...)
+  user_hook_changed(target)
   if not ok then error((...), 0) end
   return ...
 end
 
 --- `debug.gethook`: shows the user's hook, not the watch's.
 function M.gethook(...)
-  if lend_user_hook(about_running(select("#", ...), ...)) then
-    return relend(pcall(raw_gethook, ...))
+  local target = hook_target(select("#", ...), ...)
+  if lend_user_hook(target) then
+    return relend(target, pcall(raw_gethook, ...))
   end
   return raw_gethook(...)
 end

@@ -85,7 +85,11 @@ function M.sethook(...)
   native.sethook(co, func)
 end
 
-local handles = setmetatable({}, { __mode = "k" })
+-- interruptible object -> native handle: one table per Lua state, however
+-- often this module is loaded.
+local shared = core.shared("mtint")
+local handles = shared.handles or setmetatable({}, { __mode = "k" })
+shared.handles = handles
 local Interruptible = {}
 Interruptible.__index = Interruptible
 

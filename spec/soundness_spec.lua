@@ -106,3 +106,204 @@ print("survived", boom > 0)
     assert.are.equal(expected, output)
   end)
 end)
+
+-- In-process specs: the module's own functions, no global patched.
+local corowatch = require("corowatch")
+local mtint = require("mtint")
+local cw = corowatch.export()
+local KILL = "^Coroutine exceeded its allowed running time of "
+
+local function spin()
+  local x = 0
+  while true do x = x + 1 end
+end
+
+describe("a watch set by a coroutine resumed with the original resume", function()
+  it("never lands its kill in unrelated coroutines", function()
+    local co = coroutine.create(function()
+      corowatch.watch(nil, 0.05)
+      coroutine.yield() -- the original yield: the chain does not see it
+    end)
+    assert.is_true(coroutine.resume(co))
+    local started, failures, rounds = corowatch.gettime(), 0, 0
+    while corowatch.gettime() - started < 0.25 do
+      local other = cw.create(function()
+        local x = 0
+        for i = 1, 1000 do x = x + i end
+        return x
+      end)
+      local ok = cw.resume(other)
+      rounds = rounds + 1
+      if not ok then failures = failures + 1 end
+    end
+    assert.is_true(rounds > 0)
+    assert.are.equal(0, failures)
+  end)
+end)
+
+describe("watching a thread that runs but is not on top", function()
+  it("starts its clock: the kill lands in the coroutine it resumed, then in it", function()
+    -- `inner` dies of the kill, and `outer` at its next instruction: it
+    -- never gets to keep what `inner`'s resume returned.
+    local outer, inner_result
+    outer = cw.create(function()
+      local inner = cw.create(function()
+        corowatch.watch(outer, 0.05)
+        spin()
+      end)
+      inner_result = { cw.resume(inner) }
+      return "survived"
+    end)
+    local ok, err = cw.resume(outer)
+    assert.is_false(ok)
+    assert.matches(KILL .. "0.05 seconds", err)
+    assert.is_nil(inner_result)
+  end)
+
+  -- Lua 5.1 and LuaJIT cannot name the main thread from Lua; the spec
+  -- above covers a thread that is not on top there.
+  local nameable_main = coroutine.running() ~= nil or _VERSION ~= "Lua 5.1"
+  local main_spec = nameable_main and it or pending
+  main_spec("starts the clock of the main thread watched from a coroutine", function()
+    local output, ok = child.run([[
+if jit then jit.off() end
+local corowatch = require("corowatch")
+local cw = corowatch.export()
+local main = coroutine.running()
+local co = cw.create(function()
+  corowatch.watch(main, 0.05)
+  local x = 0
+  while true do x = x + 1 end
+end)
+cw.resume(co)
+print("main survived")
+]], "timeout 20 ")
+    -- The kill lands in `co`, then in the main thread, which dies of it.
+    assert.is_false(ok)
+    assert.matches("Coroutine exceeded its allowed running time of 0.05 seconds", output)
+    assert.is_nil(output:find("main survived", 1, true), output)
+  end)
+end)
+
+describe("a sticky interrupt whose handler returns", function()
+  it("does not keep a watch's kill from landing", function()
+    local output = child.run([[
+if jit then jit.off() end
+local corowatch, mtint = require("corowatch"), require("mtint")
+local cw = corowatch.export()
+local calls = 0
+local co = corowatch.watch(cw.create(function()
+  mtint.sethook(function() calls = calls + 1 end)
+  mtint.interrupt(mtint.id(), true)
+  local x = 0
+  while true do x = x + 1 end
+end), 0.05)
+local ok, err = cw.resume(co)
+print(ok, (err:gsub("\n.*", "")), calls > 0)
+]], "timeout 20 ")
+    local killed = "Coroutine exceeded its allowed running time of 0.05 seconds, without yielding"
+    assert.are.equal("false\t" .. killed .. "\ttrue\n", output)
+  end)
+end)
+
+describe("reloading corowatch", function()
+  it("keeps killing what the first instance watched", function()
+    local output = child.run([[
+if jit then jit.off() end
+local first = require("corowatch")
+local co = first.watch(first.create(function() local x = 0 while true do x = x + 1 end end), 0.05)
+package.loaded.corowatch = nil
+local second = require("corowatch")
+assert(second ~= first)
+local ok, err = first.resume(co)
+print(ok, (tostring(err):gsub("\n.*", "")))
+local co2 = second.watch(second.create(function() local x = 0 while true do x = x + 1 end end), 0.05)
+ok, err = first.resume(co2)
+print(ok, (tostring(err):gsub("\n.*", "")))
+]], "timeout 20 ")
+    local line = "false\tCoroutine exceeded its allowed running time of 0.05 seconds, without yielding\n"
+    assert.are.equal(line .. line, output)
+  end)
+
+  it("keeps mtint's interruptible objects", function()
+    local output = child.run([[
+local first = require("mtint")
+local object = first.interruptible(first.id())
+package.loaded.mtint = nil
+local second = require("mtint")
+print(pcall(second.interrupt, object, false))
+]])
+    assert.are.equal("true\ttrue\n", output)
+  end)
+end)
+
+describe("debug.sethook while an interrupt is pending", function()
+  local exported
+
+  before_each(function()
+    exported = { coroutine = {}, debug = { sethook = debug.sethook, gethook = debug.gethook } }
+    corowatch.export(exported)
+  end)
+
+  it("delivers the interrupt at the coroutine's next resume", function()
+    local co = cw.create(function()
+      cw.yield()
+      local x = 0
+      for i = 1, 1e6 do x = x + i end
+      return "not interrupted"
+    end)
+    cw.resume(co)
+    mtint.interrupt(mtint.id(co))
+    local calls = 0
+    exported.debug.sethook(co, function() calls = calls + 1 end, "", 1e6)
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.matches("^mtint.error.interrupted", err)
+  end)
+
+  it("keeps the user's new hook when a sticky interrupt is cleared", function()
+    local co = cw.create(function() cw.yield() end)
+    cw.resume(co)
+    mtint.interrupt(mtint.id(co), true)
+    local function user_hook() end
+    exported.debug.sethook(co, user_hook, "l")
+    mtint.interrupt(mtint.id(co), false)
+    assert.are.equal(user_hook, (exported.debug.gethook(co)))
+    debug.sethook(co)
+  end)
+end)
+
+describe("an interrupt sent to a suspended coroutine", function()
+  it("lands at its next resume, even if it runs a few instructions each time", function()
+    local co = cw.create(function()
+      while true do cw.yield(1) end
+    end)
+    cw.resume(co)
+    assert.is_true(mtint.interrupt(mtint.id(co)))
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.matches("^mtint.error.interrupted", err)
+  end)
+end)
+
+describe("a hook that resumes a coroutine which yields", function()
+  it("gets the yielded values (LuaJIT's hook bit is global)", function()
+    local output, ok = child.run([[
+if jit then jit.off() end
+require("corowatch").export(_G)
+local co = coroutine.create(function() coroutine.yield(1) coroutine.yield(2) end)
+local results = {}
+debug.sethook(function()
+  debug.sethook()
+  local a, b = coroutine.resume(co)
+  local c, d = coroutine.resume(co)
+  results = { a, b, c, d }
+end, "", 1)
+local x = 0
+for i = 1, 10 do x = x + i end
+print(results[1], results[2], results[3], results[4])
+]], "timeout 20 ")
+    assert.is_true(ok, output)
+    assert.are.equal("true\t1\ttrue\t2\n", output)
+  end)
+end)

@@ -210,25 +210,27 @@ mod puc {
         /// The user is about to change the hook of the running thread.
         pub fn begin_user_change(&mut self) {}
 
-        /// The running thread `state` called `debug.sethook`: if our hook
-        /// was on it, the user's new hook is what to put back later.
+        /// The running thread called `debug.sethook` about `state` (itself
+        /// or a coroutine): if our hook was on it, the user's new hook is
+        /// what to put back later, and ours goes back on at once.
         ///
         /// # Safety
-        /// `state` is the running thread; the caller holds the VM lock.
-        pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State, about_running: bool) {
-            if about_running && self.is_armed(state) {
+        /// `state` is alive and of the VM the calling OS thread runs; the
+        /// caller holds the VM lock.
+        pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State) {
+            if self.is_armed(state) {
                 self.arm(state, Side::Owner);
             }
         }
 
-        /// Puts the user's hook back on the running thread for a moment (to
-        /// read it); returns whether it did, and then `user_hook_changed`
+        /// Puts the user's hook back on `state` for a moment (to read it);
+        /// returns whether it did, and then `user_hook_changed`
         /// must follow.
         ///
         /// # Safety
         /// As for [`Arming::user_hook_changed`].
-        pub unsafe fn lend(&mut self, state: *mut lua_State, about_running: bool) -> bool {
-            if !about_running || !self.is_armed(state) {
+        pub unsafe fn lend(&mut self, state: *mut lua_State) -> bool {
+            if !self.is_armed(state) {
                 return false;
             }
             self.disarm(state, Side::Owner);
@@ -405,7 +407,7 @@ mod luajit {
         ///
         /// # Safety
         /// `state` is the running thread; the caller holds the VM lock.
-        pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State, _: bool) {
+        pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State) {
             self.user_changing = false;
             self.apply(state, self.need.unwrap_or(Need::Nothing));
         }
@@ -415,7 +417,7 @@ mod luajit {
         ///
         /// # Safety
         /// As for [`Arming::user_hook_changed`].
-        pub unsafe fn lend(&mut self, state: *mut lua_State, _: bool) -> bool {
+        pub unsafe fn lend(&mut self, state: *mut lua_State) -> bool {
             if !is_ours(ffi::lua_gethook(state)) {
                 return false;
             }

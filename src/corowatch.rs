@@ -74,10 +74,6 @@ fn state_of(thread: &Thread) -> *mut ffi::lua_State {
     thread.to_pointer() as *mut ffi::lua_State
 }
 
-fn running(lua: &Lua) -> *mut ffi::lua_State {
-    state_of(&lua.current_thread())
-}
-
 fn seconds(value: f64, what: &str) -> mlua::Result<Duration> {
     Duration::try_from_secs_f64(value)
         .ok()
@@ -142,11 +138,22 @@ fn watch_running(
     let warn = warn.map(|warn| seconds(warn, "warn limit")).transpose()?;
     let watch = Watch::start(kill, warn, Instant::now());
     let co = co.unwrap_or_else(|| lua.current_thread());
-    let Some(depth) = state::vm(lua)?.watch_running(state_of(&co), running(lua), watch) else {
-        return Ok(false);
-    };
-    anchors(lua)?.raw_set(depth, co)?;
-    Ok(true)
+    let running = lua.current_thread();
+    let vm = state::vm(lua)?;
+    if !vm.is_active() {
+        // The chain will start here: `co` at depth 1, `running` above it if
+        // it is another thread. Anchored first (that may raise), then
+        // watched, so the chain names only anchored threads. Threads
+        // already on a chain are anchored there.
+        let anchors = anchors(lua)?;
+        anchors.raw_set(1, &co)?;
+        if co != running {
+            anchors.raw_set(2, &running)?;
+        }
+    }
+    // SAFETY: `co` is held by this call, so alive, and `running` is the
+    // running thread; both belong to this VM, which this OS thread runs.
+    Ok(unsafe { vm.watch_running(state_of(&co), state_of(&running), watch) })
 }
 
 /// `reset(depth)`: the warn callback of the coroutine at `depth` asked for
@@ -197,15 +204,21 @@ fn begin_user_hook_change(lua: &Lua, (): ()) -> mlua::Result<()> {
     Ok(())
 }
 
-/// `user_hook_changed(about_running)`: the running thread just called
-/// `debug.sethook`, about itself if `about_running`.
-fn user_hook_changed(lua: &Lua, about_running: bool) -> mlua::Result<()> {
-    state::vm(lua)?.user_hook_changed(running(lua), about_running);
+/// `user_hook_changed([co])`: the running thread just called
+/// `debug.sethook` about `co` (default: itself).
+fn user_hook_changed(lua: &Lua, co: Option<Thread>) -> mlua::Result<()> {
+    let co = co.unwrap_or_else(|| lua.current_thread());
+    // SAFETY: `co` is held by this call and belongs to this VM, which this
+    // OS thread runs.
+    unsafe { state::vm(lua)?.user_hook_changed(state_of(&co)) };
     Ok(())
 }
 
-/// `lend_user_hook(about_running)` -> whether the user's hook was put back
-/// for a moment (then `user_hook_changed` must follow).
-fn lend_user_hook(lua: &Lua, about_running: bool) -> mlua::Result<bool> {
-    Ok(state::vm(lua)?.lend_user_hook(running(lua), about_running))
+/// `lend_user_hook([co])` -> whether the user's hook was put back on `co`
+/// (default: the running thread) for a moment (then `user_hook_changed`
+/// must follow).
+fn lend_user_hook(lua: &Lua, co: Option<Thread>) -> mlua::Result<bool> {
+    let co = co.unwrap_or_else(|| lua.current_thread());
+    // SAFETY: as in `user_hook_changed`.
+    Ok(unsafe { state::vm(lua)?.lend_user_hook(state_of(&co)) })
 }

@@ -33,6 +33,10 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     names.set("not_supported", errors::NOT_SUPPORTED)?;
     names.set("unknown_object", errors::UNKNOWN_OBJECT)?;
     core.set("errors", names)?;
+    let vm = state::vm(lua)?;
+    let shared = lua.create_function(state::shared_table)?;
+    let closing = gate::WhenClosed::Raise("corowatch: the Lua state is closing");
+    core.set("shared", gate::gate(lua, &vm, shared, closing)?)?;
     core.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     Ok(core)
 }

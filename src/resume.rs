@@ -23,8 +23,12 @@ use std::time::{Duration, Instant};
 
 use mlua::ffi::{self, lua_State};
 
+#[cfg(feature = "luajit")]
+use crate::hook::{self, IDS_KEY};
+#[cfg(feature = "luajit")]
+use crate::registry::Id;
 use crate::vm::Vm;
-use crate::watch::{Left, Watch};
+use crate::watch::{Left, Plan, Watch};
 
 // Upvalues of `resume`.
 const ORIGINAL_RESUME: c_int = ffi::lua_upvalueindex(1);
@@ -105,6 +109,8 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         // Let the original resume say what is wrong.
         return resume_through_original(state, co, None);
     }
+    #[cfg(feature = "luajit")]
+    arm_pending_interrupt(state);
     let limits = watch_limits(state);
     let narg = ffi::lua_gettop(state) - 1;
     if !is_suspended(state, co) || ffi::lua_checkstack(co, narg) == 0 {
@@ -133,16 +139,47 @@ unsafe fn tracked<R>(
         if !vm.is_active() {
             return (outcome, false);
         }
-        let left = leave_root(vm, co);
-        unanchor(state, left.depth);
+        let left = leave_root(vm, state, co);
+        unanchor(state, left);
         return (outcome, left.killed);
     }
+    // Every step that may raise (anchoring can run out of memory) comes
+    // before the chain names the coroutine, and none after it does until
+    // the chain has let it go: no error leaves the chain half told.
+    let plan = plan_enter(vm, state);
+    anchor(state, plan);
     let depth = enter(vm, state, co, limits);
-    anchor(state, depth);
     let outcome = resume_co();
-    let left = leave(vm, state);
-    unanchor(state, left.depth);
+    let left = leave(vm, state, depth);
+    unanchor(state, left);
     (outcome, left.killed)
+}
+
+/// LuaJIT: if an interrupt waits for the coroutine at index 1, arms the
+/// hook so that it lands at the coroutine's first instruction, as it does on
+/// PUC Lua, where the hook waits on the coroutine itself.
+///
+/// SAFETY (caller): `state` is running `resume`, with two free stack slots.
+#[cfg(feature = "luajit")]
+unsafe fn arm_pending_interrupt(state: *mut lua_State) {
+    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
+    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
+    if !vm.has_pending_interrupts() {
+        return;
+    }
+    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&IDS_KEY));
+    if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
+        ffi::lua_pop(state, 1);
+        return;
+    }
+    ffi::lua_pushvalue(state, 1);
+    ffi::lua_rawget(state, -2);
+    let id = ffi::lua_tonumber(state, -1);
+    ffi::lua_pop(state, 2);
+    if id > 0.0 {
+        // Ids are integers below 2^53, exact as a double.
+        let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(id as Id)));
+    }
 }
 
 /// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:
@@ -281,18 +318,26 @@ unsafe fn answer(state: *mut lua_State, killed: bool) -> c_int {
     ffi::lua_gettop(state)
 }
 
-/// Anchors the coroutine at index 1 at `depth`, where the hook finds it.
-unsafe fn anchor(state: *mut lua_State, depth: usize) {
-    if depth > 0 {
-        ffi::lua_pushvalue(state, 1);
+/// Anchors, as `plan` says, the coroutine at index 1 at its depth and the
+/// running thread at its own, where the hook (the coroutine) and the chain's
+/// repairs (both) find them alive. May raise (out of memory): call it before
+/// the chain changes.
+unsafe fn anchor(state: *mut lua_State, plan: Plan) {
+    if let Some(depth) = plan.resumer_depth {
+        ffi::lua_pushthread(state);
         ffi::lua_rawseti(state, ANCHORS, depth as _);
+    }
+    if plan.depth > 0 {
+        ffi::lua_pushvalue(state, 1);
+        ffi::lua_rawseti(state, ANCHORS, plan.depth as _);
     }
 }
 
-/// Clears the anchor at `depth` (false, not nil: a slot set to nil and back
-/// costs Lua a rehash).
-unsafe fn unanchor(state: *mut lua_State, depth: usize) {
-    if depth > 0 {
+/// Clears the anchors the chain no longer needs (false, not nil: a slot set
+/// to nil and back costs Lua a rehash). The slots exist, so this allocates
+/// nothing and cannot raise.
+unsafe fn unanchor(state: *mut lua_State, left: Left) {
+    for depth in left.unanchor_from.max(1)..=left.unanchor_to {
         ffi::lua_pushboolean(state, 0);
         ffi::lua_rawseti(state, ANCHORS, depth as _);
     }
@@ -320,6 +365,12 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 // The calls into the VM, in frames of their own (they lock), with panics
 // kept out of C.
 
+fn plan_enter(vm: &Vm, resumer: *mut lua_State) -> Plan {
+    // SAFETY: `resumer` is the running thread (this is its resume), and
+    // every thread on the chain is anchored.
+    catch_unwind(AssertUnwindSafe(|| unsafe { vm.plan_enter(resumer) })).unwrap_or_default()
+}
+
 fn enter(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State, limits: Option<Limits>) -> usize {
     catch_unwind(AssertUnwindSafe(|| {
         let now = Instant::now();
@@ -329,10 +380,10 @@ fn enter(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State, limits: Option<Li
     .unwrap_or(0)
 }
 
-fn leave(vm: &Vm, resumer: *mut lua_State) -> Left {
-    catch_unwind(AssertUnwindSafe(|| vm.leave(resumer))).unwrap_or_default()
+fn leave(vm: &Vm, resumer: *mut lua_State, depth: usize) -> Left {
+    catch_unwind(AssertUnwindSafe(|| vm.leave(resumer, depth))).unwrap_or_default()
 }
 
-fn leave_root(vm: &Vm, co: *mut lua_State) -> Left {
-    catch_unwind(AssertUnwindSafe(|| vm.leave_root(co))).unwrap_or_default()
+fn leave_root(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State) -> Left {
+    catch_unwind(AssertUnwindSafe(|| vm.leave_root(resumer, co))).unwrap_or_default()
 }

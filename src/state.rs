@@ -144,3 +144,16 @@ pub fn set_handler(
     let handlers: Table = lua.named_registry_value(HANDLERS)?;
     handlers.raw_set(thread, handler)
 }
+
+/// `shared(name)`: a table of this VM's, the same one for every load of
+/// the Lua modules (a host that reloads a module keeps its watches and
+/// interruptible objects).
+pub fn shared_table(lua: &Lua, name: String) -> mlua::Result<Table> {
+    let key = format!("corowatch.shared.{name}");
+    if let Some(table) = lua.named_registry_value::<Option<Table>>(&key)? {
+        return Ok(table);
+    }
+    let table = lua.create_table()?;
+    lua.set_named_registry_value(&key, &table)?;
+    Ok(table)
+}

@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::ffi::c_int;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ use mlua::ffi::{self, lua_Hook, lua_State};
 use crate::arming::{Arming, Need, Side};
 use crate::hook::Verdict;
 use crate::registry::Id;
-use crate::watch::{Chain, Left, Watch};
+use crate::watch::{Chain, Left, Plan, Watch};
 use crate::watchdog;
 
 /// A raw `lua_State` pointer that may cross OS threads.
@@ -92,8 +92,9 @@ struct VmInner {
     /// allocator).
     anchor: StatePtr,
     slots: HashMap<Id, Slot>,
-    /// How many live slots have an interrupt pending.
-    pending: usize,
+    /// How many live slots have an interrupt pending (shared with
+    /// [`Vm::has_pending_interrupts`], which reads it without the lock).
+    pending: Arc<AtomicUsize>,
     arming: Arming,
     /// corowatch: the running coroutines and their deadlines.
     chain: Chain,
@@ -123,6 +124,10 @@ pub struct Vm {
     /// Whether the chain is active: read without the lock by the patched
     /// resume on the VM's own thread, which is also the only writer.
     active: AtomicBool,
+    /// How many of its targets have an interrupt pending (written under the
+    /// lock, read without it by LuaJIT's patched resume).
+    #[cfg(feature = "luajit")]
+    pending: Arc<AtomicUsize>,
     /// Set once `lua_close` finalized the VM's guard: read without the lock
     /// by the gates (see [`crate::gate`]).
     closed: AtomicBool,
@@ -182,9 +187,26 @@ pub fn of_key(key: usize) -> Option<Arc<Vm>> {
     vm
 }
 
+/// Whether `state`, which is not the running thread, no longer runs: it
+/// yielded, returned or died (through the original resume, unseen by the
+/// chain). A thread that resumed the running one is "normal": it has a frame.
+///
+/// # Safety
+/// `state` is alive and belongs to the VM the calling OS thread runs.
+unsafe fn has_stopped(state: StatePtr) -> bool {
+    if ffi::lua_status(state.0) != ffi::LUA_OK {
+        return true; // suspended, or dead by an error
+    }
+    let mut ar = std::mem::MaybeUninit::<ffi::lua_Debug>::zeroed();
+    ffi::lua_getstack(state.0, 0, ar.as_mut_ptr()) == 0
+}
+
 /// Registers a new VM. `anchor` must stay alive until [`Vm::close`].
 pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
+    let pending = Arc::new(AtomicUsize::new(0));
     let vm = Arc::new_cyclic(|me| Vm {
+        #[cfg(feature = "luajit")]
+        pending: pending.clone(),
         key,
         me: me.clone(),
         active: AtomicBool::new(false),
@@ -193,7 +215,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             closed: false,
             anchor: StatePtr(anchor),
             slots: HashMap::new(),
-            pending: 0,
+            pending: pending.clone(),
             arming: Arming::default(),
             chain: Chain::default(),
             alarm: None,
@@ -214,6 +236,27 @@ impl Vm {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether any target of this VM has an interrupt pending.
+    #[cfg(feature = "luajit")]
+    pub fn has_pending_interrupts(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) > 0
+    }
+
+    /// LuaJIT: the running thread is about to resume the coroutine with
+    /// this id; if an interrupt is pending for it, arm the (VM-global) hook
+    /// so that it fires at the coroutine's first instruction. Polling alone
+    /// can miss a coroutine that runs few instructions per resume.
+    #[cfg(feature = "luajit")]
+    pub fn arm_for_resume(&self, id: Id) {
+        let mut inner = self.lock();
+        if inner
+            .live_slot(id)
+            .is_some_and(|slot| slot.pending != Pending::None)
+        {
+            inner.arm(id, Side::Owner);
+        }
     }
 
     /// Whether `lua_close` has begun finalizing this VM.
@@ -293,7 +336,7 @@ impl Vm {
         inner.closed = true;
         self.closed.store(true, Ordering::Release);
         inner.anchor = StatePtr::DEAD;
-        inner.pending = 0;
+        inner.pending.store(0, Ordering::Relaxed);
         inner.chain.clear();
         self.active.store(false, Ordering::Relaxed);
         for slot in inner.slots.values_mut() {
@@ -375,15 +418,16 @@ impl Vm {
             // Inside the patched resume: deliver once it has returned.
             return (Verdict::Continue, forward);
         }
-        let (mut verdict, sticky) = inner.take_interrupt(state, id);
-        if verdict == Verdict::Continue {
-            if let Some((event, depth)) = inner.chain.event(state, now) {
-                verdict = Verdict::Watch(event, depth);
-            }
-        }
+        // A watch's event first: an interrupt handler that returns (a
+        // sticky one runs at every instruction) must not starve a kill. An
+        // interrupt left pending keeps the hook armed, for the next event.
+        let (verdict, interrupt_stays) = match inner.chain.event(state, now) {
+            Some((event, depth)) => (Verdict::Watch(event, depth), inner.has_interrupt(state, id)),
+            None => inner.take_interrupt(state, id),
+        };
         let watch_needs_hook =
             inner.chain.top().is_some_and(|top| top.0 == state) && inner.chain.needs_hook(now);
-        inner.settle_hook(state, sticky || watch_needs_hook, now);
+        inner.settle_hook(state, interrupt_stays || watch_needs_hook, now);
         self.set_alarm(&mut inner);
         (verdict, forward)
     }
@@ -395,9 +439,29 @@ impl Vm {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// The running thread `resumer` is about to resume a coroutine (with
+    /// something watched involved): repairs the chain and says where the
+    /// coroutine will go, for the caller to anchor it before `enter`.
+    ///
+    /// # Safety
+    /// `resumer` is the running thread, run by the calling OS thread; every
+    /// thread on the chain is anchored (so alive).
+    pub unsafe fn plan_enter(&self, resumer: *mut lua_State) -> Plan {
+        let mut inner = self.lock();
+        // SAFETY: the chain's threads are alive and belong to this VM, which
+        // the calling OS thread runs (caller's contract).
+        let plan = inner
+            .chain
+            .plan(StatePtr(resumer), |state| unsafe { has_stopped(state) });
+        self.active
+            .store(inner.chain.is_active(), Ordering::Relaxed);
+        plan
+    }
+
     /// The running thread `resumer` is about to resume `resumed`, watched
-    /// if `watch` is given. Returns the depth of `resumed` in the chain.
-    /// `now` is when the watch started (the caller read the clock once).
+    /// if `watch` is given, as `plan_enter` said just before. Returns the
+    /// depth of `resumed` in the chain. `now` is when the watch started
+    /// (the caller read the clock once).
     pub fn enter(
         &self,
         resumer: *mut lua_State,
@@ -414,11 +478,11 @@ impl Vm {
         depth
     }
 
-    /// The resume that `enter` announced returned, on `resumer` (now
-    /// running again).
-    pub fn leave(&self, resumer: *mut lua_State) -> Left {
+    /// The resume that `enter` announced at `depth` returned, on `resumer`
+    /// (now running again).
+    pub fn leave(&self, resumer: *mut lua_State, depth: usize) -> Left {
         let mut inner = self.lock();
-        let left = inner.chain.leave();
+        let left = inner.chain.leave(depth);
         // With nothing watched left the chain is empty; otherwise the
         // resumer's own deadlines may have passed meanwhile.
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
@@ -429,31 +493,47 @@ impl Vm {
         left
     }
 
-    /// A coroutine that watched itself returned to an unwatched resumer.
-    pub fn leave_root(&self, co: *mut lua_State) -> Left {
+    /// A coroutine that watched itself (or a thread that resumed it)
+    /// returned to `resumer`, which resumed it unwatched.
+    pub fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> Left {
         let mut inner = self.lock();
         let left = inner.chain.leave_root(StatePtr(co));
+        // The resumer may be watched itself, and killed meanwhile.
+        if inner.chain.top().is_some_and(|top| top.0 == resumer) {
+            self.after_chain_change(&mut inner, Instant::now());
+        }
         self.active
             .store(inner.chain.is_active(), Ordering::Relaxed);
         left
     }
 
-    /// Watches the running thread (or a coroutine that is running under
-    /// it) from now on. Returns its depth in the chain, or `None` if it is
-    /// not running (its watch starts when it is next resumed).
-    pub fn watch_running(
+    /// Watches `state` from now on if it runs: it is the running thread
+    /// `running`, or on the chain, or (with nothing watched yet) a thread
+    /// that resumed `running`. Returns false if it does not run (its watch
+    /// starts when it is next resumed).
+    ///
+    /// # Safety
+    /// `state` is alive and `running` is the running thread, both of the
+    /// VM the calling OS thread runs.
+    pub unsafe fn watch_running(
         &self,
         state: *mut lua_State,
         running: *mut lua_State,
         watch: Watch,
-    ) -> Option<usize> {
+    ) -> bool {
         let mut inner = self.lock();
-        let depth = inner
-            .chain
-            .watch_running(StatePtr(state), StatePtr(running), watch)?;
-        self.active.store(true, Ordering::Relaxed);
-        self.set_alarm(&mut inner);
-        Some(depth)
+        // SAFETY: `state` is alive, of the VM this OS thread runs (caller).
+        let watched = inner.chain.watch_running(
+            StatePtr(state),
+            StatePtr(running),
+            |state| unsafe { !has_stopped(state) },
+            watch,
+        );
+        if watched {
+            self.active.store(true, Ordering::Relaxed);
+            self.set_alarm(&mut inner);
+        }
+        watched
     }
 
     /// A warn callback at `depth` asked for more time.
@@ -495,23 +575,28 @@ impl Vm {
         self.lock().arming.begin_user_change();
     }
 
-    /// The running thread `state` called `debug.sethook`, about itself if
-    /// `about_running`: the user's new hook is what to put back later
-    /// (PUC Lua) or what to chain (LuaJIT).
-    pub fn user_hook_changed(&self, state: *mut lua_State, about_running: bool) {
+    /// The running thread called `debug.sethook` about `state` (itself or
+    /// a coroutine): the user's new hook is what to put back later (PUC
+    /// Lua) or what to chain (LuaJIT).
+    ///
+    /// # Safety
+    /// `state` is alive and of the VM the calling OS thread runs.
+    pub unsafe fn user_hook_changed(&self, state: *mut lua_State) {
         let mut inner = self.lock();
-        // SAFETY: `state` is the running thread, on our OS thread.
-        unsafe { inner.arming.user_hook_changed(state, about_running) };
+        // SAFETY: as the caller promised; we hold the lock.
+        unsafe { inner.arming.user_hook_changed(state) };
     }
 
-    /// While our hook is in place of the user's on the running thread
-    /// `state`, puts the user's back for a moment (to read it with
-    /// `debug.gethook`); returns whether it did, and then
-    /// `user_hook_changed` must follow.
-    pub fn lend_user_hook(&self, state: *mut lua_State, about_running: bool) -> bool {
+    /// While our hook is in place of the user's on `state`, puts the
+    /// user's back for a moment (to read it with `debug.gethook`); returns
+    /// whether it did, and then `user_hook_changed` must follow.
+    ///
+    /// # Safety
+    /// As for [`Vm::user_hook_changed`].
+    pub unsafe fn lend_user_hook(&self, state: *mut lua_State) -> bool {
         let mut inner = self.lock();
-        // SAFETY: `state` is the running thread, on our OS thread.
-        unsafe { inner.arming.lend(state, about_running) }
+        // SAFETY: as the caller promised; we hold the lock.
+        unsafe { inner.arming.lend(state) }
     }
 
     /// After the chain changed on its (running) top: arm the top if it needs
@@ -550,8 +635,8 @@ impl VmInner {
 
     fn count_transition(&mut self, before: Pending, after: Pending) {
         match (before == Pending::None, after == Pending::None) {
-            (true, false) => self.pending += 1,
-            (false, true) => self.pending -= 1,
+            (true, false) => _ = self.pending.fetch_add(1, Ordering::Relaxed),
+            (false, true) => _ = self.pending.fetch_sub(1, Ordering::Relaxed),
             _ => {}
         }
     }
@@ -568,6 +653,12 @@ impl VmInner {
                 self.arming.forget(state.0);
             }
         }
+    }
+
+    /// Whether an interrupt is pending for the running thread `state`.
+    fn has_interrupt(&self, state: *mut lua_State, id: Option<Id>) -> bool {
+        id.and_then(|id| self.slots.get(&id))
+            .is_some_and(|slot| slot.state.0 == state && slot.pending != Pending::None)
     }
 
     /// Takes the interrupt pending for the running thread `state`, if any;
@@ -626,7 +717,7 @@ impl VmInner {
             let _ = slot;
             (
                 self.anchor.0,
-                self.pending > 0 || self.chain.needs_hook(Instant::now()),
+                self.pending.load(Ordering::Relaxed) > 0 || self.chain.needs_hook(Instant::now()),
             )
         };
         if !needed && self.arming.is_armed(state) {
@@ -640,7 +731,9 @@ impl VmInner {
     fn settle_hook(&mut self, state: *mut lua_State, needed: bool, now: Instant) {
         let need = if needed {
             Need::Armed
-        } else if cfg!(feature = "luajit") && (self.pending > 0 || self.chain.needs_hook(now)) {
+        } else if cfg!(feature = "luajit")
+            && (self.pending.load(Ordering::Relaxed) > 0 || self.chain.needs_hook(now))
+        {
             // The hook is global: someone else (a suspended target, or the
             // chain's top when it runs again) still needs it.
             Need::Poll

@@ -4,7 +4,7 @@
 //! The patched `coroutine.resume` pushes the resumed coroutine onto its VM's
 //! chain and pops it when `resume` returns, but only while something watched
 //! is involved: resuming plain coroutines with nothing watched running costs
-//! no native call at all. Entering a watched coroutine reads the clock and
+//! one atomic load on top of the resume. Entering a watched coroutine reads the clock and
 //! may move the watchdog's alarm earlier; nothing else. No hook is installed:
 //! when a deadline passes, the watchdog arms the hook on the chain's top (the
 //! running thread), and the hook turns the deadline into a warning or a kill.
@@ -68,15 +68,34 @@ struct Entry {
     watch: Option<Watch>,
 }
 
-/// What `leave` popped: its depth, and whether it was killed.
+/// What `leave` popped: whether it was killed, and the depths whose
+/// anchors are now stale (`unanchor_from..=unanchor_to`).
 #[derive(Clone, Copy, Default)]
 pub struct Left {
-    pub depth: usize,
     pub killed: bool,
+    pub unanchor_from: usize,
+    pub unanchor_to: usize,
+}
+
+/// Where `enter` will put the resumed coroutine: its depth, and the depth
+/// of an entry for the resumer, if one is pushed under it (the chain's new
+/// root, or a resumer the chain did not see being resumed). Both are to be
+/// anchored before the chain changes.
+#[derive(Clone, Copy, Default)]
+pub struct Plan {
+    pub depth: usize,
+    pub resumer_depth: Option<usize>,
 }
 
 /// The coroutines running in one VM, outermost first; empty while nothing
 /// watched runs.
+///
+/// Coroutines resumed or yielding through the original functions (the
+/// unpatched `coroutine.resume`, C's `lua_resume`) are invisible here, so
+/// the chain can go stale: its top may have yielded, or a coroutine it did
+/// not see may resume another. [`Chain::plan`] repairs it on the owner
+/// thread before every push, and [`Chain::leave`] pops by depth, so a kill
+/// only ever lands in the watched coroutine or one it resumed.
 #[derive(Default)]
 pub struct Chain {
     entries: Vec<Entry>,
@@ -102,10 +121,30 @@ impl Chain {
         self.entries.last().map(|entry| entry.state)
     }
 
-    /// `resumer` resumes `resumed` (watched if `watch` is given). Returns
-    /// the depth of `resumed` (1-based).
+    /// The running thread `resumer` is about to resume a coroutine: drops
+    /// the entries on top that no longer run (`is_stale`: they yielded or
+    /// died unseen) and says where the resumed coroutine will go.
+    pub fn plan(&mut self, resumer: StatePtr, is_stale: impl Fn(StatePtr) -> bool) -> Plan {
+        while let Some(top) = self.top() {
+            if top == resumer || !is_stale(top) {
+                break;
+            }
+            self.entries.pop();
+        }
+        if !self.entries.iter().any(|entry| entry.watch.is_some()) {
+            self.entries.clear();
+        }
+        let resumer_depth = (self.top() != Some(resumer)).then_some(self.entries.len() + 1);
+        Plan {
+            depth: self.entries.len() + 1 + usize::from(resumer_depth.is_some()),
+            resumer_depth,
+        }
+    }
+
+    /// `resumer` resumes `resumed` (watched if `watch` is given), as
+    /// `plan` said just before. Returns the depth of `resumed` (1-based).
     pub fn enter(&mut self, resumer: StatePtr, resumed: StatePtr, watch: Option<Watch>) -> usize {
-        if self.entries.is_empty() {
+        if self.top() != Some(resumer) {
             self.entries.push(Entry {
                 state: resumer,
                 watch: None,
@@ -118,54 +157,74 @@ impl Chain {
         self.entries.len()
     }
 
-    /// The top coroutine yielded, returned or died.
-    pub fn leave(&mut self) -> Left {
-        let depth = self.entries.len();
+    /// The resume that entered at `depth` returned: that entry and any
+    /// left above it go.
+    pub fn leave(&mut self, depth: usize) -> Left {
+        let before = self.entries.len();
         let killed = self
             .entries
-            .pop()
-            .and_then(|entry| entry.watch)
+            .get(depth.wrapping_sub(1))
+            .and_then(|entry| entry.watch.as_ref())
             .is_some_and(|watch| watch.killed);
+        self.entries.truncate(depth.saturating_sub(1));
         if !self.entries.iter().any(|entry| entry.watch.is_some()) {
             self.entries.clear();
         }
-        Left { depth, killed }
+        Left {
+            killed,
+            unanchor_from: self.entries.len() + 1,
+            unanchor_to: before,
+        }
     }
 
     /// Like `leave`, if `state` is the top: a coroutine that watched itself
     /// (and so became the chain's root) returned to an unwatched resumer.
     pub fn leave_root(&mut self, state: StatePtr) -> Left {
         if self.top() == Some(state) {
-            self.leave()
+            self.leave(self.entries.len())
         } else {
             Left::default()
         }
     }
 
-    /// Watches `state` from `now` on, if it is running (on the chain, or
-    /// `running` with an empty chain). Returns its depth.
+    /// Watches `state` from `now` on, if it is running: on the chain, or,
+    /// with an empty chain, `running` itself or a thread that resumed it
+    /// (`is_normal`). With an empty chain, `state` goes at depth 1 and
+    /// `running`, if another thread, at depth 2: the caller anchored them
+    /// there. Returns whether it watches `state`.
     pub fn watch_running(
         &mut self,
         state: StatePtr,
         running: StatePtr,
+        is_normal: impl Fn(StatePtr) -> bool,
         watch: Watch,
-    ) -> Option<usize> {
+    ) -> bool {
         if self.entries.is_empty() {
-            if state != running {
-                return None;
+            if state != running && !is_normal(state) {
+                return false;
             }
             self.entries.push(Entry {
                 state,
                 watch: Some(watch),
             });
-            return Some(1);
+            if state != running {
+                // It resumed `running`, maybe through coroutines unseen
+                // here: a kill lands in whichever runs, as for any
+                // coroutine it resumed.
+                self.entries.push(Entry {
+                    state: running,
+                    watch: None,
+                });
+            }
+            return true;
         }
-        let depth = self
-            .entries
-            .iter()
-            .rposition(|entry| entry.state == state)?;
-        self.entries[depth].watch = Some(watch);
-        Some(depth + 1)
+        match self.entries.iter().rposition(|entry| entry.state == state) {
+            Some(depth) => {
+                self.entries[depth].watch = Some(watch);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A warn callback asked for more time.
