@@ -2,8 +2,14 @@
 //!
 //! PUC Lua: hooks belong to each thread. Ours goes on a target's thread while
 //! something is due there and comes off again, putting back the hook it
-//! replaced (the user's). Another OS thread may install it: `lua_sethook`
-//! writes plain fields, and the delivery mask makes a lost count harmless.
+//! replaced (the user's). Another OS thread may install it, and the delivery
+//! mask makes a lost count harmless. That write is not as small as it looks:
+//! 5.1's `lua_sethook` writes plain fields of the `lua_State`, but 5.2 and
+//! 5.3 also read the running frame (`L->ci`) to set `L->oldpc`, and 5.4
+//! writes the trap flag of every frame down the `CallInfo` chain
+//! (`settraps`). The `lua_State` is alive (see [`crate::vm`]); its frames
+//! can be returned from, and freed by a GC step (`luaE_shrinkCI`), while the
+//! other thread walks them. That window is open: README, Limitations.
 //!
 //! LuaJIT: one hook serves the whole VM, and LuaJIT sets and clears a "hook
 //! running" bit in the byte that holds the hook mask, around every hook call,
@@ -453,7 +459,7 @@ mod luajit {
             Some(user.func)
         }
 
-        /// Coroutine states are never touched on LuaJIT.
+        /// Nothing is kept per coroutine on LuaJIT.
         pub fn forget(&mut self, _: *mut lua_State) {}
     }
 }

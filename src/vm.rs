@@ -20,9 +20,15 @@
 //!   whole cycle before its guard's finalizer runs. The VM's allocator is
 //!   wrapped ([`crate::thread_free`]) and nulls the slot when the thread's own
 //!   memory block is freed, before passing the free on.
-//! - Coroutine, LuaJIT: never touched from another thread. Hooks are global
-//!   to a LuaJIT VM, so interrupts arm the VM through its anchor thread,
-//!   which lives until `lua_close`.
+//! - Coroutine, LuaJIT: interrupts never touch it from another thread.
+//!   Hooks are global to a LuaJIT VM, so they arm the VM through its anchor
+//!   thread, which lives until `lua_close`.
+//! - Threads on corowatch's chain (any version): each is anchored in the
+//!   VM's anchors table before the chain names it, and until after it is
+//!   popped, so the watchdog arms the chain's top on a live state. The top
+//!   is not always the running thread: one that yielded through the
+//!   original resume stays there until the next patched resume repairs
+//!   the chain, and is armed for when it runs again.
 //!
 //! The hook compares the running state with the slot's pointer only on the
 //! running thread itself, where the state is alive by definition.
@@ -554,9 +560,9 @@ impl Vm {
         let now = Instant::now();
         if inner.chain.needs_hook(now) {
             if let Some(top) = inner.chain.top() {
-                // SAFETY: the top of the chain is the running thread: the
-                // patched resume pops it (under this lock) before it can be
-                // collected. We hold the lock.
+                // SAFETY: the chain's top is anchored, so alive (module
+                // comment); it may not be running, and is then armed for
+                // when it runs again. We hold the lock.
                 unsafe { inner.arming.arm(top.0, Side::Afar) };
             }
             // Come back in case the arming is undone before the hook fires.
@@ -604,7 +610,8 @@ impl Vm {
     fn after_chain_change(&self, inner: &mut VmInner, now: Instant) {
         if let Some(top) = inner.chain.top() {
             if inner.chain.needs_hook(now) {
-                // SAFETY: the top is the running thread, on our OS thread.
+                // SAFETY: the top is the running thread, or the coroutine it
+                // is resuming (held on its stack); this is its OS thread.
                 unsafe { inner.arming.arm(top.0, Side::Owner) };
             }
         }
