@@ -49,9 +49,32 @@ local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
 -- share one string instead of a traceback each.
 local last_message
 
-local function argerror(position, name, expected, got)
+-- Error levels: a function of this file that takes a `level` raises its
+-- errors as `error(message, level)` called in its caller would, so that
+-- they point at the code that called the public function.
+
+-- Raises Lua's usual argument error, at `level`.
+local function argerror(level, position, name, expected, got)
   error(("bad argument #%d to '%s' (%s expected, got %s)")
-    :format(position, name, expected, type(got)), 3)
+    :format(position, name, expected, type(got)), level + 1)
+end
+
+-- Raises corowatch's own error about the arguments of `name`, at `level`.
+local function refuse(level, name, message)
+  error(("corowatch.%s: %s"):format(name, message), level + 1)
+end
+
+-- Raises `err`, raised by an original coroutine function called through
+-- pcall, as the original raises it when called by the code at `level`: an
+-- argument error names `name` (called here, it would name our local) and
+-- gets that code's position; any other error goes on unchanged.
+local function reraise(level, name, err)
+  if type(err) == "string" then
+    local fixed, found = err:gsub("^bad argument (#%d+) to '[^']*'",
+      "bad argument %1 to '" .. name .. "'")
+    if found > 0 then error(fixed, level + 1) end
+  end
+  error(err, 0)
 end
 
 --- Called by the native hook, on the running coroutine, about the watched
@@ -79,16 +102,18 @@ local resume = M.resume
 --- `coroutine.status`; a killed coroutine is "dead".
 function M.status(co)
   if killed[co] then return "dead" end
+  if type(co) ~= "thread" then reraise(2, "status", select(2, pcall(raw_status, co))) end
   return raw_status(co)
 end
 
 --- `coroutine.running`, unchanged.
 M.running = raw_running
 
---- `coroutine.create`; a coroutine created while a watched one runs
--- inherits its watch settings (with its own clock).
-function M.create(f)
-  local co = raw_create(f)
+-- A coroutine created while a watched one runs inherits its watch
+-- settings (with its own clock). Errors are `name`'s, at `level`.
+local function new_coroutine(f, name, level)
+  local made, co = pcall(raw_create, f)
+  if not made then reraise(level + 1, name, co) end
   local settings = watched[running_key()]
   if settings then
     if settings[EXPLICIT] then
@@ -103,7 +128,13 @@ function M.create(f)
   end
   return co
 end
-local create = M.create
+
+--- `coroutine.create`; a coroutine created while a watched one runs
+-- inherits its watch settings (with its own clock).
+function M.create(f)
+  local co = new_coroutine(f, "create", 2)
+  return co
+end
 
 local function unwrap(ok, ...)
   if ok then return ... end
@@ -113,15 +144,50 @@ end
 --- `coroutine.wrap`: values without the status flag, errors (the kill
 -- included) raised in the caller.
 function M.wrap(f)
-  local co = create(f)
+  local co = new_coroutine(f, "wrap", 2)
   return function(...) return unwrap(resume(co, ...)) end
 end
 
-local function check_limit(position, value)
+local function check_limit(level, name, position, value)
   if value ~= nil and (type(value) ~= "number" or value ~= value -- NaN
       or value <= 0 or value == 1/0) then
-    argerror(position, "watch", "positive number of seconds or nil", value)
+    argerror(level + 1, position, name, "positive number of seconds or nil", value)
   end
+end
+
+-- `watch` for the public function `name`; errors at `level`.
+local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
+  if co ~= nil and type(co) ~= "thread" then
+    argerror(level + 1, 1, name, "coroutine or nil", co)
+  end
+  check_limit(level + 1, name, 2, killlimit)
+  check_limit(level + 1, name, 3, warnlimit)
+  if killlimit == nil and warnlimit == nil then
+    refuse(level + 1, name, "a kill limit or a warn limit is required")
+  end
+  if cb ~= nil and type(cb) ~= "function" then
+    argerror(level + 1, 4, name, "function or nil", cb)
+  end
+  if warnlimit ~= nil and cb == nil then refuse(level + 1, name, "a warn limit needs a callback") end
+  if warnlimit and killlimit and warnlimit >= killlimit then
+    refuse(level + 1, name, "the warn limit must be below the kill limit")
+  end
+  if hookcount ~= nil and (type(hookcount) ~= "number" or hookcount ~= hookcount or hookcount < 1) then
+    argerror(level + 1, 5, name, "number >= 1 or nil", hookcount)
+  end
+
+  local key, thread = co, co
+  if co == nil then key = running_key(); thread = nil end
+  local current = watched[key]
+  if current and current[EXPLICIT] then refuse(level + 1, name, "this coroutine is already watched") end
+  local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), level + 1)
+  if message == last_message then message = last_message end
+  last_message = message
+  watched[key] = { killlimit or false, warnlimit or false, cb or false, message, true }
+
+  -- Its clock starts now if it is running, else when it is next resumed.
+  watch_running(thread, killlimit, warnlimit)
+  return co or raw_running()
 end
 
 --- Watches a coroutine.
@@ -135,44 +201,15 @@ end
 -- @treturn thread co
 -- @raise on bad arguments, or when `co` is already explicitly watched
 function M.watch(co, killlimit, warnlimit, cb, hookcount)
-  if co ~= nil and type(co) ~= "thread" then argerror(1, "watch", "coroutine or nil", co) end
-  check_limit(2, killlimit)
-  check_limit(3, warnlimit)
-  if killlimit == nil and warnlimit == nil then
-    error("corowatch.watch: a kill limit or a warn limit is required", 2)
-  end
-  if cb ~= nil and type(cb) ~= "function" then argerror(4, "watch", "function or nil", cb) end
-  if warnlimit ~= nil and cb == nil then
-    error("corowatch.watch: a warn limit needs a callback", 2)
-  end
-  if warnlimit and killlimit and warnlimit >= killlimit then
-    error("corowatch.watch: the warn limit must be below the kill limit", 2)
-  end
-  if hookcount ~= nil and (type(hookcount) ~= "number" or hookcount < 1) then
-    argerror(5, "watch", "number >= 1 or nil", hookcount)
-  end
-
-  local key, thread = co, co
-  if co == nil then key = running_key(); thread = nil end
-  local current = watched[key]
-  if current and current[EXPLICIT] then
-    error("corowatch.watch: this coroutine is already watched", 2)
-  end
-  local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), 2)
-  if message == last_message then message = last_message end
-  last_message = message
-  watched[key] = { killlimit or false, warnlimit or false, cb or false, message, true }
-
-  -- Its clock starts now if it is running, else when it is next resumed.
-  watch_running(thread, killlimit, warnlimit)
-  return co or raw_running()
+  local watched_co = watch("watch", 2, co, killlimit, warnlimit, cb, hookcount)
+  return watched_co
 end
 
 --- Like `coroutine.wrap`, with the wrapped coroutine watched.
 -- @see watch
 function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
-  local co = create(f)
-  M.watch(co, killlimit, warnlimit, cb, hookcount)
+  local co = new_coroutine(f, "wrapf", 2)
+  watch("wrapf", 2, co, killlimit, warnlimit, cb, hookcount)
   return function(...) return unwrap(resume(co, ...)) end
 end
 
@@ -222,7 +259,7 @@ local exported = { "create", "resume", "yield", "status", "wrap", "running",
 -- @tparam[opt] table t the target; a new table if nil
 -- @treturn table t
 function M.export(t)
-  if t ~= nil and type(t) ~= "table" then argerror(1, "export", "table or nil", t) end
+  if t ~= nil and type(t) ~= "table" then argerror(2, 1, "export", "table or nil", t) end
   t = t or {}
   local target = t
   if type(t.coroutine) == "table" then

@@ -280,14 +280,77 @@ describe("watch arguments", function()
     fails("bad argument #4", cw.create(busy), 1, nil, "print")
   end)
 
-  it("rejects a hookcount below 1", function()
+  it("rejects a hookcount below 1, or NaN", function()
     fails("bad argument #5", cw.create(busy), 1, nil, nil, 0)
     fails("bad argument #5", cw.create(busy), 1, nil, nil, "x")
+    fails("bad argument #5", cw.create(busy), 1, nil, nil, 0/0)
+  end)
+
+  it("points its errors at the caller's line, for watch and wrapf", function()
+    local function here()
+      local info = debug.getinfo(2, "Sl")
+      return info.short_src .. ":" .. info.currentline .. ": "
+    end
+    local cases = {
+      { "bad argument #1 to 'watch'", print, 1 },
+      { "bad argument #2 to 'watch'", nil, -1 },
+      { "bad argument #3 to 'watch'", nil, 1, "x" },
+      { "bad argument #4 to 'watch'", nil, 1, nil, 1 },
+      { "bad argument #5 to 'watch'", nil, 1, nil, nil, 0 },
+      { "corowatch.watch: a kill limit or a warn limit is required" },
+      { "corowatch.watch: a warn limit needs a callback", nil, 2, 1 },
+      { "corowatch.watch: the warn limit must be below the kill limit", nil, 1, 2, print },
+    }
+    for _, case in ipairs(cases) do
+      local co = case[2] or cw.create(busy)
+      local at, _, err = here(), pcall(function() corowatch.watch(co, unpack(case, 3, 6)) end)
+      assert.are.equal(at .. case[1], err:sub(1, #at + #case[1]))
+      if case[2] == nil then
+        local expected = case[1]:gsub("'watch'", "'wrapf'"):gsub("^corowatch%.watch", "corowatch.wrapf")
+        at, _, err = here(), pcall(function() cw.wrapf(busy, unpack(case, 3, 6)) end)
+        assert.are.equal(at .. expected, err:sub(1, #at + #expected))
+      end
+    end
+    local co = corowatch.watch(cw.create(busy), 1)
+    local at, _, err = here(), pcall(function() corowatch.watch(co, 1) end)
+    assert.are.equal(at .. "corowatch.watch: this coroutine is already watched", err)
   end)
 
   it("rejects a co that is not a coroutine", function()
     fails("bad argument #1", print, 1)
     fails("bad argument #1", {}, 1)
+  end)
+end)
+
+describe("the patched create, wrap and status", function()
+  -- Each original and its patched twin called from the same line, by the
+  -- same field name: the errors must be the same, position included.
+  local function call_create(lib, x) local r = lib.create(x) return r end
+  local function call_wrap(lib, x) local r = lib.wrap(x) return r end
+  local function call_status(lib, x) local r = lib.status(x) return r end
+
+  it("raise the original's argument errors, under the original's name", function()
+    for _, call in ipairs({ call_create, call_wrap, call_status }) do
+      for _, bad in ipairs({ 42, "x", {}, print, cw.create(busy) }) do
+        local expected = { pcall(call, coroutine, bad) }
+        local got = { pcall(call, cw, bad) }
+        if expected[1] then
+          assert.is_true(got[1])
+        else
+          assert.are.same(expected, got)
+        end
+      end
+    end
+  end)
+
+  it("wrapf names itself in its argument errors", function()
+    local function here()
+      local info = debug.getinfo(2, "Sl")
+      return info.short_src .. ":" .. info.currentline .. ": "
+    end
+    local at, _, err = here(), pcall(function() cw.wrapf(42, 1) end)
+    local prefix = at .. "bad argument #1 to 'wrapf' ("
+    assert.are.equal(prefix, err:sub(1, #prefix))
   end)
 end)
 
