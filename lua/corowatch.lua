@@ -15,9 +15,21 @@ local begin_user_hook_change = native.begin_user_hook_change
 local raw_create, raw_resume = coroutine.create, coroutine.resume
 local raw_status, raw_running = coroutine.status, coroutine.running
 local raw_sethook, raw_gethook = debug.sethook, debug.gethook
-local traceback = debug.traceback
+local traceback, getinfo = debug.traceback, debug.getinfo
 local error, pcall, type, select, tostring, setmetatable =
   error, pcall, type, select, tostring, setmetatable
+
+-- Compatibility: what differs between versions, found out once.
+-- Lua 5.4 closes a coroutine that raised an error in coroutine.wrap (its
+-- to-be-closed variables run); earlier versions have no coroutine.close.
+local raw_close = coroutine.close
+-- Lua 5.1 and 5.2's coroutine.wrap add the position to a number error too
+-- (making it a string); 5.3, 5.4 and LuaJIT only to a string.
+local wrap_positions_numbers =
+  type(select(2, pcall(coroutine.wrap(function() error(42, 0) end)))) == "string"
+-- Lua 5.1 counts a call lost to a tail call as a stack level of its own.
+local function what_is_below() return getinfo(2, "S").what end
+local lost_tail_levels = (function() return what_is_below() end)() == "tail" and 1 or 0
 
 local M = {
   _VERSION = "corowatch " .. core._VERSION,
@@ -136,16 +148,35 @@ function M.create(f)
   return co
 end
 
-local function unwrap(ok, ...)
+-- The outcome of `resume(co, ...)` as `coroutine.wrap` gives it: the values,
+-- or the error raised at the position of the wrapped function's caller (a
+-- string error; 5.1 and 5.2: a number too), after closing the coroutine
+-- (5.4). A kill is raised as its own message, with no position, as
+-- `resume` returns it. Tail-called by the wrapped function.
+local function unwrap(co, ok, ...)
   if ok then return ... end
-  error((...), 0)
+  local err = ...
+  if raw_close and raw_status(co) == "dead" then
+    -- A patched close, if this module has one, keeps a killed coroutine's
+    -- watch while its to-be-closed variables run.
+    local closed, close_err = (M.close or raw_close)(co)
+    if not closed then err = close_err end
+  end
+  if killed[co] then error((...), 0) end
+  local kind = type(err)
+  if kind == "string" or kind == "number" and wrap_positions_numbers then
+    -- Level 1 is this function, 2 the wrapped function's caller.
+    error(err, 2 + lost_tail_levels)
+  end
+  error(err, 0)
 end
 
---- `coroutine.wrap`: values without the status flag, errors (the kill
--- included) raised in the caller.
+--- `coroutine.wrap`: values without the status flag, errors raised in the
+-- caller as `coroutine.wrap` raises them (on 5.4, after closing the
+-- coroutine); a kill is raised as its own message.
 function M.wrap(f)
   local co = new_coroutine(f, "wrap", 2)
-  return function(...) return unwrap(resume(co, ...)) end
+  return function(...) return unwrap(co, resume(co, ...)) end
 end
 
 local function check_limit(level, name, position, value)
@@ -210,7 +241,7 @@ end
 function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
   local co = new_coroutine(f, "wrapf", 2)
   watch("wrapf", 2, co, killlimit, warnlimit, cb, hookcount)
-  return function(...) return unwrap(resume(co, ...)) end
+  return function(...) return unwrap(co, resume(co, ...)) end
 end
 
 --- Seconds on a monotonic clock (native; sub-microsecond resolution).

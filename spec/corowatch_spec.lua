@@ -377,6 +377,100 @@ describe("wrap and wrapf", function()
     local f = cw.wrapf(function(a) return a * 2 end, 1)
     assert.are.equal(6, f(3))
   end)
+
+  -- Calls a wrapped function from Lua (not as a tail call), so that a
+  -- position can be added: the original's and the patched one's errors
+  -- come from this same line.
+  local function from_lua(f, ...) local results = { f(...) } return unpack(results) end
+  local function call(f, ...) return { pcall(from_lua, f, ...) } end
+  local function call_twice(wrap, body, ...)
+    local f = wrap(body)
+    return { call(f, ...), call(f, ...) }
+  end
+
+  it("raises errors as coroutine.wrap does, position prefix included", function()
+    local bodies = {
+      function() error("boom") end,
+      function() error("boom", 0) end,
+      function() error("boom", 2) end,
+      function() error(42) end,
+      function() error() end,
+      function() local x = nil; return x.field end,
+      function() cw.yield(1); error("after a yield") end,
+    }
+    for i, body in ipairs(bodies) do
+      local original = call_twice(coroutine.wrap, body)
+      local patched = call_twice(cw.wrap, body)
+      assert.are.same(original, patched, "body " .. i)
+    end
+    local table_error = {}
+    local function raises_table() error(table_error) end
+    assert.are.same({ false, table_error }, call(cw.wrap(raises_table)))
+    assert.are.equal(table_error, call(cw.wrap(raises_table))[2])
+  end)
+
+  it("raises a kill as the kill message itself, however it is called", function()
+    local f = cw.wrapf(spin, 0.05)
+    local first, again = call(f), call(f)
+    assert.is_false(first[1])
+    assert.is_truthy(first[2]:find(KILL), first[2])
+    assert.are.same(first, again)
+  end)
+
+  -- Lua 5.4's coroutine.wrap closes a coroutine that raised an error: its
+  -- to-be-closed variables run, and an error of theirs replaces the first.
+  -- `load` keeps the 5.4 syntax out of this file for the other versions.
+  local load_string = loadstring or load
+  local closing = load_string([[
+    local log, yield, fail_in_close = ...
+    local closer = setmetatable({}, { __close = function(_, err)
+      log[#log + 1] = "closed after " .. tostring(err)
+      if fail_in_close then error("close failed", 0) end
+    end })
+    local x <close> = closer
+    yield("yielded")
+    error("boom", 0)
+  ]])
+  local describe_54, title = describe, "on Lua 5.4"
+  if not closing then
+    describe_54, title = pending, "on Lua 5.4 (not here: no to-be-closed variables)"
+  end
+
+  describe_54(title, function()
+    it("closes a coroutine that raised an error, as coroutine.wrap does", function()
+      for _, fail_in_close in ipairs({ false, true }) do
+        local results = {}
+        for _, wrap in ipairs({ coroutine.wrap, cw.wrap }) do
+          local log = {}
+          local f = wrap(closing)
+          local first = call(f, log, cw.yield, fail_in_close)
+          local second = call(f)
+          results[#results + 1] = { log, first, second, call(f) }
+        end
+        assert.are.same({ "closed after boom" }, results[2][1])
+        assert.are.same(results[1], results[2])
+      end
+    end)
+
+    it("closes a killed coroutine, and still raises the kill", function()
+      local log = {}
+      local f = cw.wrapf(function()
+        local closer = load_string([[
+          local log = ...
+          return setmetatable({}, { __close = function() log[#log + 1] = "closed" end })
+        ]])(log)
+        return load_string([[
+          local closer, spin = ...
+          local x <close> = closer
+          spin()
+        ]])(closer, spin)
+      end, 0.05)
+      local result = call(f)
+      assert.is_false(result[1])
+      assert.is_truthy(result[2]:find(KILL), result[2])
+      assert.are.same({ "closed" }, log)
+    end)
+  end)
 end)
 
 describe("gettime", function()
