@@ -179,11 +179,22 @@ function M.wrap(f)
   return function(...) return unwrap(co, resume(co, ...)) end
 end
 
+-- Limits as the native core takes them: a limit this long (2^32 s, 136
+-- years) or longer never fires; a shorter one than a nanosecond, the
+-- clock's resolution, fires after one.
+local NEVER, SHORTEST = 2^32, 1e-9
+
+-- Checks a limit; returns it as the native core takes it: false for
+-- none or never, else seconds.
 local function check_limit(level, name, position, value)
-  if value ~= nil and (type(value) ~= "number" or value ~= value -- NaN
-      or value <= 0 or value == 1/0) then
+  if value == nil then return false end
+  if type(value) ~= "number" or value ~= value -- NaN
+      or value <= 0 or value == 1/0 then
     argerror(level + 1, position, name, "positive number of seconds or nil", value)
   end
+  if value >= NEVER then return false end
+  if value < SHORTEST then return SHORTEST end
+  return value
 end
 
 -- `watch` for the public function `name`; errors at `level`.
@@ -191,8 +202,8 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
   if co ~= nil and type(co) ~= "thread" then
     argerror(level + 1, 1, name, "coroutine or nil", co)
   end
-  check_limit(level + 1, name, 2, killlimit)
-  check_limit(level + 1, name, 3, warnlimit)
+  local kill = check_limit(level + 1, name, 2, killlimit)
+  local warn = check_limit(level + 1, name, 3, warnlimit)
   if killlimit == nil and warnlimit == nil then
     refuse(level + 1, name, "a kill limit or a warn limit is required")
   end
@@ -214,10 +225,10 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
   local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), level + 1)
   if message == last_message then message = last_message end
   last_message = message
-  watched[key] = { killlimit or false, warnlimit or false, cb or false, message, true }
+  watched[key] = { kill, warn, cb or false, message, true }
 
   -- Its clock starts now if it is running, else when it is next resumed.
-  watch_running(thread, killlimit, warnlimit)
+  watch_running(thread, kill or nil, warn or nil)
   return co or raw_running()
 end
 

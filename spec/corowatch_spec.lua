@@ -276,6 +276,58 @@ describe("watch arguments", function()
     end
   end)
 
+  it("takes a tiny limit as a tiny limit, running or not", function()
+    for _, tiny in ipairs({ 1e-10, 1e-300, 5e-324 }) do
+      local wanted = "running time of " .. tostring(tiny) .. " seconds"
+      local co = corowatch.watch(cw.create(spin), tiny)
+      local ok, err = cw.resume(co)
+      assert.is_false(ok)
+      assert.is_truthy(err:find(wanted, 1, true), err)
+      co = cw.create(function() corowatch.watch(nil, tiny) spin() end)
+      ok, err = cw.resume(co)
+      assert.is_false(ok)
+      assert.is_truthy(err:find(wanted, 1, true), err)
+    end
+  end)
+
+  it("takes a huge limit as never, running or not", function()
+    for _, huge in ipairs({ 2^32, 2^53, 1e300 }) do
+      local co = corowatch.watch(cw.create(function()
+        busy(1e5)
+        cw.yield("yielded")
+        return "done"
+      end), huge)
+      assert.are.same({ true, "yielded" }, { cw.resume(co) })
+      assert.are.same({ true, "done" }, { cw.resume(co) })
+      co = cw.create(function() corowatch.watch(nil, huge) busy(1e5) return "done" end)
+      assert.are.same({ true, "done" }, { cw.resume(co) })
+      -- a huge kill limit with a warn limit: warned, never killed
+      local warned = false
+      co = corowatch.watch(cw.create(function()
+        while not warned do end
+        local started = corowatch.gettime()
+        while corowatch.gettime() - started < 0.1 do end
+        return "survived"
+      end), huge, 0.02, function(kind) if kind == "warn" then warned = true end end)
+      assert.are.same({ true, "survived" }, { cw.resume(co) })
+    end
+  end)
+
+  it("leaves the coroutine watchable after a rejected watch", function()
+    local co = cw.create(spin)
+    local rejected = {
+      { -1 }, { "x" }, { 0/0 }, { 1/0 }, { 1, 2, print }, { 1, 0.5 }, { 1, nil, 1 },
+      { 1, nil, nil, 0/0 }, {},
+    }
+    for _, args in ipairs(rejected) do
+      assert.is_false((pcall(corowatch.watch, co, unpack(args, 1, 4))))
+    end
+    assert.are.equal(co, corowatch.watch(co, 0.05))
+    local ok, err = cw.resume(co)
+    assert.is_false(ok)
+    assert.is_truthy(err:find(KILL .. "0.05 seconds"), err)
+  end)
+
   it("rejects a callback that is not a function", function()
     fails("bad argument #4", cw.create(busy), 1, nil, "print")
   end)
