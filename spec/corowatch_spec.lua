@@ -5,6 +5,15 @@ if jit then jit.off() end
 local corowatch = require("corowatch")
 local cw = corowatch.export() -- the coroutine functions, in a fresh table
 
+-- The specs patch copies of the debug table, never the real one: busted
+-- runs later spec files in this state, and they must get Lua's own hooks.
+local real_sethook, real_gethook = debug.sethook, debug.gethook
+teardown(function()
+  local patched = debug.sethook ~= real_sethook or debug.gethook ~= real_gethook
+  debug.sethook, debug.gethook = real_sethook, real_gethook
+  assert.is_false(patched, "a spec left the real debug table patched")
+end)
+
 local KILL = "^Coroutine exceeded its allowed running time of "
 
 local function spin()
@@ -539,11 +548,11 @@ end)
 describe("debug hooks beside a watch", function()
   it("runs the user's hook with its own mask and count, and the watch still kills", function()
     local calls = 0
+    local env = corowatch.export({ coroutine = {}, debug = {} }) -- the patched sethook/gethook
     local co = corowatch.watch(cw.create(function()
-      debug.sethook(function() calls = calls + 1 end, "", 1000)
+      env.debug.sethook(function() calls = calls + 1 end, "", 1000)
       spin()
     end), 0.05)
-    corowatch.export({ coroutine = {}, debug = debug }) -- patch debug.sethook/gethook
     local ok, err = cw.resume(co)
     assert.is_false(ok)
     assert.is_truthy(err:find(KILL))
