@@ -301,10 +301,11 @@ describe("an id after its coroutine is collected", function()
 end)
 
 describe("bad arguments", function()
+  -- A list, not a table keyed by kind: `["nil"] = nil` would create nothing.
   local values = {
-    ["nil"] = nil, boolean = true, number = 1.5, string = "x",
-    table = {}, ["function"] = print, thread = coroutine.create(function() end),
-    userdata = io.stdout,
+    { "nil", nil }, { "boolean", true }, { "number", 1.5 }, { "string", "x" },
+    { "table", {} }, { "function", print }, { "thread", coroutine.create(function() end) },
+    { "userdata", io.stdout },
   }
 
   local function rejects(f, ...)
@@ -316,7 +317,8 @@ describe("bad arguments", function()
   end
 
   local function check(name, f, accepts)
-    for kind, value in pairs(values) do
+    for _, case in ipairs(values) do
+      local kind, value = case[1], case[2]
       if not accepts[kind] then
         it(("%s rejects a %s with a clear error"):format(name, kind), function()
           rejects(f, value)
