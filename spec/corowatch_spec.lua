@@ -543,12 +543,16 @@ end)
 
 describe("gettime", function()
   it("is a monotonic clock in seconds with sub-millisecond resolution", function()
-    local t0 = corowatch.gettime()
-    local t1 = t0
-    while t1 == t0 do t1 = corowatch.gettime() end
-    assert.is_true(t1 - t0 < 1e-3)
-    local t2 = corowatch.gettime()
-    assert.is_true(t2 >= t1)
+    -- The smallest step seen in ten tries: one try may be preempted.
+    local step = math.huge
+    for _ = 1, 10 do
+      local t0 = corowatch.gettime()
+      local t1 = t0
+      while t1 == t0 do t1 = corowatch.gettime() end
+      assert.is_true(t1 > t0)
+      step = math.min(step, t1 - t0)
+    end
+    assert.is_true(step < 1e-3, step)
   end)
 end)
 
