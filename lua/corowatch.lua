@@ -234,20 +234,27 @@ end
 
 --- Watches a coroutine.
 -- @tparam ?thread co the coroutine; nil for the running coroutine or main thread
--- @tparam ?number killlimit seconds it may run without yielding before it is killed
--- @tparam ?number warnlimit seconds before `cb("warn")` is called (below killlimit)
+-- @tparam ?number killlimit seconds it may run without yielding before it is
+-- killed: any positive finite number; 2^32 (136 years) or more means never
+-- @tparam ?number warnlimit seconds before `cb("warn")` is called (below
+-- killlimit; the same range)
 -- @tparam ?function cb called with "warn" or "kill" on the running coroutine;
 -- a truthy answer to "warn" resets both timeouts
 -- @tparam ?integer hookcount accepted for compatibility, at least 1; no effect
 -- (the native watchdog replaced count-hook polling)
 -- @treturn thread co
--- @raise on bad arguments, or when `co` is already explicitly watched
+-- @raise on bad arguments, or when `co` is already explicitly watched (a
+-- refused watch leaves `co` as it was), at the caller's position
 function M.watch(co, killlimit, warnlimit, cb, hookcount)
   local watched_co = watch("watch", 2, co, killlimit, warnlimit, cb, hookcount)
   return watched_co
 end
 
 --- Like `coroutine.wrap`, with the wrapped coroutine watched.
+-- @tparam function f the coroutine's body
+-- @param ... `killlimit, warnlimit, cb, hookcount` as for `watch`
+-- @treturn function the wrapped coroutine (see `wrap`)
+-- @raise as `wrap` and `watch` do, naming `wrapf`
 -- @see watch
 function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
   local co = new_coroutine(f, "wrapf", 2)
