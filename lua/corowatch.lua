@@ -27,9 +27,6 @@ local raw_close = coroutine.close
 -- (making it a string); 5.3, 5.4 and LuaJIT only to a string.
 local wrap_positions_numbers =
   type(select(2, pcall(coroutine.wrap(function() error(42, 0) end)))) == "string"
--- Lua 5.1 counts a call lost to a tail call as a stack level of its own.
-local function what_is_below() return getinfo(2, "S").what end
-local lost_tail_levels = (function() return what_is_below() end)() == "tail" and 1 or 0
 
 local M = {
   _VERSION = "corowatch " .. core._VERSION,
@@ -165,8 +162,11 @@ local function unwrap(co, ok, ...)
   if killed[co] then error((...), 0) end
   local kind = type(err)
   if kind == "string" or kind == "number" and wrap_positions_numbers then
-    -- Level 1 is this function, 2 the wrapped function's caller.
-    error(err, 2 + lost_tail_levels)
+    -- Level 1 is this function; the wrapped function's caller is the next
+    -- level that is not a call lost to a tail call (5.1 lists those).
+    local level = 2
+    while (getinfo(level, "S") or {}).what == "tail" do level = level + 1 end
+    error(err, level)
   end
   error(err, 0)
 end

@@ -477,6 +477,19 @@ describe("wrap and wrapf", function()
     assert.are.equal(table_error, call(cw.wrap(raises_table))[2])
   end)
 
+  it("positions the error of a tail-called wrapped function at the caller's caller", function()
+    local f = cw.wrap(function() error("boom", 0) end)
+    local function tail() return f() end
+    local line
+    local function outer()
+      line = debug.getinfo(1, "l").currentline + 1
+      local r = tail()
+      return r
+    end
+    local _, err = pcall(outer)
+    assert.are.equal(debug.getinfo(1, "S").short_src .. ":" .. line .. ": boom", err)
+  end)
+
   it("raises a kill as the kill message itself, however it is called", function()
     local f = cw.wrapf(spin, 0.05)
     local first, again = call(f), call(f)
