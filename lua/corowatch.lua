@@ -15,9 +15,18 @@ local begin_user_hook_change = native.begin_user_hook_change
 local raw_create, raw_resume = coroutine.create, coroutine.resume
 local raw_status, raw_running = coroutine.status, coroutine.running
 local raw_sethook, raw_gethook = debug.sethook, debug.gethook
-local traceback = debug.traceback
+local traceback, getinfo = debug.traceback, debug.getinfo
 local error, pcall, type, select, tostring, setmetatable =
   error, pcall, type, select, tostring, setmetatable
+
+-- Compatibility: what differs between versions, found out once.
+-- Lua 5.4 closes a coroutine that raised an error in coroutine.wrap (its
+-- to-be-closed variables run); earlier versions have no coroutine.close.
+local raw_close = coroutine.close
+-- Lua 5.1 and 5.2's coroutine.wrap add the position to a number error too
+-- (making it a string); 5.3, 5.4 and LuaJIT only to a string.
+local wrap_positions_numbers =
+  type(select(2, pcall(coroutine.wrap(function() error(42, 0) end)))) == "string"
 
 local M = {
   _VERSION = "corowatch " .. core._VERSION,
@@ -53,9 +62,32 @@ local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
 -- share one string instead of a traceback each.
 local last_message
 
-local function argerror(position, name, expected, got)
+-- Error levels: a function of this file that takes a `level` raises its
+-- errors as `error(message, level)` called in its caller would, so that
+-- they point at the code that called the public function.
+
+-- Raises Lua's usual argument error, at `level`.
+local function argerror(level, position, name, expected, got)
   error(("bad argument #%d to '%s' (%s expected, got %s)")
-    :format(position, name, expected, type(got)), 3)
+    :format(position, name, expected, type(got)), level + 1)
+end
+
+-- Raises corowatch's own error about the arguments of `name`, at `level`.
+local function refuse(level, name, message)
+  error(("corowatch.%s: %s"):format(name, message), level + 1)
+end
+
+-- Raises `err`, raised by an original coroutine function called through
+-- pcall, as the original raises it when called by the code at `level`: an
+-- argument error names `name` (called here, it would name our local) and
+-- gets that code's position; any other error goes on unchanged.
+local function reraise(level, name, err)
+  if type(err) == "string" then
+    local fixed, found = err:gsub("^bad argument (#%d+) to '[^']*'",
+      "bad argument %1 to '" .. name .. "'")
+    if found > 0 then error(fixed, level + 1) end
+  end
+  error(err, 0)
 end
 
 --- Called by the native hook, on the running coroutine, about the watched
@@ -95,16 +127,18 @@ end
 --- `coroutine.status`; a killed coroutine is "dead".
 function M.status(co)
   if killed[co] then return "dead" end
+  if type(co) ~= "thread" then reraise(2, "status", select(2, pcall(raw_status, co))) end
   return raw_status(co)
 end
 
 --- `coroutine.running`, unchanged.
 M.running = raw_running
 
---- `coroutine.create`; a coroutine created while a watched one runs
--- inherits its watch settings (with its own clock).
-function M.create(f)
-  local co = raw_create(f)
+-- A coroutine created while a watched one runs inherits its watch
+-- settings (with its own clock). Errors are `name`'s, at `level`.
+local function new_coroutine(f, name, level)
+  local made, co = pcall(raw_create, f)
+  if not made then reraise(level + 1, name, co) end
   local settings = watched[running_key()]
   if settings then
     if settings[EXPLICIT] then
@@ -119,77 +153,129 @@ function M.create(f)
   end
   return co
 end
-local create = M.create
 
-local function unwrap(ok, ...)
+--- `coroutine.create`; a coroutine created while a watched one runs
+-- inherits its watch settings (with its own clock).
+function M.create(f)
+  local co = new_coroutine(f, "create", 2)
+  return co
+end
+
+-- The outcome of `resume(co, ...)` as `coroutine.wrap` gives it: the values,
+-- or the error raised at the position of the wrapped function's caller (a
+-- string error; 5.1 and 5.2: a number too), after closing the coroutine
+-- (5.4). A kill is raised as its own message, with no position, as
+-- `resume` returns it. Tail-called by the wrapped function.
+local function unwrap(co, ok, ...)
   if ok then return ... end
-  error((...), 0)
+  local err = ...
+  if raw_close and raw_status(co) == "dead" then
+    -- A patched close, if this module has one, keeps a killed coroutine's
+    -- watch while its to-be-closed variables run.
+    local closed, close_err = (M.close or raw_close)(co)
+    if not closed then err = close_err end
+  end
+  if killed[co] then error((...), 0) end
+  local kind = type(err)
+  if kind == "string" or kind == "number" and wrap_positions_numbers then
+    -- Level 1 is this function; the wrapped function's caller is the next
+    -- level that is not a call lost to a tail call (5.1 lists those).
+    local level = 2
+    while (getinfo(level, "S") or {}).what == "tail" do level = level + 1 end
+    error(err, level)
+  end
+  error(err, 0)
 end
 
---- `coroutine.wrap`: values without the status flag, errors (the kill
--- included) raised in the caller.
+--- `coroutine.wrap`: values without the status flag, errors raised in the
+-- caller as `coroutine.wrap` raises them (on 5.4, after closing the
+-- coroutine); a kill is raised as its own message.
 function M.wrap(f)
-  local co = create(f)
-  return function(...) return unwrap(resume(co, ...)) end
+  local co = new_coroutine(f, "wrap", 2)
+  return function(...) return unwrap(co, resume(co, ...)) end
 end
 
-local function check_limit(position, value)
-  if value ~= nil and (type(value) ~= "number" or value ~= value -- NaN
-      or value <= 0 or value == 1/0) then
-    argerror(position, "watch", "positive number of seconds or nil", value)
+-- Limits as the native core takes them: a limit this long (2^32 s, 136
+-- years) or longer never fires; a shorter one than a nanosecond, the
+-- clock's resolution, fires after one.
+local NEVER, SHORTEST = 2^32, 1e-9
+
+-- Checks a limit; returns it as the native core takes it: false for
+-- none or never, else seconds.
+local function check_limit(level, name, position, value)
+  if value == nil then return false end
+  if type(value) ~= "number" or value ~= value -- NaN
+      or value <= 0 or value == 1/0 then
+    argerror(level + 1, position, name, "positive number of seconds or nil", value)
   end
+  if value >= NEVER then return false end
+  if value < SHORTEST then return SHORTEST end
+  return value
 end
 
---- Watches a coroutine.
--- @tparam ?thread co the coroutine; nil for the running coroutine or main thread
--- @tparam ?number killlimit seconds it may run without yielding before it is killed
--- @tparam ?number warnlimit seconds before `cb("warn")` is called (below killlimit)
--- @tparam ?function cb called with "warn" or "kill" on the running coroutine;
--- a truthy answer to "warn" resets both timeouts
--- @tparam ?integer hookcount accepted for compatibility, at least 1; no effect
--- (the native watchdog replaced count-hook polling)
--- @treturn thread co
--- @raise on bad arguments, or when `co` is already explicitly watched
-function M.watch(co, killlimit, warnlimit, cb, hookcount)
-  if co ~= nil and type(co) ~= "thread" then argerror(1, "watch", "coroutine or nil", co) end
-  check_limit(2, killlimit)
-  check_limit(3, warnlimit)
+-- `watch` for the public function `name`; errors at `level`.
+local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
+  if co ~= nil and type(co) ~= "thread" then
+    argerror(level + 1, 1, name, "coroutine or nil", co)
+  end
+  local kill = check_limit(level + 1, name, 2, killlimit)
+  local warn = check_limit(level + 1, name, 3, warnlimit)
   if killlimit == nil and warnlimit == nil then
-    error("corowatch.watch: a kill limit or a warn limit is required", 2)
+    refuse(level + 1, name, "a kill limit or a warn limit is required")
   end
-  if cb ~= nil and type(cb) ~= "function" then argerror(4, "watch", "function or nil", cb) end
-  if warnlimit ~= nil and cb == nil then
-    error("corowatch.watch: a warn limit needs a callback", 2)
+  if cb ~= nil and type(cb) ~= "function" then
+    argerror(level + 1, 4, name, "function or nil", cb)
   end
+  if warnlimit ~= nil and cb == nil then refuse(level + 1, name, "a warn limit needs a callback") end
   if warnlimit and killlimit and warnlimit >= killlimit then
-    error("corowatch.watch: the warn limit must be below the kill limit", 2)
+    refuse(level + 1, name, "the warn limit must be below the kill limit")
   end
-  if hookcount ~= nil and (type(hookcount) ~= "number" or hookcount < 1) then
-    argerror(5, "watch", "number >= 1 or nil", hookcount)
+  if hookcount ~= nil and (type(hookcount) ~= "number" or hookcount ~= hookcount or hookcount < 1) then
+    argerror(level + 1, 5, name, "number >= 1 or nil", hookcount)
   end
 
   local key, thread = co, co
   if co == nil then key = running_key(); thread = nil end
   local current = watched[key]
-  if current and current[EXPLICIT] then
-    error("corowatch.watch: this coroutine is already watched", 2)
-  end
-  local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), 2)
+  if current and current[EXPLICIT] then refuse(level + 1, name, "this coroutine is already watched") end
+  local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), level + 1)
   if message == last_message then message = last_message end
   last_message = message
-  watched[key] = { killlimit or false, warnlimit or false, cb or false, message, true }
+  watched[key] = { kill, warn, cb or false, message, true }
 
   -- Its clock starts now if it is running, else when it is next resumed.
-  watch_running(thread, killlimit, warnlimit)
+  watch_running(thread, kill or nil, warn or nil)
   return co or raw_running()
 end
 
+--- Watches a coroutine.
+-- @tparam ?thread co the coroutine; nil for the running coroutine or main thread
+-- @tparam ?number killlimit seconds it may run without yielding before it is
+-- killed: any positive finite number; 2^32 (136 years) or more means never
+-- @tparam ?number warnlimit seconds before `cb("warn")` is called (below
+-- killlimit; the same range)
+-- @tparam ?function cb called with "warn" or "kill" on the running coroutine;
+-- a truthy answer to "warn" resets both timeouts
+-- @tparam ?integer hookcount accepted for compatibility, at least 1; no effect
+-- (the native watchdog replaced count-hook polling)
+-- @treturn thread co
+-- @raise on bad arguments, or when `co` is already explicitly watched (a
+-- refused watch leaves `co` as it was), at the caller's position
+function M.watch(co, killlimit, warnlimit, cb, hookcount)
+  local watched_co = watch("watch", 2, co, killlimit, warnlimit, cb, hookcount)
+  return watched_co
+end
+
 --- Like `coroutine.wrap`, with the wrapped coroutine watched.
+-- @tparam function f the coroutine's body
+-- @param ... `killlimit, warnlimit, cb, hookcount` as for `watch`
+-- @treturn function the wrapped coroutine (see `wrap`)
+-- @raise as `wrap` and `watch` do, naming `wrapf`
 -- @see watch
 function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
-  local co = create(f)
-  M.watch(co, killlimit, warnlimit, cb, hookcount)
-  return function(...) return unwrap(resume(co, ...)) end
+  local co = new_coroutine(f, "wrapf", 2)
+  watch("wrapf", 2, co, killlimit, warnlimit, cb, hookcount)
+  return function(...) return unwrap(co, resume(co, ...)) end
 end
 
 --- Seconds on a monotonic clock (native; sub-microsecond resolution).
@@ -240,7 +326,7 @@ local exported = { "create", "resume", "yield", "status", "wrap", "running",
 -- @tparam[opt] table t the target; a new table if nil
 -- @treturn table t
 function M.export(t)
-  if t ~= nil and type(t) ~= "table" then argerror(1, "export", "table or nil", t) end
+  if t ~= nil and type(t) ~= "table" then argerror(2, 1, "export", "table or nil", t) end
   t = t or {}
   local target = t
   if type(t.coroutine) == "table" then

@@ -27,9 +27,19 @@ M.error = {
   unknown_object = core.errors.unknown_object,
 }
 
-local function argerror(position, name, expected, got)
+-- Raises Lua's usual argument error at the position of the code that
+-- called the public function: `depth` counts the helper functions between
+-- it and argerror (0 when it calls argerror itself).
+local function argerror(position, name, expected, got, depth)
   error(("bad argument #%d to '%s' (%s expected, got %s)")
-    :format(position, name, expected, type(got)), 3)
+    :format(position, name, expected, type(got)), 3 + (depth or 0))
+end
+
+-- An id for an error message: never a whole huge string.
+local function shown(value)
+  local text = tostring(value)
+  if #text > 40 then text = text:sub(1, 32) .. "... (" .. #text .. " characters)" end
+  return text
 end
 
 -- An id is an integer; numeric strings are accepted as in Lua's C API.
@@ -38,10 +48,10 @@ local function checkid(position, name, value)
   local n = tonumber(value)
   if type(value) ~= "number" and type(value) ~= "string" or not n
       or n ~= math_floor(n) then
-    argerror(position, name, "integer id", value)
+    argerror(position, name, "integer id", value, 1)
   end
   if n < 0 or n >= 2^53 then
-    error(("%s: interruptible id %s"):format(M.error.unknown_object, tostring(value)), 0)
+    error(("%s: interruptible id %s"):format(M.error.unknown_object, shown(value)), 0)
   end
   return n
 end
@@ -50,7 +60,7 @@ local requests = { [true] = "sticky", [false] = "clear" }
 local function checkflag(position, name, flag)
   if flag == nil then return "once" end
   local request = requests[flag]
-  if not request then argerror(position, name, "boolean or nil", flag) end
+  if not request then argerror(position, name, "boolean or nil", flag, 1) end
   return request
 end
 
@@ -95,7 +105,7 @@ Interruptible.__index = Interruptible
 
 local function checkinterruptible(position, name, object)
   local handle = handles[object]
-  if not handle then argerror(position, name, "mtint interruptible", object) end
+  if not handle then argerror(position, name, "mtint interruptible", object, 1) end
   return handle
 end
 

@@ -6,55 +6,73 @@ local threads = require("spec.helpers.threads")
 local WORKERS = 3
 local ROUNDS = tonumber(os.getenv("STRESS_ROUNDS")) or 40
 
+-- Every third round is interrupted through mtint (sticky, so that the
+-- pcall in the loop cannot swallow it) long before its 10 s limit; the
+-- others are killed by their 10 ms limit. The worker checks each round's
+-- outcome against what it was meant to be.
 local function worker(channel, rounds)
   local corowatch = require("corowatch")
   local mtint = require("mtint")
   local cw = corowatch.export()
-  local outcomes = { killed = 0, interrupted = 0 }
-  for _ = 1, tonumber(rounds) do
+  local killed, interrupted = 0, 0
+  for round = 1, tonumber(rounds) do
+    local to_interrupt = round % 3 == 0
     local co = corowatch.watch(cw.create(function()
       local x = 0
       while true do pcall(function() for i = 1, 1e3 do x = x + i end end) end
-    end), 0.01)
-    channel:send(mtint.id(co))
+    end), to_interrupt and 10 or 0.01)
+    local id = mtint.id(co)
+    channel:send(id, round)
     local ok, err = cw.resume(co)
     assert(not ok, "the coroutine survived")
-    if err:find("^Coroutine exceeded its allowed running time of 0.01 seconds") then
-      outcomes.killed = outcomes.killed + 1
-    elseif err:match(mtint.error.interrupted) then
-      outcomes.interrupted = outcomes.interrupted + 1
+    if to_interrupt then
+      assert(err:match(mtint.error.interrupted), "round " .. round .. " not interrupted: " .. err)
+      interrupted = interrupted + 1
+      mtint.interrupt(id, false)
     else
-      error("unexpected error: " .. err)
+      assert(err:find("^Coroutine exceeded its allowed running time of 0.01 seconds"),
+        "round " .. round .. " not killed: " .. err)
+      killed = killed + 1
     end
     assert(cw.status(co) == "dead")
   end
-  channel:send("done", outcomes.killed, outcomes.interrupted)
+  channel:send("done", killed, interrupted)
 end
 
 describe("corowatch in several threads", function()
   it("kills every runaway coroutine while another thread interrupts some", function()
     local workers = {}
     for i = 1, WORKERS do workers[i] = threads.start(worker, ROUNDS) end
-    local killed, interrupted, done = 0, 0, 0
-    local round = 0
+    local killed, interrupted, done, sent = 0, 0, 0, 0
     while done < WORKERS do
       for _, w in ipairs(workers) do
         if not w.done then
-          local line = assert(w:receive(60))
+          local line, failure = w:receive(60)
+          if not line then
+            local _, err = w:join()
+            error(("worker: %s (%s)"):format(tostring(err), failure))
+          end
           local k, i = line:match("^done (%d+) (%d+)$")
           if k then
             killed, interrupted = killed + tonumber(k), interrupted + tonumber(i)
             w.done, done = true, done + 1
           else
-            round = round + 1
-            if round % 3 == 0 then pcall(mtint.interrupt, tonumber(line)) end
+            local id, round = line:match("^(%d+) (%d+)$")
+            if tonumber(round) % 3 == 0 then
+              local ok, signalled = pcall(mtint.interrupt, tonumber(id), true)
+              assert.is_true(ok, signalled)
+              assert.is_true(signalled)
+              sent = sent + 1
+            end
           end
         end
       end
     end
     for _, w in ipairs(workers) do assert.is_true(w:join()) end
-    assert.are.equal(WORKERS * ROUNDS, killed + interrupted)
-    assert.is_true(killed > 0)
+    local per_worker = math.floor(ROUNDS / 3)
+    assert.are.equal(WORKERS * per_worker, sent)
+    assert.are.equal(sent, interrupted)
+    assert.are.equal(WORKERS * (ROUNDS - per_worker), killed)
   end)
 end)
 

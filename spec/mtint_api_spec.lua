@@ -301,10 +301,11 @@ describe("an id after its coroutine is collected", function()
 end)
 
 describe("bad arguments", function()
+  -- A list, not a table keyed by kind: `["nil"] = nil` would create nothing.
   local values = {
-    ["nil"] = nil, boolean = true, number = 1.5, string = "x",
-    table = {}, ["function"] = print, thread = coroutine.create(function() end),
-    userdata = io.stdout,
+    { "nil", nil }, { "boolean", true }, { "number", 1.5 }, { "string", "x" },
+    { "table", {} }, { "function", print }, { "thread", coroutine.create(function() end) },
+    { "userdata", io.stdout },
   }
 
   local function rejects(f, ...)
@@ -316,7 +317,8 @@ describe("bad arguments", function()
   end
 
   local function check(name, f, accepts)
-    for kind, value in pairs(values) do
+    for _, case in ipairs(values) do
+      local kind, value = case[1], case[2]
       if not accepts[kind] then
         it(("%s rejects a %s with a clear error"):format(name, kind), function()
           rejects(f, value)
@@ -362,6 +364,51 @@ describe("bad arguments", function()
     for _, handler in ipairs({ 1, "yes", {}, true }) do
       rejects(mtint.sethook, co, handler)
       rejects(mtint.sethook, handler)
+    end
+  end)
+
+  -- `here()` is "file:line:" of the line that calls it: an argument error
+  -- must point at the caller's line, not inside mtint.lua.
+  local function here()
+    local info = debug.getinfo(2, "Sl")
+    return info.short_src .. ":" .. info.currentline .. ":"
+  end
+
+  local function starts_with(prefix, err)
+    assert.is_string(err)
+    assert.are.equal(prefix, err:sub(1, #prefix), err)
+  end
+
+  it("points argument errors at the caller's line", function()
+    local co = coroutine.create(function() end)
+    local object = mtint.interruptible(mtint.id(co))
+    local at, _, err = here(), pcall(function() mtint.id(1) end)
+    starts_with(at .. " bad argument #1 to 'id'", err)
+    at, _, err = here(), pcall(function() mtint.interrupt(1.5) end)
+    starts_with(at .. " bad argument #1 to 'interrupt'", err)
+    at, _, err = here(), pcall(function() mtint.interrupt({}) end)
+    starts_with(at .. " bad argument #1 to 'interrupt'", err)
+    at, _, err = here(), pcall(function() mtint.interrupt(mtint.id(co), 1) end)
+    starts_with(at .. " bad argument #2 to 'interrupt'", err)
+    at, _, err = here(), pcall(function() mtint.interruptible("x") end)
+    starts_with(at .. " bad argument #1 to 'interruptible'", err)
+    at, _, err = here(), pcall(function() mtint.sethook(co, 1) end)
+    starts_with(at .. " bad argument #2 to 'sethook'", err)
+    at, _, err = here(), pcall(function() object:interrupt(1) end)
+    starts_with(at .. " bad argument #1 to 'interrupt'", err)
+    at, _, err = here(), pcall(function() object.id({}) end)
+    starts_with(at .. " bad argument #1 to 'id'", err)
+  end)
+
+  it("does not echo a huge argument in the unknown id error", function()
+    for _, huge in ipairs({ ("9"):rep(1e5), "-" .. ("1"):rep(1e5) }) do
+      for _, f in ipairs({ mtint.interrupt, mtint.interruptible }) do
+        local ok, err = pcall(f, huge)
+        assert.is_false(ok)
+        assert.is_truthy(err:find("^mtint%.error%.unknown_object"), err:sub(1, 80))
+        assert.is_truthy(err:find(": interruptible id " .. huge:sub(1, 10), 1, true), err:sub(1, 80))
+        assert.is_true(#err < 200, #err .. " characters")
+      end
     end
   end)
 
