@@ -155,10 +155,20 @@ unsafe fn push_handler(state: *mut lua_State) -> bool {
     }
 }
 
-/// Pushes `mtint.error.interrupted: ...`. The message is built and freed in
-/// this frame, so the caller's frame holds nothing to drop when it raises.
-#[inline(never)]
+/// Pushes `mtint.error.interrupted: interruptible id N`. The message is
+/// written on the stack, not the heap: `lua_pushlstring` may raise (out of
+/// memory), and nothing in this frame may need dropping then.
 unsafe fn push_interrupted_message(state: *mut lua_State, id: Id) {
-    let message = format!("{}: interruptible id {id}", crate::errors::INTERRUPTED);
-    ffi::lua_pushlstring(state, message.as_ptr().cast(), message.len());
+    use std::io::Write;
+    const SIZE: usize = 64;
+    let mut buffer = [0u8; SIZE];
+    let mut cursor = &mut buffer[..];
+    // An id has at most 14 digits: the message always fits.
+    let _ = write!(
+        cursor,
+        "{}: interruptible id {id}",
+        crate::errors::INTERRUPTED
+    );
+    let len = SIZE - cursor.len();
+    ffi::lua_pushlstring(state, buffer.as_ptr().cast(), len);
 }

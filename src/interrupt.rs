@@ -41,6 +41,7 @@ const CLOSING: &str = "mtint.error.not_supported: the Lua state is closing";
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let mtint = lua.create_table()?;
     let vm = state::vm(lua)?;
+    state::warm_up_metatable(lua, &vm, Handle::new)?;
     let raise = WhenClosed::Raise(CLOSING);
     gate::set_all(
         lua,

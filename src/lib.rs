@@ -22,7 +22,7 @@ mod watchdog;
 use mlua::{Lua, Table};
 
 /// `require("corowatch.core")`
-#[mlua::lua_module(skip_memory_check)]
+#[mlua::lua_module]
 fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     image::pin();
     let core = lua.create_table()?;

@@ -54,6 +54,7 @@ fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
     lua.set_named_registry_value(ANCHOR, &anchor)?;
     let vm = vm::create(key, anchor.to_pointer() as *mut ffi::lua_State);
     lua.set_named_registry_value(VM_GUARD, VmGuard(vm.clone()))?;
+    warm_up_metatable(lua, &vm, ThreadGuard)?;
 
     let ids = weak_keyed_table(lua)?;
     let handlers = weak_keyed_table(lua)?;
@@ -71,12 +72,37 @@ fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
         })?;
     }
     #[cfg(feature = "lua51")]
-    // SAFETY: `state` is the running thread of this VM, on our OS thread.
-    unsafe {
-        let vm = vm.clone();
-        lua.exec_raw::<()>((), move |state| crate::thread_free::install(state, &vm))?;
+    {
+        // The closure borrows the Arc through a plain address: a closure
+        // that owned a clone would leak it if the call raised (a longjmp
+        // skips its drop).
+        let vm_ref = &vm as *const Arc<Vm> as usize;
+        // SAFETY: `state` is the running thread of this VM, on our OS thread;
+        // `vm` outlives the call, which runs before `exec_raw` returns.
+        unsafe {
+            lua.exec_raw::<()>((), move |state| {
+                crate::thread_free::install(state, &*(vm_ref as *const Arc<Vm>))
+            })?;
+        }
     }
     Ok(vm)
+}
+
+/// Makes mlua create the metatable of a userdata type now, at load, with a
+/// throwaway object (of a target that dies at once). mlua creates it on
+/// first use without protection against memory errors (on 5.1 and LuaJIT
+/// `lua_pushcfunction` allocates): a Lua error there would cross mlua's
+/// frames, skip its clean-up and leave it pointing at a thread that may be
+/// collected. Here, a memory error is only a failed `require`.
+pub fn warm_up_metatable<T: UserData + 'static>(
+    lua: &Lua,
+    vm: &Arc<Vm>,
+    make: impl FnOnce(Arc<Target>) -> T,
+) -> mlua::Result<()> {
+    if let Some(target) = registry::create(vm.clone()) {
+        drop(lua.create_userdata(make(target))?);
+    }
+    Ok(())
 }
 
 fn weak_keyed_table(lua: &Lua) -> mlua::Result<Table> {

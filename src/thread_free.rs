@@ -9,7 +9,7 @@
 //! its `lua_sethook` first; one arriving later sees the target dead.
 
 use std::cell::{Cell, RefCell};
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::Arc;
@@ -58,9 +58,15 @@ unsafe extern "C" fn shim_alloc(
 
 /// Wraps the allocator of `state`'s VM and learns the size of a thread.
 ///
+/// Only the first step may raise (out of memory), before anything changes;
+/// the thread whose block is measured is created in protected mode, so
+/// that calibration ends whatever happens.
+///
 /// # Safety
 /// `state` must be alive and used by the calling thread; called once per VM.
 pub unsafe fn install(state: *mut lua_State, vm: &Arc<Vm>) {
+    // May raise: nothing is changed yet.
+    ffi::lua_pushcfunction(state, new_thread);
     let mut inner_ud = ptr::null_mut();
     let inner_alloc = ffi::lua_getallocf(state, &mut inner_ud);
     let shim = Box::into_raw(Box::new(Shim {
@@ -72,8 +78,15 @@ pub unsafe fn install(state: *mut lua_State, vm: &Arc<Vm>) {
     }));
     ffi::lua_setallocf(state, shim_alloc, shim.cast());
 
-    // Watch which block a new thread lands in.
-    let thread = ffi::lua_newthread(state) as usize;
+    // Watch which block a new thread lands in. An error (out of memory) is
+    // caught here; the thread size stays unknown and ids of coroutines are
+    // then refused as not supported.
+    let status = ffi::lua_pcall(state, 0, 1, 0);
+    let thread = if status == 0 {
+        ffi::lua_touserdata(state, -1) as usize
+    } else {
+        0
+    };
     ffi::lua_pop(state, 1);
     let blocks = (*shim).calibration.borrow_mut().take().unwrap_or_default();
     if let Some(&(block, size)) = blocks
@@ -83,6 +96,14 @@ pub unsafe fn install(state: *mut lua_State, vm: &Arc<Vm>) {
         (*shim).thread_size.set(size);
         vm.set_block_offset(thread - block);
     }
+}
+
+/// Creates a thread and returns its address (as a light userdata): the
+/// thread itself is garbage at once.
+unsafe extern "C-unwind" fn new_thread(state: *mut lua_State) -> c_int {
+    let thread = ffi::lua_newthread(state);
+    ffi::lua_pushlightuserdata(state, thread.cast());
+    1
 }
 
 /// Puts the VM's original allocator back (at `lua_close`).
