@@ -5,6 +5,7 @@
 -- library must still work: a watched loop is killed, a plain coroutine is
 -- not, and nothing the failed round half did lands anywhere.
 if jit then jit.off() end
+local set_budget = _G.set_budget -- given by the host
 local corowatch = require("corowatch")
 local mtint = require("mtint")
 local cw = corowatch.export()
