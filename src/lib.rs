@@ -3,6 +3,8 @@
 //! One library per Lua version, installed once as `corowatch.core` and shared
 //! by the thin Lua modules, so that ids and the watchdog are process-wide.
 
+#[cfg(not(feature = "luajit"))]
+mod allocator;
 mod arming;
 mod corowatch;
 mod errors;
@@ -13,8 +15,6 @@ mod interrupt;
 mod registry;
 mod resume;
 mod state;
-#[cfg(feature = "lua51")]
-mod thread_free;
 mod vm;
 mod watch;
 mod watchdog;

@@ -71,7 +71,7 @@ fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
             ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&HANDLERS_KEY));
         })?;
     }
-    #[cfg(feature = "lua51")]
+    #[cfg(not(feature = "luajit"))]
     {
         // The closure borrows the Arc through a plain address: a closure
         // that owned a clone would leak it if the call raised (a longjmp
@@ -81,7 +81,7 @@ fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
         // `vm` outlives the call, which runs before `exec_raw` returns.
         unsafe {
             lua.exec_raw::<()>((), move |state| {
-                crate::thread_free::install(state, &*(vm_ref as *const Arc<Vm>))
+                crate::allocator::install(state, &*(vm_ref as *const Arc<Vm>))
             })?;
         }
     }

@@ -18,7 +18,7 @@
 //!   finalizer, which nulls the slot.
 //! - Coroutine, Lua 5.1: there are no ephemerons, and a thread can be swept a
 //!   whole cycle before its guard's finalizer runs. The VM's allocator is
-//!   wrapped ([`crate::thread_free`]) and nulls the slot when the thread's own
+//!   wrapped ([`crate::allocator`]) and nulls the slot when the thread's own
 //!   memory block is freed, before passing the free on.
 //! - Coroutine, LuaJIT: interrupts never touch it from another thread.
 //!   Hooks are global to a LuaJIT VM, so they arm the VM through its anchor
@@ -98,6 +98,9 @@ struct VmInner {
     /// allocator).
     anchor: StatePtr,
     slots: HashMap<Id, Slot>,
+    /// Set while another OS thread writes a hook of this VM (shared with
+    /// [`Vm::frame_freed`]; see there).
+    writing_afar: Arc<AtomicBool>,
     /// How many live slots have an interrupt pending (shared with
     /// [`Vm::has_pending_interrupts`], which reads it without the lock).
     pending: Arc<AtomicUsize>,
@@ -134,6 +137,9 @@ pub struct Vm {
     /// lock, read without it by LuaJIT's patched resume).
     #[cfg(feature = "luajit")]
     pending: Arc<AtomicUsize>,
+    /// Set while another OS thread writes a hook of this VM.
+    #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+    writing_afar: Arc<AtomicBool>,
     /// Set once `lua_close` finalized the VM's guard: read without the lock
     /// by the gates (see [`crate::gate`]).
     closed: AtomicBool,
@@ -210,7 +216,10 @@ unsafe fn has_stopped(state: StatePtr) -> bool {
 /// Registers a new VM. `anchor` must stay alive until [`Vm::close`].
 pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
     let pending = Arc::new(AtomicUsize::new(0));
+    let writing_afar = Arc::new(AtomicBool::new(false));
     let vm = Arc::new_cyclic(|me| Vm {
+        #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+        writing_afar: writing_afar.clone(),
         #[cfg(feature = "luajit")]
         pending: pending.clone(),
         key,
@@ -222,6 +231,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             anchor: StatePtr(anchor),
             slots: HashMap::new(),
             pending: pending.clone(),
+            writing_afar,
             arming: Arming::default(),
             chain: Chain::default(),
             alarm: None,
@@ -271,7 +281,7 @@ impl Vm {
     }
 
     /// The anchor thread, or `None` once the VM is closed.
-    #[cfg(feature = "lua51")]
+    #[cfg(not(feature = "luajit"))]
     pub fn anchor(&self) -> Option<*mut lua_State> {
         let inner = self.lock();
         (!inner.closed).then_some(inner.anchor.0)
@@ -318,6 +328,29 @@ impl Vm {
         let mut inner = self.lock();
         if let Some(id) = inner.blocks.remove(&block) {
             inner.kill(id);
+        }
+    }
+
+    /// Lua 5.2–5.4: the VM's own thread is about to free a block that may
+    /// be a `CallInfo` (see [`crate::allocator`]).
+    ///
+    /// The handshake: another OS thread writes a hook only under the VM
+    /// lock, with `writing_afar` set and a SeqCst fence before its
+    /// `lua_sethook` reads `L->ci`. Here a SeqCst fence comes before
+    /// `writing_afar` is read. A frame is freed only once unused, that is
+    /// after this thread moved `L->ci` below it, before our fence. The two
+    /// fences are ordered. If ours comes first, the writer's read of
+    /// `L->ci` (after its fence) sees a frame below the one freed, and its
+    /// walk down the chain never reaches it. If the writer's comes first,
+    /// we see the flag and wait for the lock, which the writer holds until
+    /// its `lua_sethook` is over. Either way no write lands in a freed
+    /// frame. The owner never frees Lua memory while it holds the VM lock
+    /// itself, so the wait cannot deadlock.
+    #[cfg(not(any(feature = "lua51", feature = "luajit")))]
+    pub fn frame_freed(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.writing_afar.load(Ordering::Relaxed) {
+            drop(self.lock());
         }
     }
 
@@ -563,7 +596,15 @@ impl Vm {
                 // SAFETY: the chain's top is anchored, so alive (module
                 // comment); it may not be running, and is then armed for
                 // when it runs again. We hold the lock.
-                unsafe { inner.arming.arm(top.0, Side::Afar) };
+                let VmInner {
+                    arming,
+                    writing_afar,
+                    ..
+                } = &mut *inner;
+                // SAFETY: as above.
+                writing_from(Side::Afar, writing_afar, || unsafe {
+                    arming.arm(top.0, Side::Afar)
+                });
             }
             // Come back in case the arming is undone before the hook fires.
             let retry = inner.retry;
@@ -704,7 +745,10 @@ impl VmInner {
         };
         // SAFETY: a live slot's state is alive (module comment); the anchor
         // lives until `close`, which we are not past. We hold the VM lock.
-        unsafe { self.arming.arm(state, side) };
+        let arming = &mut self.arming;
+        writing_from(side, &self.writing_afar, || unsafe {
+            arming.arm(state, side)
+        });
     }
 
     /// Removes the delivery hook of a target whose interrupt was cleared,
@@ -729,7 +773,10 @@ impl VmInner {
         };
         if !needed && self.arming.is_armed(state) {
             // SAFETY: as in `arm`.
-            unsafe { self.arming.disarm(state, side) };
+            let arming = &mut self.arming;
+            writing_from(side, &self.writing_afar, || unsafe {
+                arming.disarm(state, side)
+            });
         }
     }
 
@@ -753,16 +800,29 @@ impl VmInner {
     }
 }
 
+/// Runs `write`, a `lua_sethook` by `side`; from another OS thread, with
+/// `writing_afar` set around it and a SeqCst fence before it (the handshake
+/// of [`Vm::frame_freed`]). The caller holds the VM lock.
+fn writing_from(side: Side, writing_afar: &AtomicBool, write: impl FnOnce()) {
+    if side == Side::Owner {
+        return write();
+    }
+    writing_afar.store(true, Ordering::Relaxed);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    write();
+    writing_afar.store(false, Ordering::Release);
+}
+
 /// Guard kept in the Lua registry: finalized by `lua_close`, it closes the VM.
 pub struct VmGuard(pub Arc<Vm>);
 
 impl Drop for VmGuard {
     fn drop(&mut self) {
-        #[cfg(feature = "lua51")]
+        #[cfg(not(feature = "luajit"))]
         if let Some(anchor) = self.0.anchor() {
             // SAFETY: lua_close runs finalizers before freeing any state, so
             // the anchor is alive; this runs on the closing thread.
-            unsafe { crate::thread_free::uninstall(anchor) };
+            unsafe { crate::allocator::uninstall(anchor) };
         }
         self.0.close();
     }

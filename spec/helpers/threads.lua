@@ -25,7 +25,11 @@ function Channel:receive(timeout)
   self.socket:settimeout(timeout)
   local line, err = self.socket:read("*l")
   if line == nil and err == nil then err = "closed" end
-  if line == nil and type(err) == "number" then err = "timeout" end
+  if line == nil and type(err) == "number" then
+    -- cqueues counts errors nobody cleared and raises past a limit.
+    self.socket:clearerr()
+    err = "timeout"
+  end
   return line, err
 end
 

@@ -1,0 +1,177 @@
+//! The VM's allocator, wrapped (PUC Lua): the core hears of the frees that
+//! another OS thread's `lua_sethook` must not race with.
+//!
+//! - Lua 5.1, thread blocks. 5.1 has no ephemerons, so a coroutine can be
+//!   swept a whole GC cycle before the finalizer of its guard runs; another
+//!   OS thread interrupting it in that window would write into freed
+//!   memory. Every free of a block the size of a thread is checked against
+//!   the watched coroutines, whose slot is nulled (under the VM lock)
+//!   before the block is released. An interrupter holding the lock finishes
+//!   its `lua_sethook` first; one arriving later sees the target dead.
+//! - Lua 5.2–5.4, `CallInfo` blocks. Their `lua_sethook` reads the running
+//!   frame (5.2, 5.3: `L->ci` for `L->oldpc`) or writes the trap flag of
+//!   every frame down the chain (5.4: `settraps`). The running thread may
+//!   meanwhile return below a frame, and a GC step free it
+//!   (`luaE_shrinkCI`, `luaE_freeCI`). Each free of a block the size of a
+//!   `CallInfo` first waits for any `lua_sethook` from another thread to
+//!   end: see [`crate::vm::Vm::frame_freed`] for the handshake.
+//!
+//! The size to watch is learned at install by watching what the VM
+//! allocates for a new thread (5.1) or for a thread's first call frame.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::Arc;
+
+use mlua::ffi::{self, lua_Alloc, lua_State};
+
+use crate::vm::Vm;
+
+struct Shim {
+    inner_alloc: lua_Alloc,
+    inner_ud: *mut c_void,
+    vm: Arc<Vm>,
+    /// Size of the blocks whose frees the VM must hear of: a thread (5.1)
+    /// or a `CallInfo` (5.2–5.4); 0 until calibrated.
+    watched_size: Cell<usize>,
+    /// While calibrating: every new block, as (address, size).
+    calibration: RefCell<Option<Vec<(usize, usize)>>>,
+}
+
+/// The wrapped allocator. The VM calls it only from the OS thread running
+/// the VM, so the `Cell`s need no synchronisation.
+unsafe extern "C" fn shim_alloc(
+    ud: *mut c_void,
+    block: *mut c_void,
+    osize: usize,
+    nsize: usize,
+) -> *mut c_void {
+    // SAFETY: `ud` is the `Shim` we installed; it is freed only after the
+    // allocator is put back (see `uninstall`).
+    let shim = unsafe { &*(ud as *const Shim) };
+    if nsize == 0 && !block.is_null() && osize == shim.watched_size.get() {
+        // A panic must not unwind into Lua's allocator call; if one happened
+        // the free goes on, as it did before the VM was wrapped.
+        let _ = catch_unwind(AssertUnwindSafe(|| freeing(&shim.vm, block as usize)));
+    }
+    // SAFETY: the allocator and its data that Lua used before us.
+    let result = unsafe { (shim.inner_alloc)(shim.inner_ud, block, osize, nsize) };
+    if block.is_null() && nsize > 0 {
+        if let Ok(mut calibration) = shim.calibration.try_borrow_mut() {
+            if let Some(blocks) = calibration.as_mut() {
+                blocks.push((result as usize, nsize));
+            }
+        }
+    }
+    result
+}
+
+#[cfg(feature = "lua51")]
+fn freeing(vm: &Vm, block: usize) {
+    vm.block_freed(block);
+}
+
+#[cfg(not(feature = "lua51"))]
+fn freeing(vm: &Vm, _: usize) {
+    vm.frame_freed();
+}
+
+/// Wraps the allocator of `state`'s VM and learns the size to watch.
+///
+/// Only the first step may raise (out of memory), before anything changes;
+/// the calibration runs in protected mode, so that it ends whatever
+/// happens.
+///
+/// # Safety
+/// `state` must be alive and used by the calling thread; called once per VM.
+pub unsafe fn install(state: *mut lua_State, vm: &Arc<Vm>) {
+    // May raise: nothing is changed yet.
+    ffi::lua_pushcfunction(state, calibrate);
+    let mut inner_ud = ptr::null_mut();
+    let inner_alloc = ffi::lua_getallocf(state, &mut inner_ud);
+    let shim = Box::into_raw(Box::new(Shim {
+        inner_alloc,
+        inner_ud,
+        vm: vm.clone(),
+        watched_size: Cell::new(0),
+        calibration: RefCell::new(None),
+    }));
+    ffi::lua_setallocf(state, shim_alloc, shim.cast());
+    // An error (out of memory) is caught here; the size stays unknown:
+    // on 5.1 ids of coroutines are then refused as not supported.
+    if ffi::lua_pcall(state, 0, 0, 0) != 0 {
+        ffi::lua_pop(state, 1);
+    }
+    (*shim).calibration.borrow_mut().take();
+}
+
+/// Records the blocks allocated by `step`, in the shim of `state`'s VM.
+/// (If `step` raises, `install` ends the recording.)
+unsafe fn recording(state: *mut lua_State, step: impl FnOnce()) -> Vec<(usize, usize)> {
+    let shim = shim_of(state);
+    *shim.calibration.borrow_mut() = Some(Vec::new());
+    step();
+    shim.calibration.borrow_mut().take().unwrap_or_default()
+}
+
+/// The shim `install` put in `state`'s VM just before calibrating.
+unsafe fn shim_of(state: *mut lua_State) -> &'static Shim {
+    let mut ud = ptr::null_mut();
+    ffi::lua_getallocf(state, &mut ud);
+    // SAFETY: `install` put our shim there just before calling us; it lives
+    // until `uninstall`, at `lua_close`.
+    &*(ud as *const Shim)
+}
+
+/// Lua 5.1: creates a thread, and learns the size of its block and where
+/// in the block the `lua_State` lies.
+#[cfg(feature = "lua51")]
+unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
+    let mut thread = 0;
+    let blocks = recording(state, || {
+        thread = ffi::lua_newthread(state) as usize;
+    });
+    if let Some(&(block, size)) = blocks
+        .iter()
+        .find(|&&(block, size)| block <= thread && thread < block + size)
+    {
+        let shim = shim_of(state);
+        shim.watched_size.set(size);
+        shim.vm.set_block_offset(thread - block);
+    }
+    0
+}
+
+/// Lua 5.2–5.4: creates a thread and calls a C function in it: the one new
+/// block of that call is its first `CallInfo` (the base one lies inside
+/// the thread; a light C function allocates nothing).
+#[cfg(not(feature = "lua51"))]
+unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
+    unsafe extern "C-unwind" fn nothing(_: *mut lua_State) -> c_int {
+        0
+    }
+    let thread = ffi::lua_newthread(state);
+    ffi::lua_pushcfunction(thread, nothing);
+    let blocks = recording(state, || ffi::lua_call(thread, 0, 0));
+    if let [(_, size)] = blocks[..] {
+        shim_of(state).watched_size.set(size);
+    }
+    0
+}
+
+/// Puts the VM's original allocator back (at `lua_close`).
+///
+/// # Safety
+/// `state` must be alive and used by the calling thread.
+pub unsafe fn uninstall(state: *mut lua_State) {
+    let mut ud = ptr::null_mut();
+    let current = ffi::lua_getallocf(state, &mut ud);
+    if current as *const () == shim_alloc as *const () {
+        let shim = Box::from_raw(ud as *mut Shim);
+        ffi::lua_setallocf(state, shim.inner_alloc, shim.inner_ud);
+    }
+    // Otherwise someone wrapped our allocator in theirs and still calls it:
+    // the shim must stay, and is left allocated on purpose.
+}
