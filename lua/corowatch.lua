@@ -71,22 +71,48 @@ local function dispatch(event, co, depth)
 end
 native.set_dispatcher(dispatch)
 
---- `coroutine.resume`, keeping track of watched coroutines (native).
--- `coroutine.yield`; a killed coroutine cannot yield (native).
+--- The module's version: `"corowatch "` followed by the native core's
+-- version (the rock's version).
+-- @field _VERSION
+
+--- A line saying what the module is.
+-- @field _INFO
+
+--- `coroutine.resume`, keeping track of watched coroutines (native). A
+-- killed coroutine is dead: resuming it returns false and the kill message.
+-- @function resume
+-- @tparam thread co the coroutine
+-- @param ... values passed to it (the function's arguments, or `yield`'s results)
+-- @treturn boolean true if it yielded or returned, false if it raised an
+-- error (the kill included) or could not be resumed
+-- @return the values it yielded or returned, or the error
+
+--- `coroutine.yield`, keeping track of watched coroutines (native).
+-- @function yield
+-- @param ... values returned by the `resume` that resumed the coroutine
+-- @return the values passed to the next `resume`
+-- @raise the kill message, in a killed coroutine (it cannot yield)
 M.resume, M.yield = native.make_functions(raw_resume, watched, killed)
 local resume = M.resume
 
 --- `coroutine.status`; a killed coroutine is "dead".
+-- @tparam thread co the coroutine
+-- @treturn string `"running"`, `"suspended"`, `"normal"` or `"dead"`
 function M.status(co)
   if killed[co] then return "dead" end
   return raw_status(co)
 end
 
 --- `coroutine.running`, unchanged.
+-- @function running
+-- @treturn thread the running coroutine (nil in the main thread on Lua 5.1;
+-- the main thread and true on Lua 5.2+)
 M.running = raw_running
 
 --- `coroutine.create`; a coroutine created while a watched one runs
 -- inherits its watch settings (with its own clock).
+-- @tparam function f the coroutine's body
+-- @treturn thread the new coroutine
 function M.create(f)
   local co = raw_create(f)
   local settings = watched[running_key()]
@@ -112,6 +138,9 @@ end
 
 --- `coroutine.wrap`: values without the status flag, errors (the kill
 -- included) raised in the caller.
+-- @tparam function f the coroutine's body
+-- @treturn function resumes the coroutine with its arguments, returns what
+-- it yields or returns
 function M.wrap(f)
   local co = create(f)
   return function(...) return unwrap(resume(co, ...)) end
@@ -169,6 +198,14 @@ function M.watch(co, killlimit, warnlimit, cb, hookcount)
 end
 
 --- Like `coroutine.wrap`, with the wrapped coroutine watched.
+-- @tparam function f the coroutine's body
+-- @tparam ?number killlimit as for `watch`
+-- @tparam ?number warnlimit as for `watch`
+-- @tparam ?function cb as for `watch`
+-- @tparam ?integer hookcount as for `watch`
+-- @treturn function resumes the coroutine with its arguments, returns what
+-- it yields or returns, raises its errors (the kill included)
+-- @raise as `watch` does, on bad arguments
 -- @see watch
 function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
   local co = create(f)
@@ -177,6 +214,8 @@ function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
 end
 
 --- Seconds on a monotonic clock (native; sub-microsecond resolution).
+-- @function gettime
+-- @treturn number seconds since an arbitrary point, for differences only
 M.gettime = native.gettime
 
 -- Is `co` (the first argument of a debug function) the running thread?
@@ -185,7 +224,12 @@ local function about_running(argc, co)
 end
 
 --- `debug.sethook`: the user's hook runs beside a watch, and nothing done
--- with it removes the watch.
+-- with it removes the watch. Same arguments as `debug.sethook`.
+-- @tparam[opt] thread co the coroutine; the running one if omitted
+-- @tparam ?function hook the hook, or nil to remove the user's hook
+-- @tparam[opt] string mask `"c"`, `"r"` and `"l"` as for `debug.sethook`
+-- @tparam[opt] integer count call the hook every `count` instructions
+-- @raise `bad argument` as `debug.sethook` does
 function M.sethook(...)
   begin_user_hook_change()
   local ok, err = pcall(raw_sethook, ...)
@@ -206,6 +250,10 @@ local function relend(ok, ...)
 end
 
 --- `debug.gethook`: shows the user's hook, not the watch's.
+-- @tparam[opt] thread co the coroutine; the running one if omitted
+-- @treturn ?function the user's hook
+-- @treturn string its mask
+-- @treturn integer its count
 function M.gethook(...)
   if lend_user_hook(about_running(select("#", ...), ...)) then
     return relend(pcall(raw_gethook, ...))
@@ -221,6 +269,7 @@ local exported = { "create", "resume", "yield", "status", "wrap", "running",
 -- sets its `corowatch`; given any other table, puts the functions in it.
 -- @tparam[opt] table t the target; a new table if nil
 -- @treturn table t
+-- @raise `bad argument #1 to 'export'` if `t` is not a table or nil
 function M.export(t)
   if t ~= nil and type(t) ~= "table" then argerror(1, "export", "table or nil", t) end
   t = t or {}
