@@ -65,6 +65,56 @@ describe("the rock", function()
     assert.are_not.equal("mtint", name)
   end)
 
+  -- LuaRocks deploys a module that two rocks provide under its plain file
+  -- name for the rock whose name sorts first, and under a versioned name
+  -- for the other, whatever the order of installation or the versions
+  -- (check_spot_if_available in luarocks/repos.lua). Tried with stand-ins:
+  -- pure-Lua rocks named corowatch and mtint (version 99) and one with this
+  -- rock's name, each module saying which rock it came from.
+  it("takes the modules corowatch and mtint from the originals' rocks in a tree", function()
+    local name = load_rockspec(scm_path).package
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(sh("mkdir -p " .. dir .. "/tree"))
+    local function rock(package, version, modules)
+      local entries = {}
+      for _, module in ipairs(modules) do
+        local file = assert(io.open(("%s/%s-%s.lua"):format(dir, package, module), "w"))
+        file:write(("return { rock = %q }\n"):format(package))
+        file:close()
+        entries[#entries + 1] = ("%s = %q"):format(module, package .. "-" .. module .. ".lua")
+      end
+      local rockspec = ("%s-%s-1.rockspec"):format(package, version)
+      local file = assert(io.open(dir .. "/" .. rockspec, "w"))
+      file:write(([[
+package = %q
+version = "%s-1"
+source = { url = "." }
+build = { type = "builtin", modules = { %s } }
+]]):format(package, version, table.concat(entries, ", ")))
+      file:close()
+      return rockspec
+    end
+    local root = (sh("pwd"):gsub("\n$", ""))
+    local luarocks = jit and ("LUAROCKS_CONFIG=%s/rockspec/luajit-config.lua luarocks"):format(root)
+      or "luarocks --lua-version " .. _VERSION:sub(5)
+    local installs = { -- an original before this rock, the other after it
+      rock("corowatch", "99.0", { "corowatch" }),
+      rock(name, "0.0.1", { "corowatch", "mtint" }),
+      rock("mtint", "99.0", { "mtint" }),
+    }
+    for _, rockspec in ipairs(installs) do
+      local output, ok = sh(("cd %s && %s make --deps-mode=none --tree tree %s")
+        :format(dir, luarocks, rockspec))
+      assert(ok, output)
+    end
+    local lv = _VERSION:sub(5)
+    local output = sh(("LUA_PATH='%s/tree/share/lua/%s/?.lua' %s -e %q"):format(dir, lv, lua,
+      'io.write(require("corowatch").rock, " ", require("mtint").rock)'))
+    sh("rm -rf " .. dir)
+    assert.are.equal(name .. " " .. name, output)
+  end)
+
   it("installs every Lua module under lua/, under its module name", function()
     local on_disk = {}
     for _, file in ipairs(lines("cd lua && find . -name '*.lua' | sort")) do

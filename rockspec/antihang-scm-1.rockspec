@@ -1,11 +1,13 @@
--- Written by rockspec/release.lua from rockspec/nohang-scm-1.rockspec and Cargo.toml's version:
--- edit those and run `lua rockspec/release.lua` (or rockspec/bump.sh).
+-- The rock for the working tree. Builds offline: the native core is built by
+-- cargo (no build-backend rock), for the Lua version that luarocks targets.
+-- rockspec/release.lua writes the release rockspec from this file.
 rockspec_format = "3.0"
-package = "nohang"
-version = "0.1.0-1"
+package = "antihang"
+version = "scm-1"
 source = {
+  -- Placeholder until the project's repository is known; the release
+  -- rockspec takes it from here.
   url = "git+https://github.com/OWNER/REPO.git",
-  tag = "v0.1.0",
 }
 description = {
   summary = "Keep Lua code from locking up its host: mtint and corowatch on one native core",
@@ -14,8 +16,8 @@ description = {
     by id. corowatch: watch coroutines and kill those that run too long
     without yielding. One native library (Rust, mlua) per Lua version,
     shared by both modules, so ids and the watchdog are process-wide.
-    Provides the modules `mtint` and `corowatch`: it replaces the rocks
-    `mtint` and `corowatch` in a tree.
+    Provides the modules `mtint` and `corowatch`: in a tree that also has
+    the rocks `mtint` or `corowatch`, `require` finds this rock's modules.
   ]],
   license = "MIT",
   labels = { "coroutine", "thread", "interrupt", "timeout", "watchdog" },
