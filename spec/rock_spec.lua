@@ -34,6 +34,16 @@ local function load_rockspec(path)
 end
 
 local lua = os.getenv("CW_LUA") or "lua"
+
+-- Module name -> file, for every file under lua/.
+local function lua_modules()
+  local modules = {}
+  for _, file in ipairs(lines("cd lua && find . -name '*.lua' | sort")) do
+    file = file:gsub("^%./", "")
+    modules[(file:gsub("%.lua$", ""):gsub("/", "."))] = "lua/" .. file
+  end
+  return modules
+end
 local version = release.cargo_version(read("Cargo.toml"))
 local scm_path = release.scm_path()
 local release_path = release.expected()
@@ -116,11 +126,7 @@ build = { type = "builtin", modules = { %s } }
   end)
 
   it("installs every Lua module under lua/, under its module name", function()
-    local on_disk = {}
-    for _, file in ipairs(lines("cd lua && find . -name '*.lua' | sort")) do
-      local module = file:gsub("^%./", ""):gsub("%.lua$", ""):gsub("/", ".")
-      on_disk[module] = "lua/" .. file:gsub("^%./", "")
-    end
+    local on_disk = lua_modules()
     assert.is_not_nil(on_disk.mtint)
     assert.is_not_nil(on_disk.corowatch)
     for _, path in ipairs({ scm_path, release_path }) do
@@ -148,6 +154,30 @@ build = { type = "builtin", modules = { %s } }
       local output, ok = sh("luarocks lint " .. path)
       assert(ok, path .. ": " .. output)
     end
+  end)
+end)
+
+describe("the generated reference", function()
+  it("documents every public function of every module under lua/", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local output, ok = sh("ldoc --fatalwarnings -q -d " .. dir .. " .")
+    assert(ok, "ldoc (Debian: lua-ldoc, lua-discount) failed or warned: " .. output)
+    local missing = {}
+    for module in pairs(lua_modules()) do
+      local file = io.open(("%s/modules/%s.html"):format(dir, module), "r")
+      local page = file and file:read("*a") or ""
+      if file then file:close() end
+      for key, value in pairs(require(module)) do
+        if type(value) == "function" and not key:find("^_")
+            and not page:find(('<a name = "%s">'):format(key), 1, true) then
+          missing[#missing + 1] = module .. "." .. key
+        end
+      end
+    end
+    sh("rm -rf " .. dir)
+    table.sort(missing)
+    assert.are.same({}, missing)
   end)
 end)
 
