@@ -1,13 +1,11 @@
--- The rock for the working tree. Builds offline: the native core is built by
--- cargo (no build-backend rock), for the Lua version that luarocks targets.
+-- Builds offline: the native core is built by cargo (no build-backend rock),
+-- for the Lua version that luarocks targets.
 -- rockspec/release.lua writes the release rockspec from this file.
 rockspec_format = "3.0"
 package = "antihang"
 version = "scm-1"
 source = {
-  -- Placeholder until the project's repository is known; the release
-  -- rockspec takes it from here.
-  url = "git+https://github.com/OWNER/REPO.git",
+  url = "git+https://github.com/OWNER/REPO.git", -- placeholder until the repository is known
 }
 description = {
   summary = "Keep Lua code from locking up its host: mtint and corowatch on one native core",
