@@ -36,7 +36,7 @@ function M.load_rockspec(text, name)
   return env
 end
 
---- The version in Cargo.toml's [package] section.
+-- The version in Cargo.toml's [package] section.
 function M.cargo_version(cargo_toml)
   local package = cargo_toml:match("%[package%](.-)\n%[") or cargo_toml:match("%[package%](.*)")
   local version = package and package:match('\nversion%s*=%s*"([^"]+)"')
@@ -48,7 +48,7 @@ function M.cargo_version(cargo_toml)
   return version
 end
 
---- The scm rockspec's path (the one file named rockspec/<rock>-scm-1.rockspec).
+-- The scm rockspec's path (the one file named rockspec/<rock>-scm-1.rockspec).
 function M.scm_path()
   local pipe = assert(io.popen("ls rockspec/*-scm-1.rockspec 2>/dev/null"))
   local paths = {}
@@ -60,7 +60,7 @@ function M.scm_path()
   return paths[1]
 end
 
---- The release rockspec's path and text for `version`, from the scm rockspec.
+-- The release rockspec's path and text for `version`, from the scm rockspec.
 function M.render(scm_text, version, scm_name)
   scm_name = scm_name or "the scm rockspec"
   local scm = M.load_rockspec(scm_text, scm_name)
@@ -82,7 +82,7 @@ function M.render(scm_text, version, scm_name)
   return ("rockspec/%s-%s-1.rockspec"):format(scm.package, version), header .. body
 end
 
---- Paths of the release rockspecs on disk (every rockspec/<rock>-*-1.rockspec
+-- Paths of the release rockspecs on disk (every rockspec/<rock>-*-1.rockspec
 -- but the scm one).
 function M.release_paths()
   local pipe = assert(io.popen("ls rockspec/*.rockspec 2>/dev/null"))
@@ -94,7 +94,7 @@ function M.release_paths()
   return paths
 end
 
---- The path and text the release rockspec must have now.
+-- The path and text the release rockspec must have now.
 function M.expected()
   local scm_path = M.scm_path()
   local version = M.cargo_version(assert(read("Cargo.toml")))
