@@ -107,8 +107,27 @@ local function dispatch(event, co, depth)
 end
 native.set_dispatcher(dispatch)
 
---- `coroutine.resume`, keeping track of watched coroutines (native).
--- `coroutine.yield`; a killed coroutine cannot yield (native).
+--- The module's version: `"corowatch "` followed by the native core's
+-- version (the rock's version).
+-- @field _VERSION
+
+--- A line saying what the module is.
+-- @field _INFO
+
+--- `coroutine.resume`, keeping track of watched coroutines (native). A
+-- killed coroutine is dead: resuming it returns false and the kill message.
+-- @function resume
+-- @tparam thread co the coroutine
+-- @param ... values passed to it (the function's arguments, or `yield`'s results)
+-- @treturn boolean true if it yielded or returned, false if it raised an
+-- error (the kill included) or could not be resumed
+-- @return the values it yielded or returned, or the error
+
+--- `coroutine.yield`, keeping track of watched coroutines (native).
+-- @function yield
+-- @param ... values returned by the `resume` that resumed the coroutine
+-- @return the values passed to the next `resume`
+-- @raise the kill message, in a killed coroutine (it cannot yield)
 M.resume, M.yield = native.make_functions(raw_resume, watched, killed)
 local resume = M.resume
 
@@ -125,6 +144,8 @@ if jit then
 end
 
 --- `coroutine.status`; a killed coroutine is "dead".
+-- @tparam thread co the coroutine
+-- @treturn string `"running"`, `"suspended"`, `"normal"` or `"dead"`
 function M.status(co)
   if killed[co] then return "dead" end
   if type(co) ~= "thread" then reraise(2, "status", select(2, pcall(raw_status, co))) end
@@ -132,6 +153,9 @@ function M.status(co)
 end
 
 --- `coroutine.running`, unchanged.
+-- @function running
+-- @treturn thread the running coroutine (nil in the main thread on Lua 5.1;
+-- the main thread and true on Lua 5.2+)
 M.running = raw_running
 
 -- A coroutine created while a watched one runs inherits its watch
@@ -156,6 +180,8 @@ end
 
 --- `coroutine.create`; a coroutine created while a watched one runs
 -- inherits its watch settings (with its own clock).
+-- @tparam function f the coroutine's body
+-- @treturn thread the new coroutine
 function M.create(f)
   local co = new_coroutine(f, "create", 2)
   return co
@@ -190,6 +216,9 @@ end
 --- `coroutine.wrap`: values without the status flag, errors raised in the
 -- caller as `coroutine.wrap` raises them (on 5.4, after closing the
 -- coroutine); a kill is raised as its own message.
+-- @tparam function f the coroutine's body
+-- @treturn function resumes the coroutine with its arguments, returns what
+-- it yields or returns
 function M.wrap(f)
   local co = new_coroutine(f, "wrap", 2)
   return function(...) return unwrap(co, resume(co, ...)) end
@@ -279,6 +308,8 @@ function M.wrapf(f, killlimit, warnlimit, cb, hookcount)
 end
 
 --- Seconds on a monotonic clock (native; sub-microsecond resolution).
+-- @function gettime
+-- @treturn number seconds since an arbitrary point, for differences only
 M.gettime = native.gettime
 
 -- The thread a call of a debug function is about: its first argument if
@@ -288,7 +319,12 @@ local function hook_target(argc, co)
 end
 
 --- `debug.sethook`: the user's hook runs beside a watch, and nothing done
--- with it removes the watch.
+-- with it removes the watch. Same arguments as `debug.sethook`.
+-- @tparam[opt] thread co the coroutine; the running one if omitted
+-- @tparam ?function hook the hook, or nil to remove the user's hook
+-- @tparam[opt] string mask `"c"`, `"r"` and `"l"` as for `debug.sethook`
+-- @tparam[opt] integer count call the hook every `count` instructions
+-- @raise `bad argument` as `debug.sethook` does
 function M.sethook(...)
   begin_user_hook_change()
   local ok, err = pcall(raw_sethook, ...)
@@ -309,6 +345,10 @@ local function relend(target, ok, ...)
 end
 
 --- `debug.gethook`: shows the user's hook, not the watch's.
+-- @tparam[opt] thread co the coroutine; the running one if omitted
+-- @treturn ?function the user's hook
+-- @treturn string its mask
+-- @treturn integer its count
 function M.gethook(...)
   local target = hook_target(select("#", ...), ...)
   if lend_user_hook(target) then
@@ -325,6 +365,7 @@ local exported = { "create", "resume", "yield", "status", "wrap", "running",
 -- sets its `corowatch`; given any other table, puts the functions in it.
 -- @tparam[opt] table t the target; a new table if nil
 -- @treturn table t
+-- @raise `bad argument #1 to 'export'` if `t` is not a table or nil
 function M.export(t)
   if t ~= nil and type(t) ~= "table" then argerror(2, 1, "export", "table or nil", t) end
   t = t or {}

@@ -17,9 +17,23 @@ local M = {
   _INFO = "interrupt Lua states and coroutines from other threads (corowatch native core)",
 }
 
+--- The module's version: `"mtint "` followed by the native core's version
+-- (the rock's version).
+-- @field _VERSION
+
+--- A line saying what the module is.
+-- @field _INFO
+
 --- Error names. Each holds its own full name; raised errors are strings
 -- that begin with it, e.g. `mtint.error.unknown_object: interruptible id 8`.
 -- `interrupt` is an alias of `interrupted`.
+-- @table error
+-- @field interrupted raised in a thread that is interrupted and has no handler
+-- @field interrupt alias of `interrupted` (the original's reference names it so)
+-- @field not_supported raised only if the id space is exhausted or, on Lua
+-- 5.1, if the allocator watch could not be set up
+-- @field unknown_object raised for an id that was never given out, or whose
+-- thread is gone and no interruptible holds it
 M.error = {
   interrupted = core.errors.interrupted,
   interrupt = core.errors.interrupted,
@@ -66,7 +80,9 @@ end
 
 --- The id of a thread.
 -- @tparam[opt] thread co a coroutine; the running coroutine or main state if nil
--- @treturn integer an id, unique in the process and stable for the thread's life
+-- @treturn integer an id, unique in the process, never reused, stable for
+-- the thread's life; at least 2\^40 and below 10\^14
+-- @raise `bad argument #1 to 'id'` if `co` is not a coroutine or nil
 function M.id(co)
   if co ~= nil and type(co) ~= "thread" then
     argerror(1, "id", "coroutine or nil", co)
@@ -81,6 +97,7 @@ end
 -- Called as `sethook(func)` or `sethook(co, func)`.
 -- @tparam[opt] thread co the coroutine; the running one if omitted
 -- @tparam ?function func the handler, or nil
+-- @raise `bad argument` if `co` is not a coroutine or `func` not a function or nil
 function M.sethook(...)
   local co, func = ...
   if select("#", ...) < 2 and type(co) ~= "thread" then
@@ -110,12 +127,15 @@ local function checkinterruptible(position, name, object)
 end
 
 --- Interrupts a thread, by id or through an interruptible object.
--- @tparam integer|interruptible target
+-- @tparam integer|Interruptible target an id (an integer, or a numeric
+-- string as Lua's C API accepts), or an object made by `interruptible`
 -- @tparam[opt] boolean flag nil: interrupt once; true: at every operation
 -- until cleared; false: clear
 -- @treturn boolean true if the target is alive and was signalled; false if
 -- an interruptible object's target is gone
--- @raise `mtint.error.unknown_object` for an id that is not known
+-- @raise `mtint.error.unknown_object` for an id that is not known;
+-- `bad argument` for a target that is not an id or interruptible, or a flag
+-- that is not a boolean or nil
 function M.interrupt(target, flag)
   local request = checkflag(2, "interrupt", flag)
   if handles[target] then
@@ -131,9 +151,11 @@ end
 
 --- An object that keeps an id known after its target dies, until the
 -- object itself is collected; its `interrupt` then returns false.
--- @tparam integer id
--- @treturn interruptible an object with `:id()`, `:interrupt([flag])`
--- @raise `mtint.error.unknown_object` for an id that is not known
+-- @tparam integer id an id given out by `id` (or a numeric string)
+-- @treturn Interruptible an object with `:id()`, `:interrupt([flag])` and
+-- `__tostring`
+-- @raise `mtint.error.unknown_object` for an id that is not known;
+-- `bad argument` if `id` is not an integer
 function M.interruptible(id)
   id = checkid(1, "interruptible", id)
   local handle, err = native.handle(id)
@@ -143,13 +165,23 @@ function M.interruptible(id)
   return object
 end
 
---- @treturn integer the interruptible's id
+--- An object made by `interruptible`: it keeps its id known after the
+-- target dies. `tostring` gives `"mtint.interruptible: <id>"`.
+-- @type Interruptible
+
+--- The id the object was made for.
+-- @treturn integer the interruptible's id
 function Interruptible:id()
   checkinterruptible(1, "id", self)
   return self._id
 end
 
---- Same as `mtint.interrupt(self, flag)`.
+--- Interrupts the object's target: the same as `mtint.interrupt(self, flag)`.
+-- @tparam[opt] boolean flag nil: interrupt once; true: at every operation
+-- until cleared; false: clear
+-- @treturn boolean true if the target is alive and was signalled; false if
+-- it is gone
+-- @raise `bad argument` for a flag that is not a boolean or nil
 function Interruptible:interrupt(flag)
   local handle = checkinterruptible(1, "interrupt", self)
   return native.interrupt_handle(handle, checkflag(1, "interrupt", flag))
