@@ -297,7 +297,10 @@ end
 
 --- Like `coroutine.wrap`, with the wrapped coroutine watched.
 -- @tparam function f the coroutine's body
--- @param ... `killlimit, warnlimit, cb, hookcount` as for `watch`
+-- @tparam ?number killlimit as for `watch`
+-- @tparam ?number warnlimit as for `watch`
+-- @tparam ?function cb as for `watch`
+-- @tparam ?integer hookcount as for `watch`
 -- @treturn function the wrapped coroutine (see `wrap`)
 -- @raise as `wrap` and `watch` do, naming `wrapf`
 -- @see watch

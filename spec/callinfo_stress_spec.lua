@@ -30,8 +30,12 @@ local function target(channel, rounds, depth)
   channel:send("done", delivered)
 end
 
+-- Lua 5.1 and LuaJIT set a hook without touching frames (and 5.1 runs this
+-- loop hundreds of times slower, its hook firing at every instruction).
+local frames_spec = (jit or _VERSION == "Lua 5.1") and pending or it
+
 describe("interrupting a thread whose frames come and go", function()
-  it("never writes into a freed frame, and delivers", function()
+  frames_spec("never writes into a freed frame, and delivers", function()
     local worker = threads.start(target, ROUNDS, DEPTH)
     local line = assert(worker:receive(TIMEOUT))
     local id = tonumber(line:match("^id (%d+)$"))

@@ -37,6 +37,8 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     let shared = lua.create_function(state::shared_table)?;
     let closing = gate::WhenClosed::Raise("corowatch: the Lua state is closing");
     core.set("shared", gate::gate(lua, &vm, shared, closing)?)?;
+    let jobs = lua.create_function(|_, ()| Ok(watchdog::queued_jobs()))?;
+    core.set("watchdog_jobs", gate::gate(lua, &vm, jobs, closing)?)?;
     core.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     Ok(core)
 }

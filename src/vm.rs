@@ -130,9 +130,12 @@ const MAX_RETRY: Duration = Duration::from_millis(50);
 pub struct Vm {
     key: usize,
     me: Weak<Vm>,
-    /// Whether the chain is active: read without the lock by the patched
-    /// resume on the VM's own thread, which is also the only writer.
+    /// Whether the chain is active, its top and its length: read without
+    /// the lock by the patched resume on the VM's own thread, which is also
+    /// the only thread that changes the chain (see [`Vm::publish`]).
     active: AtomicBool,
+    top: std::sync::atomic::AtomicPtr<lua_State>,
+    len: AtomicUsize,
     /// How many of its targets have an interrupt pending (written under the
     /// lock, read without it by LuaJIT's patched resume).
     #[cfg(feature = "luajit")]
@@ -225,6 +228,8 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
         key,
         me: me.clone(),
         active: AtomicBool::new(false),
+        top: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+        len: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
         inner: Mutex::new(VmInner {
             closed: false,
@@ -377,7 +382,7 @@ impl Vm {
         inner.anchor = StatePtr::DEAD;
         inner.pending.store(0, Ordering::Relaxed);
         inner.chain.clear();
-        self.active.store(false, Ordering::Relaxed);
+        self.publish(&inner);
         for slot in inner.slots.values_mut() {
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
@@ -473,6 +478,17 @@ impl Vm {
 
     // ---- corowatch -------------------------------------------------------
 
+    /// Publishes the chain's state for the lock-free reads of the VM's own
+    /// thread. Called under the lock after every change of the chain; only
+    /// the VM's own thread changes it, so it reads its own writes.
+    fn publish(&self, inner: &VmInner) {
+        let top = inner.chain.top().map_or(std::ptr::null_mut(), |top| top.0);
+        self.top.store(top, Ordering::Relaxed);
+        self.len.store(inner.chain.len(), Ordering::Relaxed);
+        self.active
+            .store(inner.chain.is_active(), Ordering::Relaxed);
+    }
+
     /// Whether anything watched runs in this VM (the chain is active).
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
@@ -486,14 +502,28 @@ impl Vm {
     /// `resumer` is the running thread, run by the calling OS thread; every
     /// thread on the chain is anchored (so alive).
     pub unsafe fn plan_enter(&self, resumer: *mut lua_State) -> Plan {
+        // The common cases need no lock: the resumer is the top, or the
+        // chain is empty (and so it goes at depth 1).
+        let len = self.len.load(Ordering::Relaxed);
+        if len == 0 {
+            return Plan {
+                depth: 2,
+                resumer_depth: Some(1),
+            };
+        }
+        if self.top.load(Ordering::Relaxed) == resumer {
+            return Plan {
+                depth: len + 1,
+                resumer_depth: None,
+            };
+        }
         let mut inner = self.lock();
         // SAFETY: the chain's threads are alive and belong to this VM, which
         // the calling OS thread runs (caller's contract).
         let plan = inner
             .chain
             .plan(StatePtr(resumer), |state| unsafe { has_stopped(state) });
-        self.active
-            .store(inner.chain.is_active(), Ordering::Relaxed);
+        self.publish(&inner);
         plan
     }
 
@@ -512,7 +542,7 @@ impl Vm {
         let depth = inner
             .chain
             .enter(StatePtr(resumer), StatePtr(resumed), watch);
-        self.active.store(true, Ordering::Relaxed);
+        self.publish(&inner);
         self.after_chain_change(&mut inner, now);
         depth
     }
@@ -527,8 +557,7 @@ impl Vm {
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
             self.after_chain_change(&mut inner, Instant::now());
         }
-        self.active
-            .store(inner.chain.is_active(), Ordering::Relaxed);
+        self.publish(&inner);
         left
     }
 
@@ -541,8 +570,7 @@ impl Vm {
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
             self.after_chain_change(&mut inner, Instant::now());
         }
-        self.active
-            .store(inner.chain.is_active(), Ordering::Relaxed);
+        self.publish(&inner);
         left
     }
 
@@ -569,7 +597,7 @@ impl Vm {
             watch,
         );
         if watched {
-            self.active.store(true, Ordering::Relaxed);
+            self.publish(&inner);
             self.set_alarm(&mut inner);
         }
         watched

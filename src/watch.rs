@@ -106,6 +106,10 @@ impl Chain {
         !self.entries.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Whether `state` is on the chain below its top: it is the resumer in
     /// the middle of the patched resume, between telling the chain and the
     /// real resume (or back). The hook must not raise there.

@@ -61,12 +61,19 @@ pub fn schedule_rearm(target: &Arc<Target>) {
     });
 }
 
-/// Asks the watchdog to call `vm.on_alarm()` at `due`.
+/// Asks the watchdog to call `vm.on_alarm()` at `due` (or earlier, if it
+/// already has an alarm of that VM due earlier: one per VM, at most).
 pub fn schedule_alarm(vm: Weak<Vm>, due: Instant) {
     push(Rearm {
         job: Job::Alarm(vm),
         due,
     });
+}
+
+/// How many jobs wait in the queue (diagnostics: specs check that the
+/// watchdog's work is bounded).
+pub fn queued_jobs() -> usize {
+    lock(&QUEUE.entries).len()
 }
 
 fn push(entry: Rearm) {
@@ -79,10 +86,28 @@ fn push(entry: Rearm) {
     });
     let mut entries = lock(&QUEUE.entries);
     let earliest = entries.iter().all(|queued| queued.due > entry.due);
-    entries.push(entry);
+    enqueue(&mut entries, entry);
     if earliest {
         QUEUE.wake.notify_one();
     }
+}
+
+/// Adds `entry`; an alarm merges with the queued alarm of the same VM, if
+/// any, at the earlier of the two times. So the queue holds one alarm per
+/// VM whatever the number of watches that moved it, and `on_alarm` (which
+/// works out the next time from the VM's chain) is called once per time.
+fn enqueue(entries: &mut Vec<Rearm>, entry: Rearm) {
+    if let Job::Alarm(vm) = &entry.job {
+        let queued = entries.iter_mut().find(|queued| match &queued.job {
+            Job::Alarm(other) => Weak::ptr_eq(vm, other),
+            Job::Rearm { .. } => false,
+        });
+        if let Some(queued) = queued {
+            queued.due = queued.due.min(entry.due);
+            return;
+        }
+    }
+    entries.push(entry);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,7 +153,10 @@ fn run() {
             }
         }
         if !again.is_empty() {
-            lock(&QUEUE.entries).extend(again);
+            let mut entries = lock(&QUEUE.entries);
+            for entry in again {
+                enqueue(&mut entries, entry);
+            }
         }
     }
 }
