@@ -34,9 +34,10 @@ end
 local function through_protocol(body, n, log)
   local super = create(body)
   local saved = io.stderr
-  if not log then io.stderr = { write = function() end } end -- the seed's "Starting up"
+  -- Silence the seed's "Starting up".
+  if not log then io.stderr = { write = function() end } end -- luacheck: ignore 122
   assert(resume(super, "status"))
-  io.stderr = saved
+  io.stderr = saved -- luacheck: ignore 122
   for i = 1, n do assert(resume(super, "introduce", ("p%04i"):format(i), process)) end
   local signals = math.max(1, math.floor(DELIVERIES / n))
   local t = clock()

@@ -16,11 +16,11 @@ local cw = require("corowatch")
 local cw_create, cw_resume, cw_yield, cw_watch, gettime =
   cw.create, cw.resume, cw.yield, cw.watch, cw.gettime
 local raw_status = coroutine.status
-local traceback = debug.traceback
+local traceback, getinfo = debug.traceback, debug.getinfo
 local error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs =
   error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs
 local concat, sort, remove = table.concat, table.sort, table.remove
-local date, stderr = os.date, io.stderr
+local date, io = os.date, io
 
 -- Compatibility: `unpack` moved into `table` in 5.2; `coroutine.close`
 -- (which runs a suspended or failed coroutine's pending `<close>` handlers)
@@ -74,8 +74,9 @@ local function is_limit(value)
   return value == false or (type(value) == "number" and value > 0 and value < 1/0)
 end
 
+-- The seed's LOG: a timestamped line on whatever io.stderr is then.
 local function default_log(line)
-  stderr:write(date("!%F %T "), line, "\n")
+  io.stderr:write(date("!%F %T "), line, "\n")
 end
 
 -- Logs one line; a failing log function is reported on stderr, never
@@ -95,10 +96,24 @@ local function describe(err)
   return ok and text or "(error object is a " .. type(err) .. " value)"
 end
 
+-- corowatch's own file: a killed coroutine's stack begins with the frames of
+-- its hook there (and the `error` it calls), above the actor's code.
+local CW_SOURCE = getinfo(cw.watch, "S").source
+
+-- The level where the actor's own frames begin on a killed coroutine.
+local function below_kill(co)
+  for level = 0, 4 do
+    local info = getinfo(co, level, "S")
+    if not info then break end
+    if info.source == CW_SOURCE then return level + 1 end
+  end
+  return 0
+end
+
 -- The seed's log_traceback, with the name still known when it is logged.
-local function log_traceback(self, co, name, what, message)
+local function log_traceback(self, co, name, what, message, level)
   say(self, "Coroutine " .. name .. " " .. what .. ":")
-  for line in traceback(co, message):gmatch("[^\n]+") do say(self, "  " .. line) end
+  for line in traceback(co, message, level or 0):gmatch("[^\n]+") do say(self, "  " .. line) end
 end
 
 --------------------------------------------------------------------------
@@ -109,10 +124,10 @@ end
 -- any other way than by being signalled (it is stopped) clears its slot.
 -- `signal` takes the list out and puts a fresh one in its place, so actors
 -- that wait again land in the fresh one and each wait is delivered exactly
--- once. Each slot is cleared before its actor is resumed; a signal of the
--- same event made from inside an actor meanwhile first delivers the slots
--- the signals in progress have not cleared yet (`list.outer`): everyone
--- waiting at the time of a signal gets it, once.
+-- once. Each slot is cleared before its actor is resumed. A signal of the
+-- same event made from inside an actor meanwhile is queued (`deferred`) and
+-- delivered when this one is done: each actor gets an event's signals in
+-- the order they were made, and none is lost.
 -- An actor waits while `rec.list[rec.slot] == rec` (the fields are left
 -- behind when it is resumed; its state field stays RUNNING: waiting is a
 -- running actor parked in a list).
@@ -318,7 +333,8 @@ local function ended(self, rec, co, how, err)
     if text:find(KILLED) then
       -- The kill message's first line; the rest is where the watch was set.
       text = text:match("^[^\n]*")
-      log_traceback(self, co, name, "killed at its limit of " .. tostring(rec.limit) .. " seconds", text)
+      log_traceback(self, co, name, "killed at its limit of " .. tostring(rec.limit) .. " seconds", text,
+        below_kill(co))
     else
       log_traceback(self, co, name, "failed with error", text)
     end
@@ -430,6 +446,7 @@ function M.new(options)
     by_name = {},    -- name -> record
     events = {},     -- event -> list of waiting records
     delivering = {}, -- event -> the list a signal in progress delivers
+    deferred = {},   -- event -> signals of it made while it was delivered
     spare = nil,     -- an empty list, for the next signal
     nested = 0,      -- how many actors are nested supervisors
     history = {},    -- times of recent restarts
@@ -439,24 +456,47 @@ function M.new(options)
   }, Supervisor)
 end
 
--- Resumes the actors still in `list` (taken out of `events`), each with
--- `(event, ...)`. (`signal` has its own copy of this loop, inline.)
-local function deliver(self, list, event, ...)
-  for i = 1, list.n do
-    local rec = list[i]
-    if rec then
-      list[i] = nil
-      local co = rec.co
-      settle(self, rec, co, cw_resume(co, event, ...))
+local function packn(...) return { n = select("#", ...), ... } end
+
+-- A signal made while the same event is being delivered (from inside an
+-- actor it resumed): queued, if anyone waits for the event, that is, is
+-- still to be resumed by the signal in progress or waits again already.
+local function defer(self, event, ...)
+  local delivering = self.delivering[event]
+  local list = self.events[event]
+  local anyone = (list and live(list)) or (self.nested > 0 and waits(self, event))
+  if not anyone then
+    for i = 1, delivering.n do
+      if delivering[i] then anyone = true break end
     end
   end
+  if not anyone then
+    say(self, "Event " .. describe(event) .. " dropped into the bit bucket")
+    return nil
+  end
+  local queue = self.deferred[event]
+  if not queue then
+    queue = {}
+    self.deferred[event] = queue
+  end
+  queue[#queue + 1] = packn(...)
+  return true
 end
 
--- What signals of the same event in progress (outside this one) have not
--- delivered yet, outermost first.
-local function deliver_outer(self, list, event, ...)
-  if list.outer then deliver_outer(self, list.outer, event, ...) end
-  return deliver(self, list, event, ...)
+-- Delivers the signals `defer` queued for `event`, in order: signals
+-- deferred meanwhile join the same queue (the signal that started the
+-- draining drains them too, so the order holds).
+local function run_deferred(self, event)
+  local queue = self.deferred[event]
+  if queue.draining then return end
+  queue.draining = true
+  local i = 1
+  while queue[i] and not self.finished do
+    local args = queue[i]
+    queue[i], i = nil, i + 1
+    self:signal(event, unpack(args, 1, args.n))
+  end
+  self.deferred[event] = nil
 end
 
 -- Resumes the nested supervisors that have actors waiting for `event`.
@@ -473,7 +513,6 @@ local function signal_nested(self, event, ...)
   end
 end
 
-local function packn(...) return { n = select("#", ...), ... } end
 
 --- Introduces an actor and runs it until it waits, as the seed does.
 -- `sup:introduce(name, fn, ...)` or `sup:introduce{ name =, fn =, args = {...},
@@ -551,7 +590,10 @@ function Supervisor:signal(event, ...)
   local events = self.events
   if events == nil or self.stopped_because then check_self(self, "signal") end
   local list
-  if event ~= nil then list = events[event] end
+  if event ~= nil then
+    list = events[event]
+    if self.delivering[event] then return defer(self, event, ...) end
+  end
   if not (list and (list[list.n] or live(list)))
       and not (self.nested > 0 and event ~= nil and waits(self, event)) then
     say(self, "Event " .. describe(event) .. " dropped into the bit bucket")
@@ -560,12 +602,8 @@ function Supervisor:signal(event, ...)
   if list then
     -- Take the list out: whoever waits again lands in another one.
     events[event] = nil
-    local delivering = self.delivering
-    local outer = delivering[event]
-    list.outer, delivering[event] = outer, list
-    if outer then deliver_outer(self, outer, event, ...) end
-    -- Resume each actor still in it (a signal from inside an actor may have
-    -- delivered some already); `settle`'s common case inline.
+    self.delivering[event] = list
+    -- Resume each actor in it; `settle`'s common case inline.
     for i = 1, list.n do
       local rec = list[i]
       if rec then
@@ -582,11 +620,12 @@ function Supervisor:signal(event, ...)
         end
       end
     end
-    delivering[event] = outer
-    list.outer, list.n, list.event = nil, 0, nil
+    self.delivering[event] = nil
+    list.n, list.event = 0, nil
     self.spare = list
   end
   if self.nested > 0 then signal_nested(self, event, ...) end
+  if self.deferred[event] then run_deferred(self, event) end
   if self.finished then return false end
   list = events[event]
   if list and (list[list.n] or live(list)) then return true end
