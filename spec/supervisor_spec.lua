@@ -214,6 +214,18 @@ describe("a supervisor object", function()
     assert.are.same({ "x1", "y1", "z1", "x2", "y2", "z2" }, got)
   end)
 
+  it("drops a signal made from inside a handler when nobody waits for it", function()
+    local sup, lines = recorded()
+    local answer = "unset"
+    sup:introduce("a", function()
+      yield("waitfor", "E")
+      answer = sup:signal("E") -- a itself no longer waits, nobody else does
+    end)
+    sup:signal("E")
+    assert.is_nil(answer)
+    assert.are.equal("Event E dropped into the bit bucket", lines[#lines])
+  end)
+
   it("logs an actor that yields something other than a wait, and keeps working", function()
     local sup, lines = recorded()
     sup:introduce{ name = "odd", fn = function() yield("sleep", 5) end, restart = "temporary" }
@@ -261,7 +273,9 @@ describe("runaway actors", function()
     assert.is_truthy(at, table.concat(lines, "\n"))
     assert.are.equal("  Coroutine exceeded its allowed running time of 0.05 seconds, without yielding",
       lines[at + 1])
-    assert.is_truthy(find_line(lines, "stack traceback:", at))
+    assert.are.equal("  stack traceback:", lines[at + 2])
+    -- It begins at the actor's own code, not in corowatch's hook.
+    assert.is_truthy(lines[at + 3]:find("spec/supervisor_spec.lua", 1, true), lines[at + 3])
     assert.is_truthy(find_line(lines, "Restarting runaway", at))
     local row = rows_by_name(sup).runaway
     assert.are.same({ "waiting", 1 }, { row.state, row.restarts })
@@ -380,6 +394,20 @@ describe("restart strategies", function()
     assert.are.same({ "b fail", "start b", "start c" }, journal)
     assert.are.same({ "Stopping c", "Restarting b", "Restarting c" }, moves)
     assert.are.same({ "a=0", "b=1", "c=1" }, states)
+  end)
+
+  it("shows the actors still to be restarted as restarting", function()
+    local sup = recorded({ strategy = "one_for_all", intensity = 5 })
+    local seen
+    local lives = 0
+    sup:introduce("a", function()
+      lives = lives + 1
+      if lives == 2 then seen = rows_by_name(sup) end
+      yield("waitfor", "go")
+    end)
+    sup:introduce("b", listener({}, "b", "b"))
+    sup:signal("b", "fail")
+    assert.are.same({ "running", "restarting" }, { seen.a.state, seen.b.state })
   end)
 
   it("one_for_all drops temporary siblings and leaves stopped ones stopped", function()
@@ -554,6 +582,28 @@ describe("done", function()
     sup:introduce{ name = "b", restart = "temporary", fn = make(yield, closed, spin) }
     sup:signal("go", "fail")
     assert.are.same({ "closed", "closed" }, closed)
+    sup:introduce{ name = "c", restart = "temporary", fn = make(yield, closed, spin) }
+    sup:signal("go", "spin")
+    assert.are.same({ "closed", "closed", "closed" }, closed)
+  end)
+
+  it("logs a <close> handler that fails on Lua 5.4", function()
+    if not coroutine.close then
+      pending("Lua 5.4 only: no <close> before it")
+      return
+    end
+    local actor = assert(load([[
+      local yield = ...
+      return function()
+        local guard <close> = setmetatable({}, { __close = function() error("close failed") end })
+        while true do yield("waitfor", "go") end
+      end
+    ]]))(yield)
+    local sup, lines = recorded()
+    sup:introduce("a", actor)
+    sup:done()
+    assert.is_truthy(find_line(lines, "Coroutine a failed while closing: "), table.concat(lines, "\n"))
+    assert.is_truthy(lines[#lines]:find("close failed", 1, true))
   end)
 end)
 

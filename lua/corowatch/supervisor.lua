@@ -17,8 +17,8 @@ local cw_create, cw_resume, cw_yield, cw_watch, gettime =
   cw.create, cw.resume, cw.yield, cw.watch, cw.gettime
 local raw_status = coroutine.status
 local traceback, getinfo = debug.traceback, debug.getinfo
-local error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs =
-  error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs
+local error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, rawequal =
+  error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, rawequal
 local concat, sort, remove = table.concat, table.sort, table.remove
 local date, io = os.date, io
 
@@ -200,13 +200,14 @@ local function clear_inner(self, rec)
   end
 end
 
--- Closes a coroutine the supervisor no longer runs (5.4: its `<close>`
--- handlers run), logging a handler's failure. `err` is the error it died
--- with, if any: closing a failed coroutine answers that error again.
-local function close(self, name, co, err)
-  if coclose and (raw_status(co) == "suspended" or err ~= nil) then
+-- Closes a coroutine the supervisor no longer runs (5.4: its pending
+-- `<close>` handlers run; a failed coroutine still has them), logging a
+-- handler's failure. `failed`: it died with error `err`, which closing it
+-- answers again.
+local function close(self, name, co, failed, err)
+  if coclose and (failed or raw_status(co) == "suspended") then
     local ok, why = coclose(co)
-    if not ok and why ~= err then
+    if not ok and not (failed and rawequal(why, err)) then
       say(self, "Coroutine " .. name .. " failed while closing: " .. describe(why))
     end
   end
@@ -346,7 +347,7 @@ local function ended(self, rec, co, how, err)
   rec.co = nil
   unwait(self, rec)
   clear_inner(self, rec)
-  if how ~= "returned" then close(self, name, co, how == "error" and err or nil) end
+  if how ~= "returned" then close(self, name, co, how == "error", err) end
 
   local policy = rec.restart
   if policy == "temporary" then
@@ -365,15 +366,14 @@ local function ended(self, rec, co, how, err)
 end
 
 local function request_name(todo, what)
-  if todo == "waitfor" then return "waitfor with an invalid event " .. tostring(what) end
-  return "unknown request " .. tostring(todo)
+  if todo == "waitfor" then return "waitfor with an invalid event " .. describe(what) end
+  return "unknown request " .. describe(todo)
 end
 
 local function settle_other(self, rec, co, ok, todo, what)
   if rec.co ~= co then
     -- Stopped or restarted while it ran (from inside an actor): let it go.
-    if raw_status(co) == "suspended" then close(self, rec.name, co) end
-    return
+    return close(self, rec.name, co, not ok, todo)
   end
   if not ok then return ended(self, rec, co, "error", todo) end
   if todo == RETURNED then return ended(self, rec, co, "returned") end
