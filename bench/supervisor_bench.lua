@@ -16,7 +16,7 @@ local seed_supervisor = dofile("bench/seed003_supervisor.lua")
 local create, resume, yield = coroutine.create, coroutine.resume, coroutine.yield
 local clock = os.clock
 
-local DELIVERIES = tonumber(arg and arg[1]) or 4e5 -- per measurement
+local DELIVERIES = tonumber(arg and arg[1]) or 2e5 -- per measurement
 local ROUNDS = 7 -- best of
 
 -- The seed's sample processor, made endless: checks what it is given.
