@@ -444,6 +444,35 @@ describe("restart strategies", function()
     assert.are.same({ "a 1", "b 1", "c 1" }, journal)
   end)
 
+  it("restarts the actor whose signal made another fail, and lets its old life go when it waits", function()
+    local sup, lines = recorded({ strategy = "one_for_all", intensity = 5 })
+    local journal = {}
+    local a_lives, b_lives = 0, 0
+    sup:introduce("a", function()
+      a_lives = a_lives + 1
+      local life = a_lives
+      while true do
+        yield("waitfor", "go")
+        sup:signal("b")
+        journal[#journal + 1] = "a" .. life .. " back"
+      end
+    end)
+    sup:introduce("b", function()
+      b_lives = b_lives + 1
+      yield("waitfor", "b")
+      if b_lives == 1 then error("b fails") end
+      yield("waitfor", "b")
+    end)
+    assert.is_true(sup:signal("go"))
+    -- a1 was running (inside its signal) when b failed: stopped, a2 started;
+    -- a1 runs on until it waits, and that wait is not kept.
+    assert.are.same({ "a1 back" }, journal)
+    assert.is_truthy(find_line(lines, "Stopping a"))
+    assert.are.same({ 2, 2 }, { a_lives, b_lives })
+    assert.is_true(sup:signal("go"))
+    assert.are.same({ "a1 back", "a2 back" }, journal)
+  end)
+
   it("does not deliver the signal in progress to actors restarted by it", function()
     local sup = recorded({ strategy = "one_for_all", intensity = 5 })
     local journal = {}
