@@ -736,6 +736,8 @@ describe("bad input", function()
       "corowatch.supervisor: introduce: limit must be a positive number of seconds or false, got -1")
     assert.has_error(function() sup:introduce{ name = "a", fn = spin, args = 3 } end,
       "bad argument #1 to 'introduce' (field 'args': table or nil expected, got number)")
+    assert.has_error(function() sup:introduce{ name = "a", fn = spin, args = { n = "2" } } end,
+      "bad argument #1 to 'introduce' (field 'args.n': integer >= 0 or nil expected, got string)")
     sup:introduce("a", listener({}, "a"))
     assert.has_error(function() sup:introduce("a", spin) end,
       'corowatch.supervisor: introduce: an actor named "a" already exists')

@@ -513,7 +513,6 @@ local function signal_nested(self, event, ...)
   end
 end
 
-
 --- Introduces an actor and runs it until it waits, as the seed does.
 -- `sup:introduce(name, fn, ...)` or `sup:introduce{ name =, fn =, args = {...},
 -- restart = "permanent" | "transient" | "temporary", limit = seconds | false }`.
@@ -537,6 +536,8 @@ function Supervisor:introduce(name, fn, ...)
       args = { n = 0 }
     elseif type(args) ~= "table" then
       argerror(1, "introduce", "field 'args': table or nil", args)
+    elseif args.n ~= nil and (type(args.n) ~= "number" or args.n < 0 or args.n % 1 ~= 0) then
+      argerror(1, "introduce", "field 'args.n': integer >= 0 or nil", args.n)
     else
       args = { n = args.n or #args, unpack(args, 1, args.n or #args) }
     end
