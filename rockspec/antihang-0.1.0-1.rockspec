@@ -30,6 +30,7 @@ build = {
     lua = {
       mtint = "lua/mtint.lua",
       corowatch = "lua/corowatch.lua",
+      ["corowatch.supervisor"] = "lua/corowatch/supervisor.lua",
     },
     lib = {
       ["corowatch.core"] = "build/rock/core.so",

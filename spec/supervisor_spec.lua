@@ -1,0 +1,783 @@
+-- corowatch.supervisor: seed 003's protocol, OTP-style restarts, runaway
+-- actors killed.
+if jit then jit.off() end -- LuaJIT: compiled loops never call hooks
+
+local supervisor = require("corowatch.supervisor")
+local corowatch = require("corowatch")
+local seed003 = require("spec.helpers.seed003")
+
+local yield = coroutine.yield
+local gettime = corowatch.gettime
+
+-- A supervisor whose log lines are kept in `lines`.
+local function recorded(options)
+  local lines = {}
+  options = options or {}
+  options.log = function(line) lines[#lines + 1] = line end
+  return supervisor.new(options), lines
+end
+
+-- Index of the first line matching `pattern` (plain find), or nil.
+local function find_line(lines, pattern, from)
+  for i = from or 1, #lines do
+    if lines[i]:find(pattern, 1, true) then return i end
+  end
+end
+
+local function spin()
+  local x = 0
+  while true do x = x + 1 end
+end
+
+-- An actor that records each event it gets in `journal` and waits again.
+local function listener(journal, name, event)
+  return function()
+    journal[#journal + 1] = "start " .. name
+    while true do
+      local _, value = yield("waitfor", event or "go")
+      journal[#journal + 1] = name .. " " .. tostring(value)
+      if value == "fail" then error(name .. " fails on purpose") end
+    end
+  end
+end
+
+local function rows_by_name(sup)
+  local rows = {}
+  for _, row in ipairs(sup:status()) do rows[row.name] = row end
+  return rows
+end
+
+describe("the seed's protocol", function()
+  it("runs the seed's test driver unchanged, to Endcount 12, as the seed's own supervisor does", function()
+    local ours, ok = seed003.run_driver(false)
+    assert.is_true(ok, table.concat(ours, "\n"))
+    assert.are.same({ "Starting up", "Shutting down", "Endcount 12" }, ours)
+    local original, original_ok = seed003.run_driver(true)
+    assert.is_true(original_ok)
+    assert.are.same(original, ours)
+  end)
+
+  it("runs the driver with other sizes as the seed does", function()
+    local ours = seed003.run_driver(false, 25, 7)
+    assert.are.same(seed003.run_driver(true, 25, 7), ours)
+    assert.are.equal("Endcount 7", ours[#ours])
+  end)
+
+  it("logs an actor's failure with its name and traceback, where the seed crashes", function()
+    local function faulty()
+      yield("waitfor", "TICK")
+      error("boom")
+    end
+    local function drive(body)
+      local super = coroutine.create(body)
+      assert(coroutine.resume(super, "introduce", "p0001", faulty))
+      return coroutine.resume(super, "signal", "TICK", 1)
+    end
+    -- The seed's own: remove() forgets the name before it is logged.
+    local _, ok, err = seed003.capture_stderr(drive, seed003.original())
+    assert.is_false(ok)
+    assert.is_truthy(err:find("bad argument #2 to 'write'", 1, true), err)
+
+    local lines, ours_ok, more = seed003.capture_stderr(drive, supervisor.coroutine)
+    assert.is_true(ours_ok)
+    assert.is_true(more) -- restarted (transient, after a failure), it waits for TICK again
+    local at = find_line(lines, "Coroutine p0001 failed with error:")
+    assert.is_truthy(at, table.concat(lines, "\n"))
+    assert.is_truthy(lines[at + 1]:find("boom", 1, true))
+    assert.is_truthy(find_line(lines, "stack traceback:", at))
+    assert.is_truthy(find_line(lines, "in function", at))
+  end)
+
+  it("answers signal as the seed does: true, false, nil (logged)", function()
+    local sup, lines = recorded()
+    local super = coroutine.create(function(...) return sup:serve(...) end)
+    assert(coroutine.resume(super, "introduce", "a", function()
+      yield("waitfor", "TICK")
+      yield("waitfor", "TICK")
+    end))
+    assert.are.same({ true, true }, { coroutine.resume(super, "signal", "TICK") })
+    assert.are.same({ true, false }, { coroutine.resume(super, "signal", "TICK") })
+    assert.are.same({ true, nil }, { coroutine.resume(super, "signal", "TICK") })
+    assert.are.equal("Event TICK dropped into the bit bucket", lines[#lines])
+  end)
+
+  it("logs unknown commands with their arguments, and one that fails, and goes on", function()
+    local sup, lines = recorded()
+    local super = coroutine.create(function(...) return sup:serve(...) end)
+    assert(coroutine.resume(super, "status"))
+    assert(coroutine.resume(super, "frobnicate", "x", 2, nil))
+    assert.are.same({ "Supervisor received unknown message frobnicate",
+      '..with arguments: "x", 2, nil' }, { lines[#lines - 1], lines[#lines] })
+    assert(coroutine.resume(super, nil))
+    assert.are.equal("Supervisor received unknown message nil", lines[#lines])
+    -- (the seed's own crashes there: it writes the nil)
+    local _, ok, err = seed003.capture_stderr(function()
+      local seed = coroutine.create(seed003.original())
+      assert(coroutine.resume(seed, "status"))
+      return coroutine.resume(seed, nil)
+    end)
+    assert.is_false(ok)
+    assert.is_truthy(err:find("bad argument #2 to 'write'", 1, true), err)
+    assert(coroutine.resume(super, "introduce", "a", listener({}, "a")))
+    assert(coroutine.resume(super, "introduce", "a", listener({}, "a")))
+    assert.is_truthy(lines[#lines]:find('^Supervisor command introduce failed: .*"a" already exists'))
+    assert(coroutine.resume(super, "status"))
+    assert.are.equal("a is waiting for go", lines[#lines])
+    assert(coroutine.resume(super, "done"))
+    assert.are.equal("dead", coroutine.status(super))
+    assert.are.equal("Shutting down", lines[#lines])
+  end)
+
+  it("accepts supervisor.waitfor as the way to wait", function()
+    local sup = recorded()
+    local got = {}
+    sup:introduce("a", function()
+      while true do got[#got + 1] = select(2, supervisor.waitfor("E")) end
+    end)
+    assert.is_true(sup:signal("E", 1))
+    assert.is_true(sup:signal("E", 2))
+    assert.are.same({ 1, 2 }, got)
+    assert.has_error(function() supervisor.waitfor(nil) end,
+      "bad argument #1 to 'waitfor' (event (not nil or NaN) expected, got nil)")
+  end)
+end)
+
+describe("a supervisor object", function()
+  it("starts an actor and runs it until it waits, with its arguments", function()
+    local sup = recorded()
+    local seen
+    assert.are.equal("waiting", sup:introduce("a", function(x, y)
+      seen = { x, y }
+      yield("waitfor", "E")
+    end, 1, 2))
+    assert.are.same({ 1, 2 }, seen)
+    assert.are.equal("stopped", sup:introduce{ name = "b", fn = function(...)
+      seen = { n = select("#", ...), ... }
+    end, args = { n = 3, "p", nil, "q" } })
+    assert.are.same({ n = 3, "p", nil, "q" }, seen)
+  end)
+
+  it("resumes waiting actors in the order they began to wait, each once per signal", function()
+    local sup = recorded()
+    local journal = {}
+    for _, name in ipairs({ "c", "a", "b" }) do sup:introduce(name, listener(journal, name)) end
+    assert.is_true(sup:signal("go", 1))
+    assert.are.same({ "start c", "start a", "start b", "c 1", "a 1", "b 1" }, journal)
+  end)
+
+  it("reports status rows sorted by name, and logs who waits, as the seed does", function()
+    local sup, lines = recorded()
+    sup:introduce("b", listener({}, "b", "X"))
+    sup:introduce("a", listener({}, "a", "Y"))
+    sup:introduce{ name = "c", fn = function() end }
+    local rows = sup:status()
+    assert.are.same({
+      { name = "a", state = "waiting", event = "Y", restarts = 0 },
+      { name = "b", state = "waiting", event = "X", restarts = 0 },
+      { name = "c", state = "stopped", restarts = 0 },
+    }, rows)
+    assert.are.same({ "a is waiting for Y", "b is waiting for X" }, { lines[#lines - 1], lines[#lines] })
+  end)
+
+  it("shows an actor as running while it runs", function()
+    local sup = recorded()
+    local seen
+    sup:introduce("a", function()
+      yield("waitfor", "E")
+      seen = rows_by_name(sup).a.state
+      yield("waitfor", "E")
+    end)
+    sup:signal("E")
+    assert.are.equal("running", seen)
+  end)
+
+  it("lets actors signal other actors, and the same event, from inside a handler", function()
+    local sup = recorded()
+    local journal = {}
+    sup:introduce("relay", function()
+      while true do
+        local _, n = yield("waitfor", "ping")
+        journal[#journal + 1] = "relay " .. n
+        sup:signal("pong", n)
+      end
+    end)
+    sup:introduce("sink", listener(journal, "sink", "pong"))
+    assert.is_true(sup:signal("ping", 1))
+    assert.are.same({ "start sink", "relay 1", "sink 1" }, journal)
+
+    -- Three actors wait for E; the first signals E again: that signal is
+    -- delivered once this one is, to everyone, in order.
+    local got = {}
+    local function taker(name)
+      return function()
+        while true do
+          local _, n = yield("waitfor", "E")
+          got[#got + 1] = name .. n
+          if name == "x" and n == 1 then sup:signal("E", 2) end
+        end
+      end
+    end
+    for _, name in ipairs({ "x", "y", "z" }) do sup:introduce(name, taker(name)) end
+    assert.is_true(sup:signal("E", 1))
+    assert.are.same({ "x1", "y1", "z1", "x2", "y2", "z2" }, got)
+  end)
+
+  it("drops a signal made from inside a handler when nobody waits for it", function()
+    local sup, lines = recorded()
+    local answer = "unset"
+    sup:introduce("a", function()
+      yield("waitfor", "E")
+      answer = sup:signal("E") -- a itself no longer waits, nobody else does
+    end)
+    sup:signal("E")
+    assert.is_nil(answer)
+    assert.are.equal("Event E dropped into the bit bucket", lines[#lines])
+  end)
+
+  it("logs an actor that yields something other than a wait, and keeps working", function()
+    local sup, lines = recorded()
+    sup:introduce{ name = "odd", fn = function() yield("sleep", 5) end, restart = "temporary" }
+    local at = find_line(lines, "Coroutine odd unknown request sleep:")
+    assert.is_truthy(at, table.concat(lines, "\n"))
+    assert.are.equal("  bad return value", lines[at + 1])
+    sup:introduce{ name = "nil-event", fn = function() yield("waitfor", nil) end, restart = "temporary" }
+    assert.is_truthy(find_line(lines, "Coroutine nil-event waitfor with an invalid event nil:"))
+    sup:introduce("fine", listener({}, "fine"))
+    assert.is_true(sup:signal("go"))
+  end)
+
+  it("never lets a log function that fails break it", function()
+    local sup = supervisor.new({ log = function() error("log broken") end })
+    local saved = io.stderr
+    io.stderr = { write = function(self) return self end } -- luacheck: ignore 122
+    local ok, result = pcall(sup.signal, sup, "nobody")
+    io.stderr = saved -- luacheck: ignore 122
+    assert.is_true(ok)
+    assert.is_nil(result)
+  end)
+end)
+
+describe("runaway actors", function()
+  it("are killed at their limit, logged, and restarted, while the others still get signals", function()
+    local sup, lines = recorded({ limit = 0.05, intensity = 5 })
+    local journal = {}
+    sup:introduce("a", listener(journal, "a"))
+    sup:introduce{ name = "runaway", restart = "permanent", fn = function()
+      journal[#journal + 1] = "start runaway"
+      while true do
+        local _, value = yield("waitfor", "go")
+        journal[#journal + 1] = "runaway " .. tostring(value)
+        if value == "spin" then spin() end
+      end
+    end }
+    sup:introduce("z", listener(journal, "z"))
+    local started = gettime()
+    assert.is_true(sup:signal("go", "spin"))
+    local elapsed = gettime() - started
+    assert.is_true(elapsed >= 0.05 and elapsed < 0.1 + 0.5, "signal took " .. elapsed)
+    assert.are.same({ "start a", "start runaway", "start z",
+      "a spin", "runaway spin", "start runaway", "z spin" }, journal)
+    local at = find_line(lines, "Coroutine runaway killed at its limit of 0.05 seconds:")
+    assert.is_truthy(at, table.concat(lines, "\n"))
+    assert.are.equal("  Coroutine exceeded its allowed running time of 0.05 seconds, without yielding",
+      lines[at + 1])
+    assert.are.equal("  stack traceback:", lines[at + 2])
+    -- It begins at the actor's own code, not in corowatch's hook.
+    assert.is_truthy(lines[at + 3]:find("spec/supervisor_spec.lua", 1, true), lines[at + 3])
+    assert.is_truthy(find_line(lines, "Restarting runaway", at))
+    local row = rows_by_name(sup).runaway
+    assert.are.same({ "waiting", 1 }, { row.state, row.restarts })
+    assert.is_truthy(row.last_error:find("^Coroutine exceeded its allowed running time"))
+    -- and everyone, the restarted one included, gets the next signal
+    assert.is_true(sup:signal("go", "calm"))
+    assert.are.same({ "a calm", "runaway calm", "z calm" }, { journal[8], journal[9], journal[10] })
+  end)
+
+  it("are killed even when they swallow errors with pcall in a loop", function()
+    local sup, lines = recorded({ limit = 0.05 })
+    sup:introduce("stubborn", function()
+      yield("waitfor", "go")
+      while true do pcall(spin) end
+    end)
+    local started = gettime()
+    sup:signal("go")
+    assert.is_true(gettime() - started < 0.6)
+    assert.is_truthy(find_line(lines, "Coroutine stubborn killed at its limit"), table.concat(lines, "\n"))
+    assert.are.equal("waiting", rows_by_name(sup).stubborn.state) -- transient: restarted after a failure
+  end)
+
+  it("are killed while they initialise, in introduce", function()
+    local sup, lines = recorded({ limit = 0.05 })
+    assert.are.equal("stopped", sup:introduce{ name = "x", fn = spin, restart = "temporary" })
+    assert.is_truthy(find_line(lines, "Coroutine x killed at its limit"))
+  end)
+
+  it("run unwatched with limit = false", function()
+    local sup = recorded({ limit = 0.01 })
+    local done_at
+    sup:introduce{ name = "slow", limit = false, fn = function()
+      local t = gettime()
+      while gettime() - t < 0.05 do end
+      done_at = "finished"
+    end }
+    assert.are.equal("finished", done_at)
+    assert.is_nil(rows_by_name(sup).slow.last_error)
+  end)
+end)
+
+describe("restart types", function()
+  it("restart a transient actor after a failure, not after a normal return", function()
+    local sup = recorded({ intensity = 5 })
+    local starts = 0
+    sup:introduce("t", function()
+      starts = starts + 1
+      local _, how = yield("waitfor", "go")
+      if how == "fail" then error("failed") end
+    end)
+    sup:signal("go", "fail")
+    assert.are.same({ 2, "waiting", 1 }, { starts, rows_by_name(sup).t.state, rows_by_name(sup).t.restarts })
+    assert.is_false(sup:signal("go", "return"))
+    assert.are.same({ 2, "stopped" }, { starts, rows_by_name(sup).t.state })
+  end)
+
+  it("restart a permanent actor even after a normal return", function()
+    local sup = recorded({ intensity = 5 })
+    local starts = 0
+    sup:introduce{ name = "p", restart = "permanent", fn = function()
+      starts = starts + 1
+      yield("waitfor", "go")
+    end }
+    assert.is_true(sup:signal("go"))
+    assert.are.equal(2, starts)
+  end)
+
+  it("never restart a temporary actor, and forget it", function()
+    local sup, lines = recorded({ intensity = 5 })
+    sup:introduce{ name = "tmp", restart = "temporary", fn = function()
+      yield("waitfor", "go")
+      error("gone")
+    end }
+    assert.is_false(sup:signal("go"))
+    assert.is_nil(rows_by_name(sup).tmp)
+    assert.is_truthy(find_line(lines, "Coroutine tmp failed with error:"))
+  end)
+end)
+
+describe("restart strategies", function()
+  -- Three listeners a, b, c; b fails. Returns the journal and the log
+  -- lines about stopping and restarting.
+  local function fail_b(strategy)
+    local sup, lines = recorded({ strategy = strategy, intensity = 5 })
+    local journal = {}
+    for _, name in ipairs({ "a", "b", "c" }) do
+      sup:introduce(name, listener(journal, name, name))
+    end
+    for i = #journal, 1, -1 do journal[i] = nil end
+    assert.is_true(sup:signal("b", "fail")) -- b waits again, restarted
+    local moves = {}
+    for _, line in ipairs(lines) do
+      if line:find("^Stopping ") or line:find("^Restarting ") then moves[#moves + 1] = line end
+    end
+    local states = {}
+    for _, row in ipairs(sup:status()) do states[#states + 1] = row.name .. "=" .. row.restarts end
+    return journal, moves, states
+  end
+
+  it("one_for_one restarts the failed actor only", function()
+    local journal, moves, states = fail_b("one_for_one")
+    assert.are.same({ "b fail", "start b" }, journal)
+    assert.are.same({ "Restarting b" }, moves)
+    assert.are.same({ "a=0", "b=1", "c=0" }, states)
+  end)
+
+  it("one_for_all stops the others in reverse start order, then restarts all in start order", function()
+    local journal, moves, states = fail_b("one_for_all")
+    assert.are.same({ "b fail", "start a", "start b", "start c" }, journal)
+    assert.are.same({ "Stopping c", "Stopping a", "Restarting a", "Restarting b", "Restarting c" }, moves)
+    assert.are.same({ "a=1", "b=1", "c=1" }, states)
+  end)
+
+  it("rest_for_one restarts the failed actor and those introduced after it", function()
+    local journal, moves, states = fail_b("rest_for_one")
+    assert.are.same({ "b fail", "start b", "start c" }, journal)
+    assert.are.same({ "Stopping c", "Restarting b", "Restarting c" }, moves)
+    assert.are.same({ "a=0", "b=1", "c=1" }, states)
+  end)
+
+  it("shows the actors still to be restarted as restarting", function()
+    local sup = recorded({ strategy = "one_for_all", intensity = 5 })
+    local seen
+    local lives = 0
+    sup:introduce("a", function()
+      lives = lives + 1
+      if lives == 2 then seen = rows_by_name(sup) end
+      yield("waitfor", "go")
+    end)
+    sup:introduce("b", listener({}, "b", "b"))
+    sup:signal("b", "fail")
+    assert.are.same({ "running", "restarting" }, { seen.a.state, seen.b.state })
+  end)
+
+  it("one_for_all drops temporary siblings and leaves stopped ones stopped", function()
+    local sup = recorded({ strategy = "one_for_all", intensity = 5 })
+    local journal = {}
+    sup:introduce{ name = "tmp", restart = "temporary", fn = listener(journal, "tmp") }
+    sup:introduce{ name = "ended", fn = function() end }
+    sup:introduce("x", listener(journal, "x", "x"))
+    sup:signal("x", "fail")
+    local rows = rows_by_name(sup)
+    assert.is_nil(rows.tmp)
+    assert.are.same({ "stopped", 0 }, { rows.ended.state, rows.ended.restarts })
+    assert.are.same({ "waiting", 1 }, { rows.x.state, rows.x.restarts })
+  end)
+
+  it("keeps delivering a signal to the actors a restart did not touch", function()
+    local sup = recorded({ strategy = "one_for_one", intensity = 5 })
+    local journal = {}
+    for _, name in ipairs({ "a", "b", "c" }) do sup:introduce(name, listener(journal, name)) end
+    for i = #journal, 1, -1 do journal[i] = nil end
+    sup:introduce("f", function()
+      yield("waitfor", "go")
+      error("f fails")
+    end)
+    assert.is_true(sup:signal("go", 1))
+    assert.are.same({ "a 1", "b 1", "c 1" }, journal)
+  end)
+
+  it("restarts the actor whose signal made another fail, and lets its old life go when it waits", function()
+    local sup, lines = recorded({ strategy = "one_for_all", intensity = 5 })
+    local journal = {}
+    local a_lives, b_lives = 0, 0
+    sup:introduce("a", function()
+      a_lives = a_lives + 1
+      local life = a_lives
+      while true do
+        yield("waitfor", "go")
+        sup:signal("b")
+        journal[#journal + 1] = "a" .. life .. " back"
+      end
+    end)
+    sup:introduce("b", function()
+      b_lives = b_lives + 1
+      yield("waitfor", "b")
+      if b_lives == 1 then error("b fails") end
+      yield("waitfor", "b")
+    end)
+    assert.is_true(sup:signal("go"))
+    -- a1 was running (inside its signal) when b failed: stopped, a2 started;
+    -- a1 runs on until it waits, and that wait is not kept.
+    assert.are.same({ "a1 back" }, journal)
+    assert.is_truthy(find_line(lines, "Stopping a"))
+    assert.are.same({ 2, 2 }, { a_lives, b_lives })
+    assert.is_true(sup:signal("go"))
+    assert.are.same({ "a1 back", "a2 back" }, journal)
+  end)
+
+  it("does not deliver the signal in progress to actors restarted by it", function()
+    local sup = recorded({ strategy = "one_for_all", intensity = 5 })
+    local journal = {}
+    local failed = false
+    sup:introduce("f", function()
+      journal[#journal + 1] = "start f"
+      yield("waitfor", "go")
+      if not failed then
+        failed = true
+        error("f fails")
+      end
+      yield("waitfor", "go")
+    end)
+    sup:introduce("late", listener(journal, "late"))
+    for i = #journal, 1, -1 do journal[i] = nil end
+    assert.is_true(sup:signal("go", 1))
+    -- late was stopped before it got "go" and restarted waiting for it
+    assert.are.same({ "start f", "start late" }, journal)
+    assert.is_true(sup:signal("go", 2))
+    assert.are.same("late 2", journal[#journal])
+  end)
+end)
+
+describe("restart intensity", function()
+  local function always_failing()
+    yield("waitfor", "go")
+    error("again")
+  end
+
+  it("stops every actor, logs why, and makes later calls raise, past intensity restarts", function()
+    local sup, lines = recorded({ intensity = 2, period = 5 })
+    sup:introduce("bystander", listener({}, "bystander", "other"))
+    sup:introduce("f", always_failing)
+    assert.is_true(sup:signal("go")) -- restart 1
+    assert.is_true(sup:signal("go")) -- restart 2
+    assert.is_false(sup:signal("go")) -- a third: too many
+    assert.is_truthy(find_line(lines,
+      "Supervisor shutting down: more than 2 restarts within 5 seconds (the last for f)"), table.concat(lines, "\n"))
+    local rows = rows_by_name(sup)
+    assert.are.same({ "stopped", "stopped" }, { rows.f.state, rows.bystander.state })
+    assert.has_error(function() sup:signal("go") end,
+      "corowatch.supervisor: signal: the supervisor is stopped "
+      .. "(more than 2 restarts within 5 seconds (the last for f))")
+    assert.has_error(function() sup:introduce("x", always_failing) end)
+    sup:done() -- harmless
+  end)
+
+  it("forgets restarts older than the period", function()
+    local sup = recorded({ intensity = 1, period = 0.05 })
+    sup:introduce("f", always_failing)
+    for _ = 1, 4 do
+      local t = gettime()
+      while gettime() - t < 0.06 do end
+      assert.is_true(sup:signal("go"))
+    end
+    assert.are.equal(4, rows_by_name(sup).f.restarts)
+  end)
+
+  it("allows no restart at all with intensity 0", function()
+    local sup = recorded({ intensity = 0 })
+    sup:introduce("f", always_failing)
+    assert.is_false(sup:signal("go"))
+    assert.has_error(function() sup:signal("go") end)
+  end)
+
+  it("ends an actor that fails as it restarts, through the intensity, not a loop", function()
+    local sup, lines = recorded({ intensity = 3 })
+    local starts = 0
+    sup:introduce("f", function()
+      starts = starts + 1
+      if starts > 1 then error("cannot start") end
+      yield("waitfor", "go")
+      error("failed")
+    end)
+    assert.is_false(sup:signal("go"))
+    assert.are.equal(4, starts) -- the first, then the 3 restarts allowed; a 4th is one too many
+    assert.is_truthy(find_line(lines, "Supervisor shutting down"))
+  end)
+end)
+
+describe("done", function()
+  it("stops every actor; later calls raise a clear error", function()
+    local sup = recorded()
+    sup:introduce("a", listener({}, "a"))
+    sup:introduce("b", listener({}, "b"))
+    sup:done()
+    for _, row in ipairs(sup:status()) do assert.are.equal("stopped", row.state) end
+    assert.has_error(function() sup:signal("go") end,
+      "corowatch.supervisor: signal: the supervisor is stopped (done() was called)")
+  end)
+
+  it("stops from inside an actor, the running one included", function()
+    local sup = recorded()
+    sup:introduce("a", listener({}, "a"))
+    sup:introduce("quitter", function()
+      yield("waitfor", "go")
+      sup:done()
+      yield("waitfor", "go") -- it is stopped: this wait is not kept
+    end)
+    assert.is_false(sup:signal("go"))
+    for _, row in ipairs(sup:status()) do assert.are.equal("stopped", row.state) end
+  end)
+
+  it("runs <close> handlers in reverse start order on Lua 5.4", function()
+    if not coroutine.close then
+      pending("Lua 5.4 only: no <close> before it")
+      return
+    end
+    -- Loaded with `load` so that other versions can parse this file.
+    local make = assert(load([[
+      local yield, closed = ...
+      return function(name)
+        return function()
+          local guard <close> = setmetatable({}, { __close = function() closed[#closed + 1] = name end })
+          while true do yield("waitfor", "go") end
+        end
+      end
+    ]]))
+    local closed = {}
+    local actor = make(yield, closed)
+    local sup = recorded()
+    for _, name in ipairs({ "a", "b", "c" }) do sup:introduce(name, actor(name)) end
+    sup:done()
+    assert.are.same({ "c", "b", "a" }, closed)
+  end)
+
+  it("runs a failed or killed actor's <close> handlers on Lua 5.4, after logging it", function()
+    if not coroutine.close then
+      pending("Lua 5.4 only: no <close> before it")
+      return
+    end
+    local make = assert(load([[
+      local yield, closed, spin = ...
+      return function()
+        local guard <close> = setmetatable({}, { __close = function() closed[#closed + 1] = "closed" end })
+        local _, how = yield("waitfor", "go")
+        if how == "spin" then spin() end
+        error("failed")
+      end
+    ]]))
+    local closed = {}
+    local sup = recorded({ limit = 0.05, intensity = 5 })
+    sup:introduce{ name = "a", restart = "temporary", fn = make(yield, closed, spin) }
+    sup:introduce{ name = "b", restart = "temporary", fn = make(yield, closed, spin) }
+    sup:signal("go", "fail")
+    assert.are.same({ "closed", "closed" }, closed)
+    sup:introduce{ name = "c", restart = "temporary", fn = make(yield, closed, spin) }
+    sup:signal("go", "spin")
+    assert.are.same({ "closed", "closed", "closed" }, closed)
+  end)
+
+  it("logs a <close> handler that fails on Lua 5.4", function()
+    if not coroutine.close then
+      pending("Lua 5.4 only: no <close> before it")
+      return
+    end
+    local actor = assert(load([[
+      local yield = ...
+      return function()
+        local guard <close> = setmetatable({}, { __close = function() error("close failed") end })
+        while true do yield("waitfor", "go") end
+      end
+    ]]))(yield)
+    local sup, lines = recorded()
+    sup:introduce("a", actor)
+    sup:done()
+    assert.is_truthy(find_line(lines, "Coroutine a failed while closing: "), table.concat(lines, "\n"))
+    assert.is_truthy(lines[#lines]:find("close failed", 1, true))
+  end)
+end)
+
+describe("nested supervisors", function()
+  it("deliver the outer supervisor's signals to the inner one's actors", function()
+    local outer = recorded()
+    local journal = {}
+    outer:introduce("x", listener(journal, "x"))
+    outer:introduce("inner", supervisor.run, { log = false }, function(inner)
+      inner:introduce("y", listener(journal, "y"))
+      inner:introduce("z", listener(journal, "z", "only-z"))
+    end)
+    assert.are.same("waiting", rows_by_name(outer).inner.state)
+    assert.is_true(outer:signal("go", 1))
+    assert.is_true(outer:signal("only-z", 2))
+    assert.is_nil(outer:signal("nobody"))
+    assert.are.same({ "start x", "start y", "start z", "x 1", "y 1", "z 2" }, journal)
+  end)
+
+  it("restart inside the inner supervisor, and restart the inner one when it gives up", function()
+    local outer, lines = recorded({ intensity = 5 })
+    local inits = 0
+    local journal = {}
+    outer:introduce("inner", supervisor.run, { intensity = 1, log = false }, function(inner)
+      inits = inits + 1
+      inner:introduce("y", listener(journal, "y"))
+    end)
+    outer:signal("go", "fail") -- y restarted inside
+    assert.are.equal(1, inits)
+    outer:signal("go", "fail") -- a second restart within 5 s: the inner one stops and fails
+    assert.are.equal(2, inits)
+    assert.is_truthy(find_line(lines, "Coroutine inner failed with error:"), table.concat(lines, "\n"))
+    assert.is_truthy(find_line(lines, "the nested supervisor stopped"))
+    assert.is_true(outer:signal("go", "fine"))
+    assert.are.equal("y fine", journal[#journal])
+  end)
+
+  it("stop with the outer supervisor", function()
+    local outer = recorded()
+    local inner_sup
+    outer:introduce("inner", supervisor.run, { log = false }, function(inner)
+      inner_sup = inner
+      inner:introduce("y", listener({}, "y"))
+    end)
+    outer:done()
+    assert.are.equal("stopped", inner_sup:status()[1].state)
+  end)
+
+  it("kill a runaway actor of the inner supervisor at its own limit", function()
+    local outer, outer_lines = recorded()
+    local lines = {}
+    outer:introduce("inner", supervisor.run, { limit = 0.05, log = function(l) lines[#lines + 1] = l end },
+      function(inner)
+        inner:introduce("r", function()
+          yield("waitfor", "go")
+          spin()
+        end)
+      end)
+    outer:signal("go")
+    assert.is_truthy(find_line(lines, "Coroutine r killed at its limit of 0.05 seconds"), table.concat(lines, "\n"))
+    assert.is_nil(find_line(outer_lines, "failed"))
+    assert.are.equal("waiting", rows_by_name(outer).inner.state)
+  end)
+end)
+
+describe("bad input", function()
+  it("names a bad option of new", function()
+    assert.has_error(function() supervisor.new({ strategy = "one_for_some" }) end,
+      "corowatch.supervisor.new: unknown strategy one_for_some (one_for_one, one_for_all or rest_for_one)")
+    assert.has_error(function() supervisor.new({ intensity = -1 }) end,
+      "corowatch.supervisor.new: intensity must be an integer >= 0, got -1")
+    assert.has_error(function() supervisor.new({ period = 0 }) end,
+      "corowatch.supervisor.new: period must be a positive number of seconds, got 0")
+    assert.has_error(function() supervisor.new({ limit = "1" }) end,
+      "corowatch.supervisor.new: limit must be a positive number of seconds or false, got 1")
+    assert.has_error(function() supervisor.new({ log = "stderr" }) end,
+      "corowatch.supervisor.new: log must be a function or false, got string")
+    assert.has_error(function() supervisor.new(5) end,
+      "bad argument #1 to 'new' (table or nil expected, got number)")
+  end)
+
+  it("names a bad argument of introduce, and the supervisor keeps working", function()
+    local sup = recorded()
+    assert.has_error(function() sup:introduce(nil, spin) end,
+      "bad argument #1 to 'introduce' (string or table expected, got nil)")
+    assert.has_error(function() sup:introduce("a") end,
+      "bad argument #2 to 'introduce' (function expected, got nil)")
+    assert.has_error(function() sup:introduce{ name = "a" } end,
+      "bad argument #1 to 'introduce' (field 'fn': function expected, got nil)")
+    assert.has_error(function() sup:introduce{ name = "a", fn = spin, restart = "sometimes" } end,
+      "corowatch.supervisor: introduce: unknown restart type sometimes (permanent, transient or temporary)")
+    assert.has_error(function() sup:introduce{ name = "a", fn = spin, limit = -1 } end,
+      "corowatch.supervisor: introduce: limit must be a positive number of seconds or false, got -1")
+    assert.has_error(function() sup:introduce{ name = "a", fn = spin, args = 3 } end,
+      "bad argument #1 to 'introduce' (field 'args': table or nil expected, got number)")
+    assert.has_error(function() sup:introduce{ name = "a", fn = spin, args = { n = "2" } } end,
+      "bad argument #1 to 'introduce' (field 'args.n': integer >= 0 or nil expected, got string)")
+    sup:introduce("a", listener({}, "a"))
+    assert.has_error(function() sup:introduce("a", spin) end,
+      'corowatch.supervisor: introduce: an actor named "a" already exists')
+    assert.is_true(sup:signal("go"))
+  end)
+
+  it("lets a stopped actor's name be introduced again", function()
+    local sup = recorded()
+    sup:introduce("a", function() end)
+    assert.are.equal("waiting", sup:introduce("a", listener({}, "a")))
+    assert.are.equal(1, #sup:status())
+  end)
+
+  it("says so when a method is called without a supervisor", function()
+    local sup = recorded()
+    assert.has_error(function() sup.signal("go") end,
+      "calling 'signal' on bad self (supervisor expected, got string)")
+    assert.has_error(function() sup.introduce({}, "a", spin) end,
+      "calling 'introduce' on bad self (supervisor expected, got table)")
+    assert.has_error(function() sup.status() end,
+      "calling 'status' on bad self (supervisor expected, got nil)")
+  end)
+
+  it("drops a nil or NaN event into the bit bucket", function()
+    local sup, lines = recorded()
+    assert.is_nil(sup:signal(nil))
+    assert.are.equal("Event nil dropped into the bit bucket", lines[#lines])
+    assert.is_nil(sup:signal(0 / 0))
+  end)
+end)
+
+describe("the example", function()
+  it("runs: the seed's scenario, then a runaway actor killed and restarted", function()
+    local lua = os.getenv("CW_LUA") or "lua"
+    local pipe = assert(io.popen(lua .. " examples/supervisor.lua 2>&1; echo \"exit=$?\""))
+    local output = pipe:read("*a")
+    pipe:close()
+    assert.is_truthy(output:find("exit=0", 1, true), output)
+    assert.is_truthy(output:find("Endcount 12", 1, true), output)
+    assert.is_truthy(output:find("killed at its limit", 1, true), output)
+    assert.is_truthy(output:find("Restarting", 1, true), output)
+  end)
+end)
