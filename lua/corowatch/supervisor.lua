@@ -51,9 +51,9 @@ local DONE_REASON = "done() was called"
 local Supervisor = {}
 Supervisor.__index = Supervisor
 
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 -- Arguments and logging
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 
 local function argerror(position, name, expected, got, level)
   error(("bad argument #%d to '%s' (%s expected, got %s)")
@@ -116,9 +116,9 @@ local function log_traceback(self, co, name, what, message, level)
   for line in traceback(co, message, level or 0):gmatch("[^\n]+") do say(self, "  " .. line) end
 end
 
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 -- Waiting: one list per event
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 -- `events[event]` is the list of actors waiting for `event`, at slots
 -- 1 .. list.n in the order they began to wait; an actor that stops waiting
 -- any other way than by being signalled (it is stopped) clears its slot.
@@ -185,9 +185,9 @@ local function waits(self, event)
   return false
 end
 
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 -- Running actors
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 
 local settle -- (self, rec, co, cw.resume's results): what the actor did next
 
@@ -398,9 +398,9 @@ function settle(self, rec, co, ok, todo, what)
   return settle_other(self, rec, co, ok, todo, what)
 end
 
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 -- The object API
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 
 --- Creates a supervisor.
 -- @tparam[opt] table options
@@ -670,9 +670,9 @@ function Supervisor:done()
   self.stopped_because = self.stopped_because or DONE_REASON
 end
 
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 -- The seed's protocol
---------------------------------------------------------------------------
+-- ----------------------------------------------------------------------
 
 local commands = {
   introduce = function(self, ...) self:introduce(...) end,
