@@ -26,6 +26,7 @@ build = {
     lua = {
       mtint = "lua/mtint.lua",
       corowatch = "lua/corowatch.lua",
+      ["corowatch.task"] = "lua/corowatch/task.lua",
     },
     lib = {
       ["corowatch.core"] = "build/rock/core.so",

@@ -1,0 +1,153 @@
+//! A VM's task mailbox: which ids are live tasks, the cancels sent to them
+//! from any OS thread, and the scheduler's idle sleep that a cancel cuts
+//! short.
+//!
+//! `cancel_id` may run on any OS thread, in any Lua state that loaded the
+//! core: it finds the task's VM through the process-wide id registry, then
+//! that VM's mailbox here. It records the cancel (the scheduler applies it
+//! at its next step), interrupts the task's running thread (if it runs, the
+//! cancel lands at its next instruction) and wakes the scheduler's sleep.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use super::cell::Cell;
+use crate::arming::Side;
+use crate::registry::{self, Id};
+use crate::vm::{Request, Vm};
+
+#[derive(Default)]
+struct Inner {
+    /// Ids of the live tasks of this VM.
+    tasks: HashSet<Id>,
+    /// The scheduler's cell: the thread that runs a task now.
+    cell: Option<Arc<Cell>>,
+    /// Cancels sent with `cancel_id`, not yet taken by the scheduler.
+    cancels: Vec<(Id, Option<String>)>,
+    /// Set by a cancel, cleared when the sleep returns.
+    woken: bool,
+}
+
+pub struct Mailbox {
+    vm: Weak<Vm>,
+    inner: Mutex<Inner>,
+    wake: Condvar,
+}
+
+/// Mailboxes by the address of their VM (checked against `Mailbox::vm`,
+/// since an address can be reused once a VM is gone).
+static MAILBOXES: LazyLock<Mutex<HashMap<usize, Weak<Mailbox>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn address(vm: &Arc<Vm>) -> usize {
+    Arc::as_ptr(vm) as usize
+}
+
+/// The mailbox of `vm`, made on first use. The caller keeps it alive (in
+/// its Lua state); once it is dropped, cancels for that VM find nothing.
+pub fn of_vm(vm: &Arc<Vm>) -> Arc<Mailbox> {
+    let mut boxes = lock(&MAILBOXES);
+    if let Some(mailbox) = boxes.get(&address(vm)).and_then(Weak::upgrade) {
+        if mailbox.vm.ptr_eq(&Arc::downgrade(vm)) {
+            return mailbox;
+        }
+    }
+    boxes.retain(|_, mailbox| mailbox.strong_count() > 0);
+    let mailbox = Arc::new(Mailbox {
+        vm: Arc::downgrade(vm),
+        inner: Mutex::new(Inner::default()),
+        wake: Condvar::new(),
+    });
+    boxes.insert(address(vm), Arc::downgrade(&mailbox));
+    mailbox
+}
+
+fn find(vm: &Arc<Vm>) -> Option<Arc<Mailbox>> {
+    let mailbox = lock(&MAILBOXES)
+        .get(&address(vm))
+        .and_then(Weak::upgrade)?;
+    mailbox
+        .vm
+        .ptr_eq(&Arc::downgrade(vm))
+        .then_some(mailbox)
+}
+
+impl Mailbox {
+    pub fn set_cell(&self, cell: Arc<Cell>) {
+        lock(&self.inner).cell = Some(cell);
+    }
+
+    pub fn register(&self, id: Id) {
+        lock(&self.inner).tasks.insert(id);
+    }
+
+    pub fn unregister(&self, id: Id) {
+        lock(&self.inner).tasks.remove(&id);
+    }
+
+    /// Takes the cancels received so far, oldest first.
+    pub fn drain(&self) -> Vec<(Id, Option<String>)> {
+        std::mem::take(&mut lock(&self.inner).cancels)
+    }
+
+    /// Sleeps until `timeout` passes (forever if `None`) or a cancel
+    /// arrives; returns whether a cancel woke it (or had arrived before).
+    pub fn sleep(&self, timeout: Option<Duration>) -> bool {
+        let until = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+        let mut inner = lock(&self.inner);
+        while !inner.woken {
+            let now = Instant::now();
+            inner = match until {
+                Some(until) if until <= now => break,
+                Some(until) => {
+                    self.wake
+                        .wait_timeout(inner, until - now)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0
+                }
+                None => self
+                    .wake
+                    .wait(inner)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            };
+        }
+        std::mem::replace(&mut inner.woken, false)
+    }
+}
+
+/// `cancel_id(id, reason)`: true if `id` is a live task (of any VM in the
+/// process). `same_vm` says whether the caller runs on the task's VM.
+pub fn cancel_id(id: Id, reason: Option<String>, caller: Option<&Arc<Vm>>) -> bool {
+    let Some(target) = registry::lookup(id) else {
+        return false;
+    };
+    let Some(mailbox) = find(&target.vm) else {
+        return false;
+    };
+    let side = match caller {
+        Some(vm) if Arc::ptr_eq(vm, &target.vm) => Side::Owner,
+        _ => Side::Afar,
+    };
+    drop(target);
+    let cell = {
+        let mut inner = lock(&mailbox.inner);
+        if !inner.tasks.contains(&id) {
+            return false;
+        }
+        inner.cancels.push((id, reason));
+        inner.woken = true;
+        inner.cell.clone()
+    };
+    mailbox.wake.notify_all();
+    if let Some(cell) = cell {
+        cell.interrupt(Request::Once, side);
+    }
+    true
+}
