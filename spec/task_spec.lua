@@ -29,7 +29,7 @@ local function cancel_while_running(spec)
   local t, expiry
   task.run(function()
     expiry = gettime() + 0.05
-    pcall(task.timeout, 0.05, function()
+    task.pcall(task.timeout, 0.05, function()
       t = task.spawn(spec)
       t:await()
     end)
@@ -142,7 +142,7 @@ describe("corowatch.task running tasks", function()
     local left
     task.run(function()
       left = task.spawn(function()
-        local ok, err = pcall(task.sleep, 10)
+        local ok, err = task.pcall(task.sleep, 10)
         cleaned = cleaned + 1
         error(err, 0)
       end)
@@ -232,7 +232,7 @@ describe("corowatch.task cancel", function()
     task.run(function()
       local cleanups = 0
       local t = task.spawn(function()
-        local ok, err = pcall(task.sleep, 10)
+        local ok, err = task.pcall(task.sleep, 10)
         cleanups = cleanups + 1
         assert(not ok and task.is_cancellation(err))
         error(err, 0)
@@ -251,7 +251,7 @@ describe("corowatch.task cancel", function()
       local caught = 0
       local t = task.spawn(function()
         for _ = 1, 3 do
-          local ok = pcall(task.sleep, 10)
+          local ok = task.pcall(task.sleep, 10)
           if not ok then caught = caught + 1 end
         end
         return "finished"
@@ -349,7 +349,7 @@ describe("corowatch.task cancel", function()
       local children = {}
       -- The timeout's expiry cancels the parent (spawned inside it) while
       -- its CPU-bound child runs: the cancel reaches the whole tree.
-      local ok, err = pcall(task.timeout, 0.1, function()
+      local ok, err = task.pcall(task.timeout, 0.1, function()
         parent = task.spawn(function()
           children[1] = task.spawn(cleanup, "sleeping", task.sleep, 10)
           children[2] = task.spawn(cleanup, "waiting", function() task.future():await() end)
@@ -421,7 +421,7 @@ describe("corowatch.task.timeout", function()
   it("times out a wait", function()
     task.run(function()
       local started = gettime()
-      local ok, err = pcall(task.timeout, 0.05, task.sleep, 10)
+      local ok, err = task.pcall(task.timeout, 0.05, task.sleep, 10)
       assert.is_false(ok)
       assert.are.equal(task.error.timeout, err.kind)
       assert.is_true(gettime() - started < 1)
@@ -441,7 +441,7 @@ describe("corowatch.task.timeout", function()
       assert.are.equal(task.error.timeout, inner_err.kind)
       -- outer shorter: the inner scope does not take the outer's error
       local inner_caught
-      local ok, err = pcall(task.timeout, 0.05, function()
+      local ok, err = task.pcall(task.timeout, 0.05, function()
         local iok, ierr = pcall(task.timeout, 1, spin, 5)
         inner_caught = { iok, ierr }
         error(ierr, 0)
@@ -458,7 +458,7 @@ describe("corowatch.task.timeout", function()
     task.run(function()
       local cleanups = 0
       local started = gettime()
-      local ok, err = pcall(task.timeout, 0.05, task.group, function(g)
+      local ok, err = task.pcall(task.timeout, 0.05, task.group, function(g)
         g:spawn(function() task.sleep(10) end)
         g:spawn(function()
           local tok, terr = pcall(spin, 5)
@@ -489,9 +489,9 @@ describe("corowatch.task.group", function()
   it("a child's error cancels the siblings, CPU-bound ones included, and is raised", function()
     task.run(function()
       local sibling_cleanups, started_cpu = 0, false
-      local ok, err = pcall(task.group, function(g)
+      local ok, err = task.pcall(task.group, function(g)
         g:spawn(function()
-          local _, e = pcall(task.sleep, 10)
+          local _, e = task.pcall(task.sleep, 10)
           sibling_cleanups = sibling_cleanups + 1
           error(e, 0)
         end)
@@ -632,5 +632,37 @@ describe("corowatch.task.wrap_callback", function()
       pending[2](nil, "fd2")
       assert.are.same({ { nil, "fd2" } }, cleaned)
     end)
+  end)
+end)
+
+describe("corowatch.task and Lua 5.4's <close>", function()
+  local load54 = _VERSION == "Lua 5.4" and load or nil
+  local it54 = load54 and it or pending
+
+  it54("runs <close> handlers of a task cancelled while CPU-bound, once each", function()
+    local closed = {}
+    local body = load54([[
+      local closed, spin = ...
+      local function closer(name)
+        return setmetatable({}, { __close = function() closed[#closed + 1] = name end })
+      end
+      local outer <close> = closer("outer")
+      do
+        local inner <close> = closer("inner")
+        spin(5)
+      end
+    ]])
+    local t = (function()
+      local result
+      task.run(function()
+        task.pcall(task.timeout, 0.05, function()
+          result = task.spawn(body, closed, spin)
+          result:await()
+        end)
+      end)
+      return result
+    end)()
+    assert.are.equal("cancelled", t:status())
+    assert.are.same({ "inner", "outer" }, closed)
   end)
 end)

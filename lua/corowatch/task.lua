@@ -22,7 +22,13 @@ local mtint = require("mtint")
 -- coroutine of its own instead).
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 local pack = table.pack or function(...) return { n = select("#", ...), ... } end
-local PCALL_YIELDS = not (_VERSION == "Lua 5.1" and type(rawget(_G, "jit")) ~= "table")
+local PUC51 = _VERSION == "Lua 5.1" and type(rawget(_G, "jit")) ~= "table"
+local PCALL_YIELDS = not PUC51
+-- PUC Lua 5.1 cannot run a C function as a coroutine's body.
+local function coroutine_body(fn)
+  if PUC51 then return function(...) return fn(...) end end
+  return fn
+end
 
 local native = core.task
 local cw_create, cw_resume, cw_yield, cw_status, cw_watch =
@@ -521,7 +527,7 @@ local function spawn_options(position, name, spec)
 end
 
 local function new_task(fn, limit, name, grace, parent, ...)
-  local co = cw_create(fn)
+  local co = cw_create(coroutine_body(fn))
   local id = mtint_id(co)
   if limit then cw_watch(co, limit) end
   mtint_sethook(co, on_interrupt)
@@ -793,7 +799,7 @@ end
 -- PUC Lua 5.1: runs `f(...)` on a coroutine of its own, passing its
 -- waits through to the scheduler; returns as pcall does.
 local function pcall_on_coroutine(t, f, ...)
-  local co = cw_create(f)
+  local co = cw_create(coroutine_body(f))
   local id = mtint_id(co)
   mtint_sethook(co, on_interrupt)
   by_thread[co] = t
