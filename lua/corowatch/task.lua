@@ -36,6 +36,9 @@ local cw_create, cw_resume, cw_yield, cw_status, cw_watch =
 local gettime = corowatch.gettime
 local mtint_id, mtint_sethook, mtint_interrupt = mtint.id, mtint.sethook, mtint.interrupt
 local raw_running = coroutine.running
+-- Lua 5.4: a coroutine that died by an error keeps its pending <close>
+-- variables until coroutine.close.
+local coroutine_close = coroutine.close
 local traceback = debug.traceback
 local error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, next =
   error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, next
@@ -450,6 +453,13 @@ local function body_end(t, ok, res)
   else
     t._outcome, t._err = "failed", res[2]
     t._traceback = traceback(t._co, tostring(res[2]))
+  end
+  -- After the traceback was taken: closing unwinds the stack.
+  if coroutine_close and not ok and t._started then
+    local closed, close_err = coroutine_close(t._co)
+    if not closed and close_err ~= res[2] and not is_cancellation(close_err) then
+      report(close_err, t)
+    end
   end
   -- Children it left behind are cancelled; it ends when they have ended.
   local failed = t._failed_children
