@@ -38,7 +38,7 @@ task.run(function()
   -- timeout cancels it while it runs. pcall may catch the cancel once;
   -- after the grace period it is raised at every instruction.
   local stubborn
-  local ok, err = task.pcall(task.timeout, 0.1, function()
+  local _, err = task.pcall(task.timeout, 0.1, function()
     stubborn = task.spawn({ function()
       while true do pcall(function() while true do end end) end
     end, name = "stubborn", grace = 0.05 })

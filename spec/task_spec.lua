@@ -142,7 +142,7 @@ describe("corowatch.task running tasks", function()
     local left
     task.run(function()
       left = task.spawn(function()
-        local ok, err = task.pcall(task.sleep, 10)
+        local _, err = task.pcall(task.sleep, 10)
         cleaned = cleaned + 1
         error(err, 0)
       end)
@@ -466,7 +466,7 @@ describe("corowatch.task.timeout", function()
       local ok, err = task.pcall(task.timeout, 0.05, task.group, function(g)
         g:spawn(function() task.sleep(10) end)
         g:spawn(function()
-          local tok, terr = pcall(spin, 5)
+          local _, terr = pcall(spin, 5)
           cleanups = cleanups + 1
           error(terr, 0)
         end)

@@ -308,7 +308,7 @@ end
 --- Takes what arrived: cancels from other OS threads, due timers.
 function poll()
   local cancels = mailbox:drain()
-  for i = 1, #cancels, 2 do
+  for i = 1, cancels and #cancels or 0, 2 do
     local t = by_id[cancels[i]]
     local reason = cancels[i + 1]
     if t then cancel(t, reason or nil) end
@@ -665,7 +665,7 @@ local function await(self, name)
   local me = running_task()
   if me == self then error("corowatch.task." .. name .. ": a task cannot await itself", 3) end
   if me then
-    wait_for(me, self, "awaiting " .. task_label(self))
+    wait_for(me, self, self)
   else
     drive_until(function() return self:_ended() end, self)
   end
@@ -702,7 +702,7 @@ end
 function M.sleep(s)
   check_seconds(1, "sleep", s, true)
   local t = the_task("sleep")
-  local gen = begin_wait(t, ("sleeping %g s"):format(s))
+  local gen = begin_wait(t, s)
   -- Interrupted from here on, the task never yields: the timer is stale.
   timer_push({ at = gettime() + s, task = t, gen = gen })
   return suspend(t)
@@ -773,7 +773,7 @@ local function future_wait(self, name)
   checkfuture(1, name, self)
   local me = running_task()
   if me then
-    wait_for(me, self, "awaiting a future")
+    wait_for(me, self, "a future")
   else
     drive_until(function() return self._done end, nil, "a future")
   end
@@ -987,11 +987,20 @@ end
 ---------------------------------------------------------------------------
 -- Driving the scheduler
 
+-- What a task waits on, for the deadlock error: set by begin_wait to a
+-- task, a number of seconds or a description (formatted only here).
+local function describe_wait(what)
+  if getmetatable(what) == Task then return "awaiting " .. task_label(what) end
+  if type(what) == "number" then return ("sleeping %g s"):format(what) end
+  if what == "a future" then return "awaiting a future" end
+  return what or "?"
+end
+
 local function waiting_tasks()
   local names = {}
   for _, t in next, by_id do
     if t._status == "waiting" then
-      names[#names + 1] = ("%s (%s)"):format(task_label(t), t._waiting_on or "?")
+      names[#names + 1] = ("%s (%s)"):format(task_label(t), describe_wait(t._waiting_on))
     end
   end
   for _, t in next, by_id do
@@ -1014,6 +1023,14 @@ local function next_timer_delay()
   return nil
 end
 
+local function run_batch(batch)
+  for i = 1, #batch do
+    local t = batch[i]
+    batch[i] = false
+    if t._status == "ready" then run_task(t) end
+  end
+end
+
 --- Runs every ready task once, after taking what arrived (cross-thread
 -- cancels, due timers). For hosts with their own main loop.
 -- @tparam[opt] number max_wait if nothing is ready, wait up to this long
@@ -1034,13 +1051,7 @@ function step(max_wait)
   end
   local batch = ready
   ready = {}
-  local ok, err = pcall(function()
-    for i = 1, #batch do
-      local t = batch[i]
-      batch[i] = false
-      if t._status == "ready" then run_task(t) end
-    end
-  end)
+  local ok, err = pcall(run_batch, batch)
   if not ok then
     -- A bug of ours, or an error from on_error: keep the others.
     for i = 1, #batch do if batch[i] then enqueue(batch[i]) end end

@@ -70,13 +70,8 @@ pub fn of_vm(vm: &Arc<Vm>) -> Arc<Mailbox> {
 }
 
 fn find(vm: &Arc<Vm>) -> Option<Arc<Mailbox>> {
-    let mailbox = lock(&MAILBOXES)
-        .get(&address(vm))
-        .and_then(Weak::upgrade)?;
-    mailbox
-        .vm
-        .ptr_eq(&Arc::downgrade(vm))
-        .then_some(mailbox)
+    let mailbox = lock(&MAILBOXES).get(&address(vm)).and_then(Weak::upgrade)?;
+    mailbox.vm.ptr_eq(&Arc::downgrade(vm)).then_some(mailbox)
 }
 
 impl Mailbox {

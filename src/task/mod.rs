@@ -26,13 +26,10 @@ struct MailboxHandle(Arc<Mailbox>);
 
 impl UserData for MailboxHandle {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method(
-            "set_cell",
-            |_, this, cell: UserDataRef<CellHandle>| {
-                this.0.set_cell(cell.0.clone());
-                Ok(())
-            },
-        );
+        methods.add_method("set_cell", |_, this, cell: UserDataRef<CellHandle>| {
+            this.0.set_cell(cell.0.clone());
+            Ok(())
+        });
         methods.add_method("register", |_, this, id: Id| {
             this.0.register(id);
             Ok(())
@@ -41,9 +38,12 @@ impl UserData for MailboxHandle {
             this.0.unregister(id);
             Ok(())
         });
-        // -> { id1, reason1 or false, id2, ... }
+        // -> { id1, reason1 or false, id2, ... }, or nil if none came
         methods.add_method("drain", |lua, this, ()| {
             let cancels = this.0.drain();
+            if cancels.is_empty() {
+                return Ok(None);
+            }
             let list = lua.create_table_with_capacity(cancels.len() * 2, 0)?;
             for (id, reason) in cancels {
                 list.raw_push(id)?;
@@ -52,7 +52,7 @@ impl UserData for MailboxHandle {
                     None => list.raw_push(false)?,
                 }
             }
-            Ok(list)
+            Ok(Some(list))
         });
         // sleep(seconds or nil) -> whether a cancel arrived
         methods.add_method("sleep", |_, this, seconds: Option<f64>| {
@@ -74,16 +74,18 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
         "deadline",
         lua.create_function(
             |_, (cell, seconds, sticky): (UserDataRef<CellHandle>, f64, bool)| {
-                let seconds = if seconds.is_finite() { seconds.max(0.0) } else { 0.0 };
+                let seconds = if seconds.is_finite() {
+                    seconds.max(0.0)
+                } else {
+                    0.0
+                };
                 Ok(Deadline::new(cell.0.clone(), seconds, sticky))
             },
         )?,
     )?;
     task.set(
         "mailbox",
-        lua.create_function(|lua, ()| {
-            Ok(MailboxHandle(mailbox::of_vm(&state::vm(lua)?)))
-        })?,
+        lua.create_function(|lua, ()| Ok(MailboxHandle(mailbox::of_vm(&state::vm(lua)?))))?,
     )?;
     task.set(
         "cancel_id",
