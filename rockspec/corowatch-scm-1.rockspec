@@ -27,6 +27,7 @@ build = {
       mtint = "lua/mtint.lua",
       corowatch = "lua/corowatch.lua",
       ["corowatch.task"] = "lua/corowatch/task.lua",
+      ["corowatch.task.luv"] = "lua/corowatch/task/luv.lua",
     },
     lib = {
       ["corowatch.core"] = "build/rock/core.so",

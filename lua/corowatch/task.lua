@@ -78,6 +78,8 @@ end
 -- Scheduler state (one per Lua state)
 
 local mailbox = native.mailbox()
+local mailbox_fd = mailbox:fd() -- readable when a cross-thread cancel came
+local backend -- set with task.use: waits in a host's event loop
 local cell = native.cell(mtint_id()) -- the thread that runs a task now
 mailbox:set_cell(cell)
 
@@ -1046,7 +1048,11 @@ function step(max_wait)
   if #ready == 0 and max_wait and max_wait > 0 then
     local delay = next_timer_delay()
     local wait = delay and math_min(delay, max_wait) or max_wait
-    if wait > 0 then mailbox:sleep(wait) end
+    if backend then
+      backend(wait, mailbox_fd)
+    elseif wait > 0 then
+      mailbox:sleep(wait)
+    end
     poll()
   end
   local batch = ready
@@ -1069,6 +1075,12 @@ M.step = step
 local function idle(what)
   if #ready > 0 then return end
   local delay = next_timer_delay()
+  if backend then
+    -- Returns at once, false, if its loop has nothing that could wake us.
+    if backend(delay, mailbox_fd) or delay then return end
+    poll()
+    if #ready > 0 then return end
+  end
   if not delay then
     error(("corowatch.task: %s waits on something that can never happen; waiting: %s")
       :format(what, waiting_tasks()), 0)
@@ -1106,6 +1118,9 @@ function M.run(fn, ...)
   drive_until(function() return root:_ended() end, root)
   cancel_all()
   drive_until(function() return next(by_id) == nil end, nil, "the tasks left")
+  -- One more turn of the host loop: it finishes what the tasks started
+  -- closing (luv crashes at exit on a handle whose close never ran).
+  if backend then backend(0, mailbox_fd) end
   return results_of(root)
 end
 
@@ -1125,7 +1140,21 @@ function M.cancel_id(id, reason)
 end
 
 ---------------------------------------------------------------------------
--- Callbacks
+-- Callbacks and event loops
+
+--- Hands the scheduler's idle waits to a host event loop: `backend(timeout,
+-- fd)` waits until something happens or `timeout` seconds pass (nil: no
+-- timeout), wakes early when `fd` (a descriptor, or nil) becomes readable
+-- (a cancel from another OS thread), and returns whether it still has work
+-- that could wake a task. `require("corowatch.task.luv")(require("luv"))`
+-- makes one for luv. nil goes back to the native sleep.
+-- @tparam ?function backend
+function M.use(backend_)
+  if backend_ ~= nil and type(backend_) ~= "function" then
+    argerror(1, "use", "function or nil", backend_)
+  end
+  backend = backend_
+end
 
 --- Turns a callback-last function (`uv.fs_open(path, flags, mode, cb)`)
 -- into one that a task calls and waits on (Coop's `cb_to_tf`).

@@ -33,6 +33,48 @@ pub struct Mailbox {
     vm: Weak<Vm>,
     inner: Mutex<Inner>,
     wake: Condvar,
+    /// Becomes readable when a cancel arrives: for a host's event loop
+    /// (luv polls it) that waits instead of [`Mailbox::sleep`].
+    event: Option<EventFd>,
+}
+
+/// A Linux eventfd, non-blocking; elsewhere there is none and a host loop
+/// has to poll the mailbox instead.
+struct EventFd(std::ffi::c_int);
+
+impl EventFd {
+    #[cfg(target_os = "linux")]
+    fn new() -> Option<EventFd> {
+        // SAFETY: eventfd takes no pointer; a negative result is an error.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        (fd >= 0).then_some(EventFd(fd))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn new() -> Option<EventFd> {
+        None
+    }
+
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own descriptor; a
+        // full counter (EAGAIN) already means "readable", which is the point.
+        unsafe { libc::write(self.0, (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from our own
+        // non-blocking descriptor; EAGAIN (nothing to read) is fine.
+        unsafe { libc::read(self.0, (&mut count as *mut u64).cast(), 8) };
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor and close it once.
+        unsafe { libc::close(self.0) };
+    }
 }
 
 /// Mailboxes by the address of their VM (checked against `Mailbox::vm`,
@@ -64,6 +106,7 @@ pub fn of_vm(vm: &Arc<Vm>) -> Arc<Mailbox> {
         vm: Arc::downgrade(vm),
         inner: Mutex::new(Inner::default()),
         wake: Condvar::new(),
+        event: EventFd::new(),
     });
     boxes.insert(address(vm), Arc::downgrade(&mailbox));
     mailbox
@@ -89,7 +132,19 @@ impl Mailbox {
 
     /// Takes the cancels received so far, oldest first.
     pub fn drain(&self) -> Vec<(Id, Option<String>)> {
-        std::mem::take(&mut lock(&self.inner).cancels)
+        let mut inner = lock(&self.inner);
+        if inner.cancels.is_empty() {
+            return Vec::new();
+        }
+        if let Some(event) = &self.event {
+            event.clear();
+        }
+        std::mem::take(&mut inner.cancels)
+    }
+
+    /// The descriptor that becomes readable when a cancel arrives, if any.
+    pub fn fd(&self) -> Option<std::ffi::c_int> {
+        self.event.as_ref().map(|event| event.0)
     }
 
     /// Sleeps until `timeout` passes (forever if `None`) or a cancel
@@ -138,6 +193,9 @@ pub fn cancel_id(id: Id, reason: Option<String>, caller: Option<&Arc<Vm>>) -> bo
         }
         inner.cancels.push((id, reason));
         inner.woken = true;
+        if let Some(event) = &mailbox.event {
+            event.signal();
+        }
         inner.cell.clone()
     };
     mailbox.wake.notify_all();

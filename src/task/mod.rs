@@ -54,6 +54,7 @@ impl UserData for MailboxHandle {
             }
             Ok(Some(list))
         });
+        methods.add_method("fd", |_, this, ()| Ok(this.0.fd()));
         // sleep(seconds or nil) -> whether a cancel arrived
         methods.add_method("sleep", |_, this, seconds: Option<f64>| {
             let timeout = seconds
