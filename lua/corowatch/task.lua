@@ -112,12 +112,7 @@ local function timer_push(entry)
   return entry
 end
 
-local function timer_pop()
-  local top = heap[1]
-  heap[1] = heap[heap_n]
-  heap[heap_n] = nil
-  heap_n = heap_n - 1
-  local i = 1
+local function sift_down(i)
   while true do
     local l, r, smallest = 2 * i, 2 * i + 1, i
     if l <= heap_n and before(heap[l], heap[smallest]) then smallest = l end
@@ -126,7 +121,38 @@ local function timer_pop()
     heap[i], heap[smallest] = heap[smallest], heap[i]
     i = smallest
   end
+end
+
+-- Entries whose task woke otherwise or whose scope closed stay in the heap
+-- until they come up; when they are most of it, it is rebuilt without them
+-- (10^5 cancelled sleepers must not keep their tasks alive for an hour).
+local stale = 0
+
+local function is_live(entry)
+  if entry.scope then return true end
+  local t = entry.task
+  return t ~= nil and t._gen == entry.gen and t._status == "waiting"
+end
+
+local function timer_pop()
+  local top = heap[1]
+  heap[1] = heap[heap_n]
+  heap[heap_n] = nil
+  heap_n = heap_n - 1
+  sift_down(1)
   return top
+end
+
+local function timer_stale()
+  stale = stale + 1
+  if stale > 64 and stale * 2 > heap_n then
+    local kept = {}
+    for i = 1, heap_n do
+      if is_live(heap[i]) then kept[#kept + 1] = heap[i] end
+    end
+    heap, heap_n, stale = kept, #kept, 0
+    for i = math_floor(heap_n / 2), 1, -1 do sift_down(i) end
+  end
 end
 
 ---------------------------------------------------------------------------
@@ -221,6 +247,12 @@ end
 -- Wakes a waiting task, if it still waits for the wait numbered `gen`.
 local function wake(t, gen, ...)
   if t._status == "waiting" and t._gen == gen then
+    local timer = t._timer
+    if timer then
+      t._timer = nil
+      timer.task = nil
+      if timer.at > gettime() then timer_stale() end
+    end
     t._status = "ready"
     t._waiting_on = nil
     t._resume_args = select("#", ...) > 0 and pack(...) or EMPTY
@@ -706,7 +738,7 @@ function M.sleep(s)
   local t = the_task("sleep")
   local gen = begin_wait(t, s)
   -- Interrupted from here on, the task never yields: the timer is stale.
-  timer_push({ at = gettime() + s, task = t, gen = gen })
+  t._timer = timer_push({ at = gettime() + s, task = t, gen = gen })
   return suspend(t)
 end
 
@@ -905,6 +937,7 @@ function M.timeout(s, fn, ...)
   scope.deadline:cancel()
   if scope._grace_deadline then scope._grace_deadline:cancel() end
   timer.scope = nil
+  if timer.at > gettime() then timer_stale() end
   for i = #scopes, 1, -1 do
     if scopes[i] == scope then table_remove(scopes, i) break end
   end
@@ -1016,10 +1049,7 @@ end
 local function next_timer_delay()
   while heap_n > 0 do
     local entry = heap[1]
-    if entry.scope or (entry.task and entry.task._gen == entry.gen
-        and entry.task._status == "waiting") then
-      return math_max(0, entry.at - gettime())
-    end
+    if is_live(entry) then return math_max(0, entry.at - gettime()) end
     timer_pop() -- stale: its task woke otherwise, or its scope closed
   end
   return nil
