@@ -423,6 +423,41 @@ describe("corowatch.task.timeout", function()
     assert.is_nil(task.step())
   end)
 
+  it("leaves no deadline queued on the watchdog once its scope has ended", function()
+    local queued = require("corowatch.core").task.queued_timers
+    local before = queued()
+    task.run(function()
+      for i = 1, 200 do
+        assert(task.timeout(60, function(x) return x end, i) == i)
+        assert(not task.pcall(task.timeout, 60, error, "inner failure"))
+      end
+      assert.are.equal(before, queued())
+      task.timeout(60, function() assert.are.equal(before + 1, queued()) end)
+    end)
+    assert.are.equal(before, queued())
+  end)
+
+  it("inside a shield still times out; the shield defers only what came from outside", function()
+    task.run(function()
+      local ok, err = task.pcall(task.shield, task.timeout, 0.05, spin, 5)
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, kind_of(err))
+      local log = {}
+      local inner_ok
+      local outer_ok, outer_err = task.pcall(task.timeout, 0.03, function()
+        task.shield(function()
+          spin(0.1) -- the outer timeout expires in here: deferred
+          log[#log + 1] = "shield finished"
+        end)
+        log[#log + 1] = "after shield"
+      end)
+      inner_ok = outer_ok
+      assert.is_false(inner_ok)
+      assert.are.equal(task.error.timeout, kind_of(outer_err))
+      assert.are.same({ "shield finished" }, log)
+    end)
+  end)
+
   it("times out a wait", function()
     task.run(function()
       local started = gettime()

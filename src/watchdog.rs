@@ -110,6 +110,14 @@ pub fn cancel_timer(token: u64) {
     drop(removed);
 }
 
+/// How many timers are queued (for specs: a finished scope leaves none).
+pub fn queued_timers() -> usize {
+    lock(&QUEUE.entries)
+        .iter()
+        .filter(|entry| matches!(entry.job, Job::Timer(..)))
+        .count()
+}
+
 fn push(entry: Rearm) {
     START.call_once(|| {
         // Without the thread, interrupts are still armed once, as the

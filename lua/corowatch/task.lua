@@ -274,13 +274,16 @@ end
 
 -- The error that `t` keeps getting past its grace period, if any.
 local function hard_error(t)
-  if t._shield > 0 then return nil end
   local now = gettime()
-  if t._delivered and now >= t._grace_at then return t._cancel_err end
+  local shield = t._shield
+  if shield == 0 and t._delivered and now >= t._grace_at then return t._cancel_err end
   local scopes = t._scopes
   for i = 1, #scopes do
     local scope = scopes[i]
-    if scope.fired and not scope.closed and now >= scope._grace_at then return scope.err end
+    if scope.fired and not scope.closed and scope.shield >= shield
+        and now >= scope._grace_at then
+      return scope.err
+    end
   end
   return nil
 end
@@ -290,9 +293,9 @@ end
 -- (`from_hook`), an error already raised once is raised again only after
 -- the grace period; at a wait point, always.
 function due(t, from_hook)
-  if t._shield > 0 then return nil end
   local now = gettime()
-  local err = t._cancel_err
+  local shield = t._shield
+  local err = shield == 0 and t._cancel_err
   if err then
     if not t._delivered then
       t._delivered = true
@@ -305,7 +308,8 @@ function due(t, from_hook)
   local scopes = t._scopes
   for i = 1, #scopes do
     local scope = scopes[i]
-    if not scope.closed and now >= scope.at then
+    -- A shield defers the scopes opened outside it, not those inside.
+    if not scope.closed and scope.shield >= shield and now >= scope.at then
       if not scope.fired then
         scope.fired = true
         start_grace(scope, t)
@@ -376,9 +380,11 @@ local function on_interrupt()
     end
     error(err, 0)
   end
-  if t._sticky or t._shield > 0 then
-    -- Nothing due here any more (a scope closed, or a shield defers):
-    -- a sticky interrupt would only slow this thread down.
+  if t._sticky or t._delivered or #t._scopes > 0 then
+    -- Nothing due here now (a scope closed, a shield defers), and a grace
+    -- deadline may have made the interrupt sticky: it would only slow this
+    -- thread down. (Not cleared otherwise: that could drop a cancel that
+    -- another thread sends this very moment.)
     t._sticky = false
     mtint_interrupt(mtint_id(), false)
   end
@@ -463,7 +469,7 @@ function settle(t)
   elseif unobserved_failure(t) then
     report(t._err, t)
   end
-  if t._group then t._group:child_ended(t) end
+  if t._group then t._group:_child_ended(t) end
 end
 
 -- The body of `t` returned (ok) or raised; results in `res`.
@@ -923,7 +929,7 @@ function M.timeout(s, fn, ...)
   enter_critical()
   local scopes = t._scopes
   local scope = { task = t, at = gettime() + s, closed = false, fired = false,
-    outer = scopes[#scopes] }
+    outer = scopes[#scopes], shield = t._shield }
   scope.err = new_error(M.error.timeout, t, nil, s)
   scope.deadline = native.deadline(cell, s, false)
   scopes[#scopes + 1] = scope
@@ -968,7 +974,7 @@ function Group:spawn(spec, ...)
   return child
 end
 
-function Group:child_ended(child)
+function Group:_child_ended(child)
   if child._status == "failed" and not self._err then
     self._err = child._err
     self._failed = child

@@ -85,6 +85,10 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
         )?,
     )?;
     task.set(
+        "queued_timers",
+        lua.create_function(|_, ()| Ok(crate::watchdog::queued_timers()))?,
+    )?;
+    task.set(
         "mailbox",
         lua.create_function(|lua, ()| Ok(MailboxHandle(mailbox::of_vm(&state::vm(lua)?))))?,
     )?;
