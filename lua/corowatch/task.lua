@@ -268,7 +268,8 @@ local function start_grace(holder, t)
 end
 
 local function raise_point(err)
-  if not err.traceback then err.traceback = (traceback("", 3):gsub("^\n", "")) end
+  -- Level 4: past raise_point, due and the handler (or check).
+  if not err.traceback then err.traceback = (traceback("", 4):gsub("^\n", "")) end
   return err
 end
 
@@ -383,10 +384,13 @@ local function on_interrupt()
   if t._sticky or t._delivered or #t._scopes > 0 then
     -- Nothing due here now (a scope closed, a shield defers), and a grace
     -- deadline may have made the interrupt sticky: it would only slow this
-    -- thread down. (Not cleared otherwise: that could drop a cancel that
-    -- another thread sends this very moment.)
+    -- thread down. A cancel that another thread sent meanwhile had its
+    -- interrupt cleared too, so look at the mailbox once more.
     t._sticky = false
     mtint_interrupt(mtint_id(), false)
+    poll()
+    err = due(t, true)
+    if err then error(err, 0) end
   end
 end
 
