@@ -592,14 +592,11 @@ describe("corowatch.task errors and options", function()
     local real = io.stderr
     local fake = { write = function(_, text) written[#written + 1] = text end }
     io.stderr = fake -- luacheck: ignore 122
-    package.loaded["corowatch.task"] = nil
-    local fresh = require("corowatch.task")
-    local ok = pcall(fresh.run, function()
-      fresh.spawn({ function() error("to stderr", 0) end, name = "loud" })
-      fresh.sleep(0.01)
+    local ok = pcall(task.run, function()
+      task.spawn({ function() error("to stderr", 0) end, name = "loud" })
+      task.sleep(0.01)
     end)
     io.stderr = real -- luacheck: ignore 122
-    package.loaded["corowatch.task"] = task
     assert.is_true(ok)
     local text = table.concat(written)
     assert.is_truthy(text:find("unhandled error in task 'loud': to stderr", 1, true))

@@ -44,7 +44,7 @@ local error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, 
   error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, next
 local math_huge, math_max, math_min, math_floor = math.huge, math.max, math.min, math.floor
 local table_concat, table_remove = table.concat, table.remove
-local io_stderr = io.stderr
+local io = io -- io.stderr is read at each report: a host may replace it
 
 local M = {
   _VERSION = "corowatch.task " .. core._VERSION,
@@ -197,14 +197,14 @@ function M.on_error(err, t)
   if t and t._traceback and not is_cancellation(err) then
     text = text .. "\n" .. t._traceback
   end
-  io_stderr:write(("corowatch.task: unhandled error in %s: %s\n")
+  io.stderr:write(("corowatch.task: unhandled error in %s: %s\n")
     :format(t and task_label(t) or "a task", text))
 end
 
 local function report(err, t)
   local ok, failure = pcall(M.on_error, err, t)
   if not ok then
-    io_stderr:write("corowatch.task: on_error failed: " .. tostring(failure) .. "\n")
+    io.stderr:write("corowatch.task: on_error failed: " .. tostring(failure) .. "\n")
   end
 end
 
