@@ -312,6 +312,17 @@ describe("corowatch.task cancel", function()
     assert.is_true(late < 0.05 * 2 + 0.05, "ended " .. late .. " s after the cancel")
   end)
 
+  it("ends `while true do task.pcall(busy) end` within the grace period", function()
+    local t, cancelled_at = cancel_while_running({ function()
+      while true do task.pcall(busy) end
+    end, grace = 0.05 })
+    local ok, err = t:pawait()
+    assert.is_false(ok)
+    assert.are.equal(task.error.cancelled, kind_of(err))
+    local late = gettime() - cancelled_at
+    assert.is_true(late < 0.05 * 2 + 0.05, "ended " .. late .. " s after the cancel")
+  end)
+
   it("ends a task whose xpcall handler swallows the cancel", function()
     local handled = 0
     local t = cancel_while_running({ function()
@@ -455,6 +466,22 @@ describe("corowatch.task.timeout", function()
       assert.is_false(inner_ok)
       assert.are.equal(task.error.timeout, kind_of(outer_err))
       assert.are.same({ "shield finished" }, log)
+    end)
+  end)
+
+  it("swallowed by pcall in a loop inside its scope, ends within the grace period", function()
+    task.run(function()
+      local started = gettime()
+      local ok, err = task.pcall(task.timeout, 0.05, function()
+        while true do pcall(busy) end
+      end)
+      local elapsed = gettime() - started
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, kind_of(err))
+      assert.is_true(elapsed < 0.05 + 2 * 0.1, "elapsed " .. elapsed)
+      -- once out of the scope, nothing more is raised here
+      assert.are.equal("spun out", spin(0.05))
+      task.sleep(0)
     end)
   end)
 

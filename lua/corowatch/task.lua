@@ -843,7 +843,8 @@ end
 -- After a protected call in task `t`: past the grace period, a cancel
 -- caught there is raised again at once.
 local function after_pcall(t, ok, ...)
-  if not ok and t then
+  if t then
+    -- Past the grace period nothing may be caught, nor may the task go on.
     local err = hard_error(t)
     if err then error(err, 0) end
   end
@@ -860,6 +861,10 @@ local function pcall_on_coroutine(t, f, ...)
   local stack = t._stack
   stack[#stack + 1] = id
   cell:set(id)
+  if hard_error(t) then
+    t._sticky = true
+    mtint_interrupt(id, true)
+  end
   local res = pack(cw_resume(co, ...))
   while cw_status(co) ~= "dead" do
     res = pack(cw_resume(co, cw_yield(unpack(res, 2, res.n))))
@@ -867,7 +872,8 @@ local function pcall_on_coroutine(t, f, ...)
   stack[#stack] = nil
   cell:set(stack[#stack])
   by_thread[co] = nil
-  if t._sticky then mtint_interrupt(stack[#stack], true) end
+  -- No interrupt is pending on this thread here: the caller closes its
+  -- scope (task.timeout's handler) before after_pcall raises what is due.
   return unpack(res, 1, res.n)
 end
 
