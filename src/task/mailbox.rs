@@ -4,9 +4,12 @@
 //!
 //! `cancel_id` may run on any OS thread, in any Lua state that loaded the
 //! core: it finds the task's VM through the process-wide id registry, then
-//! that VM's mailbox here. It records the cancel (the scheduler applies it
-//! at its next step), interrupts the task's running thread (if it runs, the
-//! cancel lands at its next instruction) and wakes the scheduler's sleep.
+//! that VM's mailbox here. It records the cancel, interrupts the thread in
+//! the scheduler's cell (whatever task runs now: its interrupt handler takes
+//! the recorded cancels at once, so a cancel reaches a CPU-bound task or
+//! descendant at its next instruction; a waiting task is woken by the
+//! scheduler's next step) and wakes the scheduler's idle sleep, or makes
+//! the eventfd that a host loop polls readable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, Weak};
