@@ -45,7 +45,7 @@ describe_luv("corowatch.task with the luv backend", function()
       timer:stop()
       timer:close()
     end)
-    assert.is_true(ticks >= 3, "ticks " .. ticks)
+    assert.is_true(ticks >= 2, "ticks " .. ticks)
   end)
 
   it("wrap_callback(uv.fs_open) waits for the fd, and a cancel hands a late fd to cleanup", function()

