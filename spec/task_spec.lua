@@ -668,6 +668,21 @@ describe("corowatch.task errors and options", function()
     task.run(function() end) -- runs and ends the task spawned above
   end)
 
+  it("cancel_id from the task's own thread lands at its next instruction", function()
+    task.run(function()
+      local after = false
+      local t = task.spawn(function()
+        assert(task.cancel_id(task.current():id(), "by id"))
+        after = true
+      end)
+      local ok, err = t:pawait()
+      assert.is_false(ok)
+      assert.are.equal("by id", err.reason)
+      assert.is_false(after)
+      assert.is_false(task.cancel_id(t:id()))
+    end)
+  end)
+
   it("cancel_id of an unknown id is false", function()
     assert.is_false(task.cancel_id(12345))
     assert.is_false(task.cancel_id(mtint.id()))
