@@ -31,6 +31,8 @@ build = {
       mtint = "lua/mtint.lua",
       corowatch = "lua/corowatch.lua",
       ["corowatch.supervisor"] = "lua/corowatch/supervisor.lua",
+      ["corowatch.task"] = "lua/corowatch/task.lua",
+      ["corowatch.task.luv"] = "lua/corowatch/task/luv.lua",
     },
     lib = {
       ["corowatch.core"] = "build/rock/core.so",

@@ -15,6 +15,7 @@ mod interrupt;
 mod registry;
 mod resume;
 mod state;
+mod task;
 mod vm;
 mod watch;
 mod watchdog;
@@ -28,6 +29,7 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     let core = lua.create_table()?;
     core.set("mtint", interrupt::module(lua)?)?;
     core.set("corowatch", corowatch::module(lua)?)?;
+    core.set("task", task::module(lua)?)?;
     let names = lua.create_table()?;
     names.set("interrupted", errors::INTERRUPTED)?;
     names.set("not_supported", errors::NOT_SUPPORTED)?;

@@ -13,7 +13,12 @@
 //! overwrites the hook count). So until the hook has delivered, the watchdog
 //! arms the target again, after 1 ms, then at doubling intervals up to 50 ms.
 //! An interrupt can be late by that much in the rare case, never lost.
+//!
+//! Timers: other modules hand it a [`Timer`] to fire once at a time (the
+//! task module's deadlines); a timer can be cancelled, which takes it out
+//! of the queue at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,7 +37,17 @@ enum Job {
     },
     /// A VM's corowatch alarm.
     Alarm(Weak<Vm>),
+    /// A one-shot timer, with the token that cancels it.
+    Timer(Arc<dyn Timer>, u64),
 }
+
+/// Something to do once, on the watchdog thread, at a given time. `fire`
+/// runs outside every lock of the watchdog and must not block.
+pub trait Timer: Send + Sync {
+    fn fire(&self);
+}
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
 struct Rearm {
     job: Job,
@@ -76,6 +91,40 @@ pub fn queued_jobs() -> usize {
     lock(&QUEUE.entries).len()
 }
 
+/// Asks the watchdog to call `timer.fire()` at `due`; returns the token
+/// that [`cancel_timer`] takes.
+pub fn schedule_timer(timer: Arc<dyn Timer>, due: Instant) -> u64 {
+    let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+    push(Rearm {
+        job: Job::Timer(timer, token),
+        due,
+    });
+    token
+}
+
+/// Takes the timer with this token out of the queue, if it is still there
+/// (it may be firing right now: a timer's `fire` must tolerate that).
+pub fn cancel_timer(token: u64) {
+    let removed: Vec<Rearm> = {
+        let mut entries = lock(&QUEUE.entries);
+        let (removed, kept) = entries
+            .drain(..)
+            .partition(|entry| matches!(entry.job, Job::Timer(_, t) if t == token));
+        *entries = kept;
+        removed
+    };
+    // The timer is dropped here, outside the queue's lock.
+    drop(removed);
+}
+
+/// How many timers are queued (for specs: a finished scope leaves none).
+pub fn queued_timers() -> usize {
+    lock(&QUEUE.entries)
+        .iter()
+        .filter(|entry| matches!(entry.job, Job::Timer(..)))
+        .count()
+}
+
 fn push(entry: Rearm) {
     START.call_once(|| {
         // Without the thread, interrupts are still armed once, as the
@@ -100,7 +149,7 @@ fn enqueue(entries: &mut Vec<Rearm>, entry: Rearm) {
     if let Job::Alarm(vm) = &entry.job {
         let queued = entries.iter_mut().find(|queued| match &queued.job {
             Job::Alarm(other) => Weak::ptr_eq(vm, other),
-            Job::Rearm { .. } => false,
+            Job::Rearm { .. } | Job::Timer(..) => false,
         });
         if let Some(queued) = queued {
             queued.due = queued.due.min(entry.due);
@@ -142,6 +191,7 @@ fn run() {
                     // `strong` is dropped here, outside every lock: dropping
                     // the last reference to a target takes its VM's lock.
                 }
+                Job::Timer(timer, _) => timer.fire(),
                 Job::Alarm(vm) => {
                     if let Some(next) = vm.upgrade().and_then(|strong| strong.on_alarm()) {
                         again.push(Rearm {

@@ -1,0 +1,747 @@
+-- corowatch.task: Coop-style tasks whose cancel and timeout reach code
+-- that never yields.
+local unpack = unpack or table.unpack
+if jit then jit.off() end -- JIT-compiled loops never call hooks
+
+local task = require("corowatch.task")
+local corowatch = require("corowatch")
+local mtint = require("mtint")
+local gettime = corowatch.gettime
+
+-- CPU-bound for at most `seconds` (so that a failure fails, not hangs):
+-- never yields, calls nothing but the clock.
+local function spin(seconds)
+  local stop = gettime() + (seconds or 5)
+  while gettime() < stop do end
+  return "spun out"
+end
+
+local function busy()
+  local x = 0
+  for i = 1, 1e5 do x = x + i end
+  return x
+end
+
+-- Runs `spec` as a task that is cancelled while it runs CPU-bound: it is
+-- spawned inside a 0.05 s timeout scope, whose expiry cancels it through
+-- the hook. Returns the task (ended) and the time of the cancel.
+local function cancel_while_running(spec)
+  local t, expiry
+  task.run(function()
+    expiry = gettime() + 0.05
+    task.pcall(task.timeout, 0.05, function()
+      t = task.spawn(spec)
+      t:await()
+    end)
+  end)
+  return t, expiry
+end
+
+local function kind_of(err)
+  return type(err) == "table" and err.kind or nil
+end
+
+describe("corowatch.task running tasks", function()
+  it("run returns the root task's results", function()
+    assert.are.same({ 1, nil, 3 }, { task.run(function(a) return a, nil, 3 end, 1) })
+  end)
+
+  it("run raises the root task's original error value", function()
+    local value = { "mine" }
+    local ok, err = pcall(task.run, function() error(value) end)
+    assert.is_false(ok)
+    assert.are.equal(value, err)
+  end)
+
+  it("spawn does not run the task inline; await returns its results", function()
+    task.run(function()
+      local ran = false
+      local t = task.spawn(function(a, b) ran = true; return a + b, "x" end, 1, 2)
+      assert.is_false(ran)
+      assert.are.equal("ready", t:status())
+      assert.are.same({ 3, "x" }, { t:await() })
+      assert.is_true(ran)
+      assert.are.equal("done", t:status())
+      assert.are.same({ true, 3, "x" }, { t:pawait() })
+      assert.are.same({ 3, "x" }, { t:result() })
+    end)
+  end)
+
+  it("reports running, waiting, failed and cancelled", function()
+    task.run(function()
+      local me = task.current()
+      assert.are.equal("running", me:status())
+      local sleeper = task.spawn(function() task.sleep(10) end)
+      task.yield()
+      assert.are.equal("waiting", sleeper:status())
+      local failing = task.spawn(function() error("boom", 0) end)
+      assert.are.same({ false, "boom" }, { failing:pawait() })
+      assert.are.equal("failed", failing:status())
+      assert.is_true(sleeper:cancel())
+      assert.is_false(sleeper:pawait())
+      assert.are.equal("cancelled", sleeper:status())
+    end)
+  end)
+
+  it("result raises for a task that has not ended, and an ended task's error", function()
+    task.run(function()
+      local t = task.spawn(function() error("bad", 0) end)
+      assert.has_error(function() t:result() end, "corowatch.task.result: task " .. t:id() .. " has not ended")
+      t:pawait()
+      assert.has_error(function() t:result() end, "bad")
+    end)
+  end)
+
+  it("id is the mtint id of the task's coroutine", function()
+    task.run(function()
+      local t = task.spawn(function() return mtint.id() end)
+      assert.are.equal(t:id(), t:await())
+      assert.are.equal(mtint.id(), task.current():id())
+    end)
+  end)
+
+  it("sleep lets others run, and yield lets ready tasks run first", function()
+    local order = {}
+    task.run(function()
+      local a = task.spawn(function() task.sleep(0.02); order[#order + 1] = "a" end)
+      local b = task.spawn(function() order[#order + 1] = "b1"; task.yield(); order[#order + 1] = "b2" end)
+      local c = task.spawn(function() order[#order + 1] = "c" end)
+      a:await(); b:await(); c:await()
+    end)
+    assert.are.same({ "b1", "c", "b2", "a" }, order)
+  end)
+
+  it("step runs ready tasks once for a host without a scheduler", function()
+    local log = {}
+    local t = task.spawn(function()
+      log[#log + 1] = 1
+      task.yield()
+      log[#log + 1] = 2
+      task.sleep(0.01)
+      return "end"
+    end)
+    assert.are.same({}, log)
+    assert.are.equal(0, task.step())
+    assert.are.same({ 1 }, log)
+    local delay = task.step()
+    assert.are.same({ 1, 2 }, log)
+    assert.is_true(delay ~= nil and delay <= 0.01)
+    local deadline = gettime() + 2
+    while t:status() ~= "done" and gettime() < deadline do task.step(0.05) end
+    assert.are.equal("end", t:result())
+    assert.is_nil(task.step())
+  end)
+
+  it("await outside any task drives the scheduler until the task ends", function()
+    local t = task.spawn(function() task.sleep(0.01); return 7 end)
+    assert.are.equal(7, t:await())
+  end)
+
+  it("ending the root cancels the tasks left and waits for their cleanup", function()
+    local cleaned = 0
+    local left
+    task.run(function()
+      left = task.spawn(function()
+        local _, err = task.pcall(task.sleep, 10)
+        cleaned = cleaned + 1
+        error(err, 0)
+      end)
+      task.yield()
+    end)
+    assert.are.equal(1, cleaned)
+    assert.are.equal("cancelled", left:status())
+  end)
+
+  it("raises, naming the waiting tasks, when the root waits on what can never happen", function()
+    local ok, err = pcall(task.run, function()
+      local f = task.future()
+      task.spawn({ function() f:await() end, name = "stuck child" })
+      f:await()
+    end)
+    assert.is_false(ok)
+    assert.is_truthy(err:find("can never happen", 1, true))
+    assert.is_truthy(err:find("task 'stuck child' (awaiting a future)", 1, true))
+  end)
+end)
+
+describe("corowatch.task futures", function()
+  it("completes, fails and awaits", function()
+    task.run(function()
+      local f = task.future()
+      assert.is_false(f:done())
+      task.spawn(function() task.sleep(0.01); f:complete(1, 2) end)
+      assert.are.same({ 1, 2 }, { f:await() })
+      assert.is_true(f:done())
+      local g = task.future()
+      task.spawn(function() g:fail("nope") end)
+      assert.are.same({ false, "nope" }, { g:pawait() })
+      assert.has_error(function() g:await() end, "nope")
+    end)
+  end)
+
+  it("raises a clear error when completed twice", function()
+    local f = task.future()
+    f:complete(1)
+    assert.has_error(function() f:complete(2) end,
+      "corowatch.task.future: complete on a future that is already done")
+    assert.has_error(function() f:fail("x") end,
+      "corowatch.task.future: fail on a future that is already done")
+  end)
+end)
+
+describe("corowatch.task cancel", function()
+  it("of a task that has ended returns false", function()
+    task.run(function()
+      local t = task.spawn(function() return 1 end)
+      t:await()
+      assert.is_false(t:cancel())
+    end)
+  end)
+
+  it("before the task first runs: its body never runs", function()
+    task.run(function()
+      local ran = false
+      local t = task.spawn({ function() ran = true end, name = "never" })
+      assert.is_true(t:cancel("early"))
+      local ok, err = t:pawait()
+      assert.is_false(ok)
+      assert.is_false(ran)
+      assert.are.equal("cancelled", t:status())
+      assert.are.equal(task.error.cancelled, err.kind)
+      assert.are.equal(t, err.task)
+      assert.are.equal("early", err.reason)
+      assert.is_true(task.is_cancellation(err))
+      assert.is_truthy(tostring(err):find("task 'never' was cancelled (early)", 1, true))
+    end)
+  end)
+
+  it("does not run the task inline, and the awaiting task is not cancelled", function()
+    task.run(function()
+      local log = {}
+      local t = task.spawn(function() log[#log + 1] = "body" end)
+      t:cancel()
+      log[#log + 1] = "after cancel"
+      assert.has_error(function() t:await() end)
+      assert.are.same({ "after cancel" }, log)
+      assert.are.equal("running", task.current():status())
+      task.sleep(0) -- the awaiting task goes on waiting normally
+    end)
+  end)
+
+  it("wakes a sleeping task, whose sleep raises; its cleanup runs once", function()
+    task.run(function()
+      local cleanups = 0
+      local t = task.spawn(function()
+        local ok, err = task.pcall(task.sleep, 10)
+        cleanups = cleanups + 1
+        assert(not ok and task.is_cancellation(err))
+        error(err, 0)
+      end)
+      task.sleep(0.01)
+      local started = gettime()
+      t:cancel()
+      assert.is_false(t:pawait())
+      assert.is_true(gettime() - started < 1)
+      assert.are.equal(1, cleanups)
+    end)
+  end)
+
+  it("is raised again at every later wait point", function()
+    task.run(function()
+      local caught = 0
+      local t = task.spawn(function()
+        for _ = 1, 3 do
+          local ok = task.pcall(task.sleep, 10)
+          if not ok then caught = caught + 1 end
+        end
+        return "finished"
+      end)
+      task.yield()
+      t:cancel()
+      local ok, err = t:pawait()
+      assert.is_false(ok) -- a cancelled task never ends with a normal result
+      assert.are.equal(task.error.cancelled, err.kind)
+      assert.are.equal(3, caught)
+    end)
+  end)
+
+  it("of itself lands at the next instruction", function()
+    task.run(function()
+      local after = false
+      local t = task.spawn(function()
+        task.current():cancel("self")
+        after = true
+      end)
+      local ok, err = t:pawait()
+      assert.is_false(ok)
+      assert.are.equal("self", err.reason)
+      assert.is_false(after)
+    end)
+  end)
+
+  it("reaches a CPU-bound task from a debug hook at its next instruction", function()
+    task.run(function()
+      local t
+      t = task.spawn(function()
+        local n = 0
+        -- corowatch.sethook: a user hook beside the native one (LuaJIT's
+        -- hooks are global to the VM)
+        corowatch.sethook(function()
+          n = n + 1
+          if n == 3 then t:cancel("hook") end
+        end, "", 1000)
+        return spin(5)
+      end)
+      local started = gettime()
+      local ok, err = t:pawait()
+      corowatch.sethook()
+      assert.is_false(ok)
+      assert.are.equal("hook", err.reason)
+      assert.is_true(gettime() - started < 1)
+    end)
+  end)
+
+  it("ends `while true do pcall(busy) end` within the grace period", function()
+    local t, cancelled_at = cancel_while_running({ function()
+      while true do pcall(busy) end
+    end, grace = 0.05 })
+    local ok, err = t:pawait()
+    assert.is_false(ok)
+    assert.are.equal(task.error.cancelled, kind_of(err))
+    local late = gettime() - cancelled_at
+    assert.is_true(late < 0.05 * 2 + 0.05, "ended " .. late .. " s after the cancel")
+  end)
+
+  it("ends `while true do task.pcall(busy) end` within the grace period", function()
+    local t, cancelled_at = cancel_while_running({ function()
+      while true do task.pcall(busy) end
+    end, grace = 0.05 })
+    local ok, err = t:pawait()
+    assert.is_false(ok)
+    assert.are.equal(task.error.cancelled, kind_of(err))
+    local late = gettime() - cancelled_at
+    assert.is_true(late < 0.05 * 2 + 0.05, "ended " .. late .. " s after the cancel")
+  end)
+
+  it("ends a task whose xpcall handler swallows the cancel", function()
+    local handled = 0
+    local t = cancel_while_running({ function()
+      -- the first cancel lands inside the endless xpcall'd loop
+      local function forever() while true do busy() end end
+      while true do
+        xpcall(forever, function() handled = handled + 1; return "swallowed" end)
+      end
+    end, grace = 0.05 })
+    local ok, err = t:pawait()
+    assert.is_false(ok)
+    assert.are.equal(task.error.cancelled, kind_of(err))
+    assert.is_true(handled >= 1)
+  end)
+
+  it("raised in a table.sort comparator is the cancellation error", function()
+    local list = {}
+    for i = 1, 2000 do list[i] = (i * 7919) % 2003 end
+    local t = cancel_while_running(function()
+      while true do
+        table.sort(list, function(a, b) return a < b end)
+        for i = 1, #list do list[i] = (list[i] * 31) % 2003 end
+      end
+    end)
+    local ok, err = t:pawait()
+    assert.is_false(ok)
+    assert.are.equal(task.error.cancelled, kind_of(err))
+    assert.is_truthy(tostring(err):find("was cancelled (timeout)", 1, true))
+  end)
+
+  it("cancels all descendants (sleeping, waiting, CPU-bound); each cleanup runs once", function()
+    local cleanups = { sleeping = 0, waiting = 0, cpu = 0, grandchild = 0 }
+    local function cleanup(name, f, ...)
+      local ok, err = task.pcall(f, ...)
+      cleanups[name] = cleanups[name] + 1
+      if not ok then error(err, 0) end
+    end
+    local parent, ended_children
+    task.run(function()
+      local children = {}
+      -- The timeout's expiry cancels the parent (spawned inside it) while
+      -- its CPU-bound child runs: the cancel reaches the whole tree.
+      local ok, err = task.pcall(task.timeout, 0.1, function()
+        parent = task.spawn(function()
+          children[1] = task.spawn(cleanup, "sleeping", task.sleep, 10)
+          children[2] = task.spawn(cleanup, "waiting", function() task.future():await() end)
+          children[3] = task.spawn(function()
+            children[4] = task.spawn(cleanup, "grandchild", task.sleep, 10)
+            task.sleep(10)
+          end)
+          task.yield()
+          task.yield()
+          -- all of the above wait now; this one is CPU-bound when the cancel comes
+          children[5] = task.spawn(cleanup, "cpu", spin, 5)
+          task.sleep(10)
+        end)
+        parent:await()
+      end)
+      assert(not ok and err.kind == task.error.timeout)
+      local pok, perr = parent:pawait()
+      assert(not pok and perr.reason == "timeout")
+      ended_children = 0
+      for i = 1, #children do
+        if children[i]:status() == "cancelled" then ended_children = ended_children + 1 end
+      end
+    end)
+    assert.are.equal(5, ended_children)
+    assert.are.same({ sleeping = 1, waiting = 1, cpu = 1, grandchild = 1 }, cleanups)
+  end)
+
+  it("is deferred by shield until its function returns", function()
+    task.run(function()
+      local log = {}
+      local t = task.spawn(function()
+        task.shield(function()
+          task.sleep(0.05)
+          log[#log + 1] = "shielded work done"
+        end)
+        log[#log + 1] = "after shield"
+      end)
+      task.yield()
+      t:cancel()
+      assert.is_false(t:pawait())
+      assert.are.same({ "shielded work done" }, log)
+    end)
+  end)
+end)
+
+describe("corowatch.task.timeout", function()
+  it("stops `while true do end` at its deadline", function()
+    task.run(function()
+      local started = gettime()
+      local ok, err = pcall(task.timeout, 0.05, function() while true do end end)
+      local elapsed = gettime() - started
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, kind_of(err))
+      assert.are.equal(task.current(), err.task)
+      assert.is_true(task.is_cancellation(err))
+      assert.is_true(elapsed >= 0.05 and elapsed < 0.05 * 3, "elapsed " .. elapsed)
+    end)
+  end)
+
+  it("returns fn's results when it finishes in time, and leaves no timer behind", function()
+    task.run(function()
+      assert.are.same({ 1, 2 }, { task.timeout(0.05, function(a) return a, 2 end, 1) })
+      spin(0.1) -- past the deadline: nothing may land
+      task.sleep(0.01)
+    end)
+    assert.is_nil(task.step())
+  end)
+
+  it("leaves no deadline queued on the watchdog once its scope has ended", function()
+    local queued = require("corowatch.core").task.queued_timers
+    local before = queued()
+    task.run(function()
+      for i = 1, 200 do
+        assert(task.timeout(60, function(x) return x end, i) == i)
+        assert(not task.pcall(task.timeout, 60, error, "inner failure"))
+      end
+      assert.are.equal(before, queued())
+      task.timeout(60, function() assert.are.equal(before + 1, queued()) end)
+    end)
+    assert.are.equal(before, queued())
+  end)
+
+  it("inside a shield still times out; the shield defers only what came from outside", function()
+    task.run(function()
+      local ok, err = task.pcall(task.shield, task.timeout, 0.05, spin, 5)
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, kind_of(err))
+      local log = {}
+      local inner_ok
+      local outer_ok, outer_err = task.pcall(task.timeout, 0.03, function()
+        task.shield(function()
+          spin(0.1) -- the outer timeout expires in here: deferred
+          log[#log + 1] = "shield finished"
+        end)
+        log[#log + 1] = "after shield"
+      end)
+      inner_ok = outer_ok
+      assert.is_false(inner_ok)
+      assert.are.equal(task.error.timeout, kind_of(outer_err))
+      assert.are.same({ "shield finished" }, log)
+    end)
+  end)
+
+  it("swallowed by pcall in a loop inside its scope, ends within the grace period", function()
+    task.run(function()
+      local started = gettime()
+      local ok, err = task.pcall(task.timeout, 0.05, function()
+        while true do pcall(busy) end
+      end)
+      local elapsed = gettime() - started
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, kind_of(err))
+      assert.is_true(elapsed < 0.05 + 2 * 0.1, "elapsed " .. elapsed)
+      -- once out of the scope, nothing more is raised here
+      assert.are.equal("spun out", spin(0.05))
+      task.sleep(0)
+    end)
+  end)
+
+  it("times out a wait", function()
+    task.run(function()
+      local started = gettime()
+      local ok, err = task.pcall(task.timeout, 0.05, task.sleep, 10)
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, err.kind)
+      assert.is_true(gettime() - started < 1)
+    end)
+  end)
+
+  it("nested: the shorter fires and each catches only its own error", function()
+    task.run(function()
+      -- inner shorter
+      local inner_err
+      local outer_result = task.timeout(1, function()
+        local ok, err = pcall(task.timeout, 0.05, spin, 5)
+        inner_err = err
+        return ok
+      end)
+      assert.is_false(outer_result)
+      assert.are.equal(task.error.timeout, inner_err.kind)
+      -- outer shorter: the inner scope does not take the outer's error
+      local inner_caught
+      local ok, err = task.pcall(task.timeout, 0.05, function()
+        local iok, ierr = pcall(task.timeout, 1, spin, 5)
+        inner_caught = { iok, ierr }
+        error(ierr, 0)
+      end)
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, err.kind)
+      assert.are.equal(inner_caught[2], err)
+      -- no scope left behind: an untimed spin finishes
+      assert.are.equal("spun out", spin(0.1))
+    end)
+  end)
+
+  it("stops a group whose CPU-bound child never yields", function()
+    task.run(function()
+      local cleanups = 0
+      local started = gettime()
+      local ok, err = task.pcall(task.timeout, 0.05, task.group, function(g)
+        g:spawn(function() task.sleep(10) end)
+        g:spawn(function()
+          local _, terr = pcall(spin, 5)
+          cleanups = cleanups + 1
+          error(terr, 0)
+        end)
+      end)
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, err.kind)
+      assert.are.equal(1, cleanups)
+      assert.is_true(gettime() - started < 1)
+    end)
+  end)
+end)
+
+describe("corowatch.task.group", function()
+  it("returns the children's results in spawn order", function()
+    task.run(function()
+      local results = task.group(function(g)
+        g:spawn(function() task.sleep(0.02); return "a" end)
+        g:spawn(function() return "b", 2 end)
+      end)
+      assert.are.equal("a", results[1][1])
+      assert.are.same({ "b", 2 }, { unpack(results[2], 1, results[2].n) })
+    end)
+  end)
+
+  it("a child's error cancels the siblings, CPU-bound ones included, and is raised", function()
+    task.run(function()
+      local sibling_cleanups, started_cpu = 0, false
+      local ok, err = task.pcall(task.group, function(g)
+        g:spawn(function()
+          local _, e = task.pcall(task.sleep, 10)
+          sibling_cleanups = sibling_cleanups + 1
+          error(e, 0)
+        end)
+        -- killed by its limit while CPU-bound: the group's first error
+        g:spawn({ function() started_cpu = true; spin(5) end, limit = 0.05 })
+        g:spawn(function() spin(5) end) -- cancelled before it runs
+      end)
+      assert.is_false(ok)
+      assert.is_true(started_cpu)
+      assert.is_truthy(tostring(err):find("Coroutine exceeded its allowed running time of 0.05 seconds", 1, true))
+      assert.are.equal(1, sibling_cleanups)
+    end)
+  end)
+end)
+
+describe("corowatch.task errors and options", function()
+  it("limit kills a task that runs too long without yielding, with corowatch's message", function()
+    task.run(function()
+      local t = task.spawn({ spin, limit = 0.05, name = "hog" })
+      local ok, err = t:pawait()
+      assert.is_false(ok)
+      assert.is_truthy(err:find("^Coroutine exceeded its allowed running time of 0.05 seconds"))
+      assert.are.equal("failed", t:status())
+      assert.are.equal("hog", t.name)
+    end)
+  end)
+
+  it("reports an error nobody awaited through on_error", function()
+    local reported = {}
+    local saved = task.on_error
+    task.on_error = function(err, t) reported[#reported + 1] = { err, t } end
+    local ok = pcall(task.run, function()
+      task.spawn({ function() error("lost?", 0) end, name = "orphan" })
+      task.sleep(0.01)
+    end)
+    task.on_error = saved
+    assert.is_true(ok)
+    assert.are.equal(1, #reported)
+    assert.are.equal("lost?", reported[1][1])
+    assert.are.equal("orphan", reported[1][2].name)
+  end)
+
+  it("does not report an error that the parent awaits later", function()
+    local reported = 0
+    local saved = task.on_error
+    task.on_error = function() reported = reported + 1 end
+    task.run(function()
+      local t = task.spawn(function() error("seen", 0) end)
+      task.sleep(0.01)
+      assert.is_false(t:pawait())
+    end)
+    task.on_error = saved
+    assert.are.equal(0, reported)
+  end)
+
+  it("the default on_error writes one line and the traceback to stderr", function()
+    local written = {}
+    local real = io.stderr
+    local fake = { write = function(_, text) written[#written + 1] = text end }
+    io.stderr = fake -- luacheck: ignore 122
+    local ok = pcall(task.run, function()
+      task.spawn({ function() error("to stderr", 0) end, name = "loud" })
+      task.sleep(0.01)
+    end)
+    io.stderr = real -- luacheck: ignore 122
+    assert.is_true(ok)
+    local text = table.concat(written)
+    assert.is_truthy(text:find("unhandled error in task 'loud': to stderr", 1, true))
+    assert.is_truthy(text:find("stack traceback:", 1, true))
+  end)
+
+  it("task.pcall catches errors and may yield inside on every version", function()
+    task.run(function()
+      local ok, a, b = task.pcall(function(x) task.sleep(0.01); return x, "y" end, "x")
+      assert.are.same({ true, "x", "y" }, { ok, a, b })
+      assert.are.same({ false, "e" }, { task.pcall(function() task.yield(); error("e", 0) end) })
+      assert.are.same({ false, "E" },
+        { task.xpcall(function() task.yield(); error("e", 0) end, function(e) return e:upper() end) })
+    end)
+  end)
+
+  it("calls outside a task fail clearly", function()
+    assert.has_error(function() task.sleep(1) end, "corowatch.task.sleep: called outside a task")
+    assert.has_error(function() task.timeout(1, print) end, "corowatch.task.timeout: called outside a task")
+    assert.is_nil(task.current())
+  end)
+
+  it("bad arguments name the argument", function()
+    assert.has_error(function() task.spawn(42) end,
+      "bad argument #1 to 'spawn' (function or { fn, limit =, name =, grace = } expected, got number)")
+    assert.has_error(function() task.spawn({ print, limit = -1 }) end,
+      "bad argument #1 to 'spawn' (positive number of seconds expected, got number)")
+    assert.has_error(function() task.run("x") end,
+      "bad argument #1 to 'run' (function or { fn, ... } expected, got string)")
+    assert.has_error(function() task.timeout("1", print) end,
+      "bad argument #1 to 'timeout' (positive number of seconds expected, got string)")
+    assert.has_error(function() task.step(-1) end,
+      "bad argument #1 to 'step' (non-negative number of seconds expected, got number)")
+    assert.has_error(function() task.cancel_id("x") end,
+      "bad argument #1 to 'cancel_id' (integer id expected, got string)")
+    assert.has_error(function() task.future().complete({}) end,
+      "bad argument #1 to 'complete' (future expected, got table)")
+    assert.has_error(function() task.spawn(print).cancel({}) end,
+      "bad argument #1 to 'cancel' (task expected, got table)")
+    assert.has_error(function() task.wrap_callback(nil) end,
+      "bad argument #1 to 'wrap_callback' (function expected, got nil)")
+    task.run(function() end) -- runs and ends the task spawned above
+  end)
+
+  it("cancel_id from the task's own thread lands at its next instruction", function()
+    task.run(function()
+      local after = false
+      local t = task.spawn(function()
+        assert(task.cancel_id(task.current():id(), "by id"))
+        after = true
+      end)
+      local ok, err = t:pawait()
+      assert.is_false(ok)
+      assert.are.equal("by id", err.reason)
+      assert.is_false(after)
+      assert.is_false(task.cancel_id(t:id()))
+    end)
+  end)
+
+  it("cancel_id of an unknown id is false", function()
+    assert.is_false(task.cancel_id(12345))
+    assert.is_false(task.cancel_id(mtint.id()))
+  end)
+end)
+
+describe("corowatch.task.wrap_callback", function()
+  it("waits on a callback-last function, and cleans up results that come after a cancel", function()
+    task.run(function()
+      local pending = {}
+      local function op(x, cb) pending[#pending + 1] = cb; return "handle" .. x end
+      local cancelled_handles, cleaned = {}, {}
+      local wrapped = task.wrap_callback(op, {
+        on_cancel = function(handle) cancelled_handles[#cancelled_handles + 1] = handle end,
+        cleanup = function(err, fd) cleaned[#cleaned + 1] = { err, fd } end,
+      })
+      local t = task.spawn(function() return wrapped(1) end)
+      task.yield()
+      pending[1](nil, "fd1")
+      assert.are.same({ nil, "fd1" }, { t:await() })
+      local c = task.spawn(function() return wrapped(2) end)
+      task.yield()
+      c:cancel()
+      assert.is_false(c:pawait())
+      assert.are.same({ "handle2" }, cancelled_handles)
+      pending[2](nil, "fd2")
+      assert.are.same({ { nil, "fd2" } }, cleaned)
+    end)
+  end)
+end)
+
+describe("corowatch.task and Lua 5.4's <close>", function()
+  local load54 = _VERSION == "Lua 5.4" and load or nil
+  local it54 = load54 and it or pending
+
+  it54("runs <close> handlers of a task cancelled while CPU-bound, once each", function()
+    local closed = {}
+    local body = load54([[
+      local closed, spin = ...
+      local function closer(name)
+        return setmetatable({}, { __close = function() closed[#closed + 1] = name end })
+      end
+      local outer <close> = closer("outer")
+      do
+        local inner <close> = closer("inner")
+        spin(5)
+      end
+    ]])
+    local t = (function()
+      local result
+      task.run(function()
+        task.pcall(task.timeout, 0.05, function()
+          result = task.spawn(body, closed, spin)
+          result:await()
+        end)
+      end)
+      return result
+    end)()
+    assert.are.equal("cancelled", t:status())
+    assert.are.same({ "inner", "outer" }, closed)
+  end)
+end)

@@ -1,0 +1,107 @@
+//! The native part of `corowatch.task`: what the Lua scheduler cannot do
+//! itself. Deadlines on the watchdog ([`deadline`]), the scheduler's cell
+//! that says which thread runs a task now ([`cell`]), and the per-VM
+//! mailbox with the cross-thread cancel and the idle sleep it cuts short
+//! ([`mailbox`]).
+//! Cancels themselves are delivered by the one hook, as mtint interrupts of
+//! the task's thread; `lua/corowatch/task.lua` sets their handler.
+
+mod cell;
+mod deadline;
+mod mailbox;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlua::{Lua, Table, UserData, UserDataMethods, UserDataRef, Value};
+
+use crate::registry::Id;
+use crate::state;
+use cell::{Cell, CellHandle};
+use deadline::Deadline;
+use mailbox::Mailbox;
+
+/// The Lua handle on this VM's mailbox.
+struct MailboxHandle(Arc<Mailbox>);
+
+impl UserData for MailboxHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("set_cell", |_, this, cell: UserDataRef<CellHandle>| {
+            this.0.set_cell(cell.0.clone());
+            Ok(())
+        });
+        methods.add_method("register", |_, this, id: Id| {
+            this.0.register(id);
+            Ok(())
+        });
+        methods.add_method("unregister", |_, this, id: Id| {
+            this.0.unregister(id);
+            Ok(())
+        });
+        // -> { id1, reason1 or false, id2, ... }, or nil if none came
+        methods.add_method("drain", |lua, this, ()| {
+            let cancels = this.0.drain();
+            if cancels.is_empty() {
+                return Ok(None);
+            }
+            let list = lua.create_table_with_capacity(cancels.len() * 2, 0)?;
+            for (id, reason) in cancels {
+                list.raw_push(id)?;
+                match reason {
+                    Some(reason) => list.raw_push(reason)?,
+                    None => list.raw_push(false)?,
+                }
+            }
+            Ok(Some(list))
+        });
+        methods.add_method("fd", |_, this, ()| Ok(this.0.fd()));
+        // sleep(seconds or nil) -> whether a cancel arrived
+        methods.add_method("sleep", |_, this, seconds: Option<f64>| {
+            let timeout = seconds
+                .filter(|s| s.is_finite())
+                .map(|s| Duration::from_secs_f64(s.max(0.0)));
+            Ok(this.0.sleep(timeout))
+        });
+    }
+}
+
+pub fn module(lua: &Lua) -> mlua::Result<Table> {
+    let task = lua.create_table()?;
+    task.set(
+        "cell",
+        lua.create_function(|_, id: Id| Ok(CellHandle(Cell::new(id))))?,
+    )?;
+    task.set(
+        "deadline",
+        lua.create_function(
+            |_, (cell, seconds, sticky): (UserDataRef<CellHandle>, f64, bool)| {
+                let seconds = if seconds.is_finite() {
+                    seconds.max(0.0)
+                } else {
+                    0.0
+                };
+                Ok(Deadline::new(cell.0.clone(), seconds, sticky))
+            },
+        )?,
+    )?;
+    task.set(
+        "queued_timers",
+        lua.create_function(|_, ()| Ok(crate::watchdog::queued_timers()))?,
+    )?;
+    task.set(
+        "mailbox",
+        lua.create_function(|lua, ()| Ok(MailboxHandle(mailbox::of_vm(&state::vm(lua)?))))?,
+    )?;
+    task.set(
+        "cancel_id",
+        lua.create_function(|lua, (id, reason): (Id, Value)| {
+            let reason = match reason {
+                Value::Nil => None,
+                other => Some(other.to_string()?),
+            };
+            let caller = state::vm(lua).ok();
+            Ok(mailbox::cancel_id(id, reason, caller.as_ref()))
+        })?,
+    )?;
+    Ok(task)
+}
