@@ -12,6 +12,9 @@ end
 
 describe("the watchdog's queue", function()
   it("holds one alarm for a VM under a long watch, however many inner watches came and went", function()
+    -- Other specs' jobs may wait there too (timers, re-arms, other VMs'
+    -- alarms): count what this one adds.
+    local before = core.watchdog_jobs()
     local outer = corowatch.watch(cw.create(function()
       for _ = 1, 100 do
         -- Each inner watch brings the VM's next deadline nearer, and its
@@ -24,7 +27,7 @@ describe("the watchdog's queue", function()
     end), 60)
     local ok, jobs = cw.resume(outer)
     assert.is_true(ok, jobs)
-    -- This VM's alarm, and at most one of another VM or a re-arm.
-    assert.is_true(jobs <= 2, "watchdog jobs queued: " .. tostring(jobs))
+    -- This VM's alarm at most, and one more of someone else's at most.
+    assert.is_true(jobs - before <= 2, ("watchdog jobs queued: %d, before: %d"):format(jobs, before))
   end)
 end)
