@@ -27,21 +27,8 @@ local function busy(n)
   return x
 end
 
--- Runs a Lua file with this interpreter (after `prefix`, a command such as
--- "timeout 60 "); returns its output and success.
-local function run_file(code, prefix)
-  local file = os.tmpname()
-  local handle = assert(io.open(file, "w"))
-  handle:write(code)
-  handle:close()
-  local lua = os.getenv("CW_LUA") or "lua"
-  local pipe = assert(io.popen((prefix or "") .. lua .. " " .. file .. " 2>&1; echo \"exit=$?\""))
-  local output = pipe:read("*a")
-  pipe:close()
-  os.remove(file)
-  local status = tonumber(output:match("exit=(%d+)%s*$"))
-  return output:gsub("exit=%d+%s*$", ""), status == 0
-end
+-- Runs Lua code with this interpreter, in a child process.
+local run_file = require("spec.helpers.child").run
 
 describe("corowatch.watch", function()
   it("kills a coroutine that loops past its limit, with the documented message", function()
