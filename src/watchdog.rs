@@ -2,9 +2,12 @@
 //! coroutine's deadline passes, and re-arms pending interrupts.
 //!
 //! corowatch: each VM keeps one alarm here, at the earliest deadline of its
-//! running watched coroutines; at that time the VM arms the hook on its
-//! running thread. The thread asks the kernel for 1 ns of timer slack, so
-//! that it wakes on time (a kill lands within microseconds of its limit).
+//! running watched coroutines (one queued alarm per VM, however many
+//! watches moved it); at that time the VM arms the hook on its running
+//! thread. The thread asks the kernel for 1 ns of timer slack, wakes
+//! [`EARLY`] before the deadline (its wake-up costs more than a kill should
+//! be late) and spins on the clock for the rest, so that a kill lands
+//! within microseconds of its limit while nothing runs far from it.
 //!
 //! mtint:
 //! An interrupt arms its target at once, from the interrupting thread. The
@@ -37,8 +40,9 @@ enum Job {
     },
     /// A VM's corowatch alarm.
     Alarm(Weak<Vm>),
-    /// A one-shot timer, with the token that cancels it.
-    Timer(Arc<dyn Timer>, u64),
+    /// A one-shot timer, with the token that cancels it and the time it is
+    /// due (it is queued [`EARLY`], like an alarm).
+    Timer(Arc<dyn Timer>, u64, Instant),
 }
 
 /// Something to do once, on the watchdog thread, at a given time. `fire`
@@ -76,13 +80,23 @@ pub fn schedule_rearm(target: &Arc<Target>) {
     });
 }
 
+/// How much earlier than a deadline the watchdog wakes for it: a thread's
+/// wake-up costs 70–140 µs here, more than a kill should be late. The last
+/// stretch is spun on the clock instead (see `run`).
+const EARLY: Duration = Duration::from_micros(200);
+
 /// Asks the watchdog to call `vm.on_alarm()` at `due` (or earlier, if it
 /// already has an alarm of that VM due earlier: one per VM, at most).
 pub fn schedule_alarm(vm: Weak<Vm>, due: Instant) {
     push(Rearm {
         job: Job::Alarm(vm),
-        due,
+        due: early(due),
     });
+}
+
+/// When to wake for a deadline at `due`.
+fn early(due: Instant) -> Instant {
+    due.checked_sub(EARLY).unwrap_or(due)
 }
 
 /// How many jobs wait in the queue (diagnostics: specs check that the
@@ -96,8 +110,8 @@ pub fn queued_jobs() -> usize {
 pub fn schedule_timer(timer: Arc<dyn Timer>, due: Instant) -> u64 {
     let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
     push(Rearm {
-        job: Job::Timer(timer, token),
-        due,
+        job: Job::Timer(timer, token, due),
+        due: early(due),
     });
     token
 }
@@ -109,7 +123,7 @@ pub fn cancel_timer(token: u64) {
         let mut entries = lock(&QUEUE.entries);
         let (removed, kept) = entries
             .drain(..)
-            .partition(|entry| matches!(entry.job, Job::Timer(_, t) if t == token));
+            .partition(|entry| matches!(entry.job, Job::Timer(_, t, _) if t == token));
         *entries = kept;
         removed
     };
@@ -191,12 +205,27 @@ fn run() {
                     // `strong` is dropped here, outside every lock: dropping
                     // the last reference to a target takes its VM's lock.
                 }
-                Job::Timer(timer, _) => timer.fire(),
+                Job::Timer(timer, _, due) => {
+                    spin_until(due);
+                    timer.fire();
+                }
                 Job::Alarm(vm) => {
-                    if let Some(next) = vm.upgrade().and_then(|strong| strong.on_alarm()) {
+                    let Some(strong) = vm.upgrade() else {
+                        continue;
+                    };
+                    let mut next = strong.on_alarm();
+                    // Woken early: spin through the last stretch, so that
+                    // the hook is armed at the deadline. `on_alarm` arms
+                    // and then asks to come back a retry later (1 ms or
+                    // more), which ends the spinning.
+                    while let Some(due) = next.filter(|due| *due <= Instant::now() + EARLY) {
+                        spin_until(due);
+                        next = strong.on_alarm();
+                    }
+                    if let Some(next) = next {
                         again.push(Rearm {
                             job: Job::Alarm(vm),
-                            due: next,
+                            due: early(next),
                         });
                     }
                 }
@@ -208,6 +237,14 @@ fn run() {
                 enqueue(&mut entries, entry);
             }
         }
+    }
+}
+
+/// Spins on the clock until `due`: the last stretch before a deadline, which
+/// the watchdog woke [`EARLY`] for.
+fn spin_until(due: Instant) {
+    while Instant::now() < due {
+        std::hint::spin_loop();
     }
 }
 
