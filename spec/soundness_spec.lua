@@ -48,6 +48,8 @@ KEEP = finalized(function()
     { "debug.gethook", debug.gethook },
     { "debug.sethook", debug.sethook, print, "l" },
     { "debug.sethook()", debug.sethook },
+    { "task.cancel_id", TASK.cancel_id, 12345678901234 },
+    { "task.spawn", TASK.spawn, function() end },
   }
   for _, call in ipairs(calls) do
     local ok, err = pcall(call[2], select(3, unpack(call)))
@@ -60,6 +62,7 @@ unpack = unpack or table.unpack
 require("corowatch").export(_G)
 ID = require("mtint").id()
 OBJECT = require("mtint").interruptible(ID)
+TASK = require("corowatch.task")
 ]])
     assert.is_true(ok, output)
     assert.is_truthy(output:find("all answered\n", 1, true), output)

@@ -77,6 +77,27 @@ pub fn set_all(
     Ok(())
 }
 
+/// Puts every function of `table` behind a gate of `vm`.
+pub fn gate_table(
+    lua: &Lua,
+    vm: &Arc<Vm>,
+    table: &mlua::Table,
+    when_closed: WhenClosed,
+) -> mlua::Result<()> {
+    let functions: Vec<(mlua::Value, Function)> = table
+        .pairs::<mlua::Value, mlua::Value>()
+        .filter_map(|pair| match pair {
+            Ok((key, mlua::Value::Function(function))) => Some(Ok((key, function))),
+            Ok(_) => None,
+            Err(err) => Some(Err(err)),
+        })
+        .collect::<mlua::Result<_>>()?;
+    for (key, function) in functions {
+        table.raw_set(key, gate(lua, vm, function, when_closed)?)?;
+    }
+    Ok(())
+}
+
 unsafe fn push_str(state: *mut lua_State, text: &str) {
     ffi::lua_pushlstring(state, text.as_ptr().cast(), text.len());
 }
