@@ -101,7 +101,7 @@ pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) 
 fn decide(state: *mut lua_State, event: c_int) -> (Verdict, Option<lua_Hook>) {
     catch_unwind(AssertUnwindSafe(|| match vm::of_state(state) {
         // SAFETY: we are in `state`'s hook, on its thread.
-        Some(vm) => vm.on_hook(state, || unsafe { thread_id(state) }, event),
+        Some(vm) => vm.on_hook(state, || unsafe { id_of_thread(state, None) }, event),
         None => {
             // SAFETY: we are on `state`'s own thread, inside its hook; the VM
             // is closing or unknown, so nobody else arms this state.
@@ -112,27 +112,40 @@ fn decide(state: *mut lua_State, event: c_int) -> (Verdict, Option<lua_Hook>) {
     .unwrap_or((Verdict::Continue, None))
 }
 
-/// Pushes `table[running thread]` from the per-VM table under `key`;
+/// Pushes `table[thread]` from the per-VM table under `key`, for the thread
+/// at stack index `thread` (absolute), or the running thread if `None`;
 /// returns false, leaving the stack as it was, if there is no such table.
 ///
-/// SAFETY (caller): `state` is the running thread, inside its hook, which
-/// Lua guarantees `LUA_MINSTACK` free stack slots; this uses two and
-/// allocates nothing.
-unsafe fn push_thread_entry(state: *mut lua_State, table_key: &'static u8) -> bool {
+/// SAFETY (caller): `state` is the running thread, with two free stack
+/// slots (a hook has `LUA_MINSTACK`); this allocates nothing.
+unsafe fn push_thread_entry(
+    state: *mut lua_State,
+    table_key: &'static u8,
+    thread: Option<c_int>,
+) -> bool {
     ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(table_key));
     if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
         ffi::lua_pop(state, 1);
         return false;
     }
-    ffi::lua_pushthread(state);
+    match thread {
+        Some(index) => ffi::lua_pushvalue(state, index),
+        None => {
+            ffi::lua_pushthread(state);
+        }
+    }
     ffi::lua_rawget(state, -2);
     ffi::lua_remove(state, -2);
     true
 }
 
-/// The id of the running thread, read from the VM's weak `thread -> id` table.
-unsafe fn thread_id(state: *mut lua_State) -> Option<Id> {
-    if !push_thread_entry(state, &IDS_KEY) {
+/// The id of a thread (at absolute stack index `thread`, or the running
+/// thread if `None`), read from the VM's weak `thread -> id` table.
+///
+/// # Safety
+/// As for [`push_thread_entry`].
+pub unsafe fn id_of_thread(state: *mut lua_State, thread: Option<c_int>) -> Option<Id> {
+    if !push_thread_entry(state, &IDS_KEY, thread) {
         return None;
     }
     let id = ffi::lua_tonumber(state, -1);
@@ -144,7 +157,7 @@ unsafe fn thread_id(state: *mut lua_State) -> Option<Id> {
 /// Pushes the interrupt handler set with `mtint.sethook` for the running
 /// thread; returns false, leaving the stack as it was, if there is none.
 unsafe fn push_handler(state: *mut lua_State) -> bool {
-    if !push_thread_entry(state, &HANDLERS_KEY) {
+    if !push_thread_entry(state, &HANDLERS_KEY, None) {
         return false;
     }
     if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {

@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 use mlua::ffi::{self, lua_State};
 
 #[cfg(feature = "luajit")]
-use crate::hook::{self, IDS_KEY};
-#[cfg(feature = "luajit")]
-use crate::registry::Id;
+use crate::hook;
 use crate::vm::Vm;
 use crate::watch::{Left, Plan, Watch};
 
@@ -167,19 +165,10 @@ unsafe fn arm_pending_interrupt(state: *mut lua_State) {
     if !vm.has_pending_interrupts() {
         return;
     }
-    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&IDS_KEY));
-    if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
-        ffi::lua_pop(state, 1);
+    let Some(id) = hook::id_of_thread(state, Some(1)) else {
         return;
-    }
-    ffi::lua_pushvalue(state, 1);
-    ffi::lua_rawget(state, -2);
-    let id = ffi::lua_tonumber(state, -1);
-    ffi::lua_pop(state, 2);
-    if id > 0.0 {
-        // Ids are integers below 2^53, exact as a double.
-        let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(id as Id)));
-    }
+    };
+    let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(id)));
 }
 
 /// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:
