@@ -14,7 +14,7 @@
 //! it. Lua 5.1–5.3 cannot take the line mask from another thread: see
 //! `delivery_mask` in [`crate::arming`].
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
@@ -61,7 +61,7 @@ pub enum Verdict {
 pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) {
     // SAFETY: Lua passes the hook a valid `lua_Debug` for this call.
     let event = (*ar).event;
-    let (verdict, user_hook) = decide(state, event);
+    let (verdict, user_hook) = decide(state, ar, event);
     match verdict {
         Verdict::Continue => {}
         Verdict::Deliver(id) => {
@@ -98,10 +98,16 @@ pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) 
 
 /// The Rust half of the hook: everything that takes locks or may panic.
 /// A panic here must not cross into C, so it is caught and the hook carries on.
-fn decide(state: *mut lua_State, event: c_int) -> (Verdict, Option<lua_Hook>) {
+fn decide(state: *mut lua_State, ar: *mut lua_Debug, event: c_int) -> (Verdict, Option<lua_Hook>) {
     catch_unwind(AssertUnwindSafe(|| match vm::of_state(state) {
-        // SAFETY: we are in `state`'s hook, on its thread.
-        Some(vm) => vm.on_hook(state, || unsafe { id_of_thread(state, None) }, event),
+        Some(vm) => vm.on_hook(
+            state,
+            // SAFETY: we are in `state`'s hook, on its thread.
+            || unsafe { id_of_thread(state, None) },
+            // SAFETY: as above, and `ar` is this call's `lua_Debug`.
+            || unsafe { at_c_function(state, ar, event) },
+            event,
+        ),
         None => {
             // SAFETY: we are on `state`'s own thread, inside its hook; the VM
             // is closing or unknown, so nobody else arms this state.
@@ -110,6 +116,26 @@ fn decide(state: *mut lua_State, event: c_int) -> (Verdict, Option<lua_Hook>) {
         }
     }))
     .unwrap_or((Verdict::Continue, None))
+}
+
+/// Whether the event is the call or the return of a C function. Nothing is
+/// delivered there: the C function may be one of ours, or mlua's, half-way
+/// through its work (mlua runs its steps as C functions under `lua_pcall`),
+/// and a handler or a kill run there would re-enter it. What is pending
+/// waits for the next event in Lua code.
+///
+/// # Safety
+/// `state` is in its hook, on its own thread; `ar` is the hook's
+/// `lua_Debug`. `lua_getinfo` with "S" neither allocates nor raises.
+unsafe fn at_c_function(state: *mut lua_State, ar: *mut lua_Debug, event: c_int) -> bool {
+    if event != ffi::LUA_HOOKCALL && event != ffi::LUA_HOOKRET {
+        // Line and count events are in Lua code; a tail call is a Lua
+        // function's; Lua 5.1's tail return has no function to ask about.
+        return false;
+    }
+    ffi::lua_getinfo(state, c"S".as_ptr(), ar) != 0
+        && !(*ar).what.is_null()
+        && *(*ar).what == b'C' as c_char
 }
 
 /// Pushes `table[thread]` from the per-VM table under `key`, for the thread

@@ -449,11 +449,14 @@ impl Vm {
         &self,
         state: *mut lua_State,
         id_of_state: impl FnOnce() -> Option<Id>,
+        at_c_function: impl FnOnce() -> bool,
         event: c_int,
     ) -> (Verdict, Option<lua_Hook>) {
         let mut inner = self.lock();
         let forward = inner.arming.forward(event);
-        if inner.arming.is_resting() {
+        if inner.arming.is_resting() || at_c_function() {
+            // Resting: nothing is pending. At a C function: what is pending
+            // stays, and the hook stays armed for the next Lua event.
             return (Verdict::Continue, forward);
         }
         let id = id_of_state();
