@@ -315,3 +315,51 @@ print(results[1], results[2], results[3], results[4])
     assert.are.equal("true\t1\ttrue\t2\n", output)
   end)
 end)
+
+describe("an interrupt pending while the thread calls C functions", function()
+  -- Delivered at the call or return of a C function, a handler (or a
+  -- kill) would run inside it: inside one of ours, half-way through an
+  -- mlua operation, a handler calling the library re-entered it (Lua 5.1
+  -- crashed). It waits for the next event in Lua code.
+  it("is delivered in Lua code only, never at a C function's call or return", function()
+    local mtint = require("mtint")
+    local landed_in_c, calls = 0, 0
+    local co = coroutine.create(function()
+      local x = 0
+      for i = 1, 2000 do
+        x = x + math.floor(i / 2) + #tostring(i)
+        mtint.id(coroutine.create(function() end))
+      end
+      return x
+    end)
+    mtint.sethook(co, function()
+      calls = calls + 1
+      if debug.getinfo(2, "S").what == "C" then landed_in_c = landed_in_c + 1 end
+      mtint.interrupt(mtint.id()) -- again at the next event
+    end)
+    mtint.interrupt(mtint.id(co))
+    assert.is_true(coroutine.resume(co))
+    assert.is_true(calls > 2000)
+    assert.are.equal(0, landed_in_c)
+  end)
+
+  it("lets a handler that calls the library run at every event without a crash", function()
+    local output, ok = child.run([[
+if jit then jit.off() end
+local mtint, core = require("mtint"), require("corowatch.core")
+local co = coroutine.create(function()
+  local cell = core.task.cell(0)
+  for i = 1, 20000 do
+    core.task.deadline(cell, 60, false):cancel()
+    mtint.id(coroutine.create(function() end))
+  end
+  return "finished"
+end)
+mtint.sethook(co, function() mtint.interrupt(mtint.id()) end)
+mtint.interrupt(mtint.id(co))
+print(coroutine.resume(co))
+]], "timeout 120 ")
+    assert.is_true(ok, output)
+    assert.are.equal("true\tfinished\n", output)
+  end)
+end)
