@@ -54,6 +54,17 @@ impl Deadline {
         Deadline { job, token }
     }
 
+    /// A deadline that was never scheduled: only to make mlua create the
+    /// type's metatable at load.
+    pub fn inert(cell: Arc<Cell>) -> Deadline {
+        let job = Arc::new(Job {
+            cell,
+            request: Request::Once,
+            cancelled: AtomicBool::new(true),
+        });
+        Deadline { job, token: 0 }
+    }
+
     fn cancel(&self) {
         if !self.job.cancelled.swap(true, Ordering::SeqCst) {
             watchdog::cancel_timer(self.token);

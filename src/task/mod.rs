@@ -66,6 +66,14 @@ impl UserData for MailboxHandle {
 }
 
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
+    // mlua creates a userdata type's metatable on its first object, without
+    // protection (see `state::warm_up_metatable`): create them now, at load,
+    // where a memory error is only a failed `require`. Created later, inside
+    // a call that a finalizer or a handler re-enters, it also crashed 5.1.
+    let cell = Cell::new(0);
+    drop(lua.create_userdata(CellHandle(cell.clone()))?);
+    drop(lua.create_userdata(Deadline::inert(cell))?);
+    drop(lua.create_userdata(MailboxHandle(mailbox::of_vm(&state::vm(lua)?)))?);
     let task = lua.create_table()?;
     task.set(
         "cell",
