@@ -439,6 +439,41 @@ describe("corowatch.task.timeout", function()
     assert.are.equal(before, queued())
   end)
 
+  it("catches its own deadline even when it fires while the scope is set up or taken down", function()
+    local queued = require("corowatch.core").task.queued_timers
+    local before = queued()
+    local function sum()
+      local x = 0
+      for j = 1, 50 do x = x + j end
+      return x
+    end
+    task.run(function()
+      local timed_out = 0
+      for _ = 1, 20000 do
+        -- A 10 µs deadline often fires inside task.timeout's own code.
+        local ok, err = task.pcall(task.timeout, 1e-5, sum)
+        if not ok then
+          assert.are.equal(task.error.timeout, kind_of(err))
+          assert.truthy(err.message:find("1e%-05 seconds"), err.message)
+          timed_out = timed_out + 1
+        end
+      end
+      assert.is_true(timed_out > 0)
+      -- The outer deadline fires while the inner scope closes: it is the
+      -- outer scope's error, never the inner one left on the task.
+      for _ = 1, 2000 do
+        local ok, err = task.pcall(task.timeout, 1e-5, function()
+          while true do task.timeout(60, sum) end
+        end)
+        assert.is_false(ok)
+        assert.truthy(err.message:find("1e%-05 seconds"), err.message)
+      end
+      -- No scope was left behind: an untimed spin is not interrupted.
+      assert.are.equal("spun out", spin(0.05))
+      assert.are.equal(before, queued())
+    end)
+  end)
+
   it("inside a shield still times out; the shield defers only what came from outside", function()
     task.run(function()
       local ok, err = task.pcall(task.shield, task.timeout, 0.05, spin, 5)

@@ -21,7 +21,10 @@ local mtint = require("mtint")
 -- (Lua 5.2+ and LuaJIT; PUC Lua 5.1 runs task.pcall's function on a
 -- coroutine of its own instead).
 local unpack = table.unpack or unpack -- luacheck: ignore 143
-local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+-- Our own `pack`, never a `table.pack` that another library put there in
+-- Lua (Penlight does on 5.1 and LuaJIT): the interrupt handler tells this
+-- file's code from the user's by its source (see `landed_in_library`).
+local function pack(...) return { n = select("#", ...), ... } end
 local PUC51 = _VERSION == "Lua 5.1" and type(rawget(_G, "jit")) ~= "table"
 local PCALL_YIELDS = not PUC51
 -- PUC Lua 5.1 cannot run a C function as a coroutine's body.
@@ -39,7 +42,7 @@ local raw_running = coroutine.running
 -- Lua 5.4: a coroutine that died by an error keeps its pending <close>
 -- variables until coroutine.close.
 local coroutine_close = coroutine.close
-local traceback = debug.traceback
+local traceback, getinfo = debug.traceback, debug.getinfo
 local error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, next =
   error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, next
 local math_huge, math_max, math_min, math_floor = math.huge, math.max, math.min, math.floor
@@ -363,13 +366,63 @@ function poll()
   end
 end
 
+-- Whether anything is due for `t` that no interrupt may have brought yet:
+-- a cancel not raised, or a timeout scope expired and not raised.
+local function overdue(t)
+  local shield = t._shield
+  if shield == 0 and t._cancel_err and not t._delivered then return true end
+  local now, scopes = gettime(), t._scopes
+  for i = 1, #scopes do
+    local scope = scopes[i]
+    if not scope.closed and not scope.fired and scope.shield >= shield
+        and now >= scope.at then
+      return true
+    end
+  end
+  return false
+end
+
+-- This file's code is the scheduler's bookkeeping: an error raised in it
+-- could leave a timeout scope on its task or the cell on a dead thread.
+local LIBRARY_SOURCE = getinfo(1, "S").source
+-- Code that this file calls and that runs no user code: C functions (on
+-- LuaJIT a hook may land in a builtin such as `select`) and the Lua sides
+-- of mtint and corowatch.
+local PASSED_THROUGH = {
+  ["=[C]"] = true,
+  [getinfo(mtint.interrupt, "S").source] = true,
+  [getinfo(corowatch.watch, "S").source] = true,
+}
+
+-- Whether the interrupt landed in this file's code, or in code it called
+-- that runs no user code (level 3 is the interrupted function: past this
+-- one and the handler).
+local function landed_in_library()
+  local level = 3
+  while true do
+    local info = getinfo(level, "S")
+    if not info then return false end
+    local source = info.source
+    if source == LIBRARY_SOURCE then return true end
+    if not PASSED_THROUGH[source] then return false end
+    level = level + 1
+  end
+end
+
 -- The mtint interrupt handler of every task's threads: runs on the
 -- interrupted thread, at the instruction where the interrupt landed.
+-- Errors are raised only in the user's code: an interrupt landing in this
+-- file's code comes again at the next instruction (at the end of a
+-- critical section, for those).
 local function on_interrupt()
   local t = running_task()
   if not t then return end
   if t._critical > 0 then
     t._deferred = true
+    return
+  end
+  if landed_in_library() then
+    if not t._sticky then mtint_interrupt(mtint_id()) end
     return
   end
   poll()
@@ -483,6 +536,13 @@ local function body_end(t, ok, res)
   by_id[t._id] = nil
   mailbox:unregister(t._id)
   for i = 1, #t._scopes do t._scopes[i].deadline:cancel() end
+  if t._grace_deadline then t._grace_deadline:cancel() end
+  if t._sticky then
+    -- Its thread is dead: a sticky interrupt left there would keep the
+    -- hook armed (LuaJIT's is global) until the thread is collected.
+    t._sticky = false
+    mtint_interrupt(t._id, false)
+  end
   local cancel_err = t._cancel_err
   if cancel_err then
     t._outcome, t._err = "cancelled", cancel_err
@@ -859,19 +919,28 @@ local function pcall_on_coroutine(t, f, ...)
   mtint_sethook(co, on_interrupt)
   by_thread[co] = t
   local stack = t._stack
+  local caller = stack[#stack]
   stack[#stack + 1] = id
   cell:set(id)
   if hard_error(t) then
     t._sticky = true
     mtint_interrupt(id, true)
+  elseif overdue(t) then
+    -- Interrupted just before the cell moved: the interrupt waits on the
+    -- caller's thread, which does not run while `co` does.
+    mtint_interrupt(id)
   end
   local res = pack(cw_resume(co, ...))
   while cw_status(co) ~= "dead" do
     res = pack(cw_resume(co, cw_yield(unpack(res, 2, res.n))))
   end
   stack[#stack] = nil
-  cell:set(stack[#stack])
+  cell:set(caller)
   by_thread[co] = nil
+  -- An interrupt that reached `co` after its end is lost there: bring what
+  -- is due here (raised once the caller's bookkeeping is done).
+  poll()
+  if overdue(t) then mtint_interrupt(caller) end
   -- No interrupt is pending on this thread here: the caller closes its
   -- scope (task.timeout's handler) before after_pcall raises what is due.
   return unpack(res, 1, res.n)
@@ -944,11 +1013,19 @@ function M.timeout(s, fn, ...)
   scope.deadline = native.deadline(cell, s, false)
   scopes[#scopes + 1] = scope
   local timer = timer_push({ at = scope.at, scope = scope })
-  leave_critical(t) -- a deferred interrupt lands inside the scope
-  -- The message handler closes the scope before the error leaves it, so an
+  -- The critical section ends inside the protected call, so a deadline
+  -- that fired meanwhile lands inside the scope and is caught by it. The
+  -- message handler closes the scope before the error leaves it, so an
   -- interrupt after that finds nothing due here.
-  local res = pack(M.xpcall(function(...) return close_scope(scope, fn(...)) end,
-    function(err) scope.closed = true; return err end, ...))
+  local critical = true
+  local res = pack(M.xpcall(function(...)
+    critical = false
+    leave_critical(t)
+    return close_scope(scope, fn(...))
+  end, function(err) scope.closed = true; return err end, ...))
+  -- An outer scope's deadline waits until this one is off the task's list
+  -- (still critical if the protected call failed before calling `fn`).
+  if not critical then enter_critical() end
   scope.closed = true
   scope.deadline:cancel()
   if scope._grace_deadline then scope._grace_deadline:cancel() end
@@ -957,6 +1034,7 @@ function M.timeout(s, fn, ...)
   for i = #scopes, 1, -1 do
     if scopes[i] == scope then table_remove(scopes, i) break end
   end
+  leave_critical(t)
   if not res[1] then error(res[2], 0) end
   if scope.fired then error(scope.err, 0) end
   return unpack(res, 2, res.n)
