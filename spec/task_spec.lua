@@ -314,6 +314,24 @@ describe("corowatch.task cancel", function()
     end)
   end
 
+  it("leaves no interrupt behind on the task's thread once it has ended", function()
+    -- Pending on a dead thread, it kept LuaJIT's global hook installed
+    -- until the thread was collected.
+    local function swallow(f) return xpcall(f, function() return "swallowed" end) end
+    for _, protect in ipairs({ pcall, task.pcall, swallow }) do
+      local t = cancel_while_running({ function()
+        while true do protect(busy) end
+      end, grace = 0.05 })
+      assert.is_false((t:pawait()))
+    end
+    spin(0.1) -- past every grace period
+    local co = corowatch.watch(corowatch.create(function()
+      busy()
+      return (debug.gethook())
+    end), 5)
+    assert.are.same({ true }, { corowatch.resume(co) })
+  end)
+
   it("ends a task whose xpcall handler swallows the cancel", function()
     local handled = 0
     local t = cancel_while_running({ function()

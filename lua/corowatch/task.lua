@@ -537,12 +537,11 @@ local function body_end(t, ok, res)
   mailbox:unregister(t._id)
   for i = 1, #t._scopes do t._scopes[i].deadline:cancel() end
   if t._grace_deadline then t._grace_deadline:cancel() end
-  if t._sticky then
-    -- Its thread is dead: a sticky interrupt left there would keep the
-    -- hook armed (LuaJIT's is global) until the thread is collected.
-    t._sticky = false
-    mtint_interrupt(t._id, false)
-  end
+  -- Its thread is dead: an interrupt left there (a deadline that fired as
+  -- it ended, a sticky one) would keep the hook armed until the thread is
+  -- collected, and LuaJIT's hook is global.
+  t._sticky = false
+  mtint_interrupt(t._id, false)
   local cancel_err = t._cancel_err
   if cancel_err then
     t._outcome, t._err = "cancelled", cancel_err
