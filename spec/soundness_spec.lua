@@ -168,6 +168,27 @@ describe("watching a thread that runs but is not on top", function()
     assert.is_nil(inner_result)
   end)
 
+  it("kills it once the coroutine that watched it, resumed with the original resume, has returned", function()
+    -- The chain still has `inner` on top when `outer` runs on: the kill
+    -- must find `outer` all the same.
+    local outer = cw.create(function()
+      local inner = coroutine.create(function(watched)
+        corowatch.watch(watched, 0.05)
+        return "inner done"
+      end)
+      assert(coroutine.resume(inner, coroutine.running()))
+      local stop = corowatch.gettime() + 2 -- a failure fails, not hangs
+      while corowatch.gettime() < stop do end
+      return "survived"
+    end)
+    local started = corowatch.gettime()
+    local ok, err = cw.resume(outer)
+    local elapsed = corowatch.gettime() - started
+    assert.is_false(ok)
+    assert.matches(KILL .. "0.05 seconds", err)
+    assert.is_true(elapsed < 0.05 * 2, "killed after " .. elapsed .. " s")
+  end)
+
   -- Lua 5.1 and LuaJIT cannot name the main thread from Lua; the spec
   -- above covers a thread that is not on top there.
   local nameable_main = coroutine.running() ~= nil or _VERSION ~= "Lua 5.1"

@@ -462,8 +462,11 @@ impl Vm {
         let id = id_of_state();
         let now = Instant::now();
         if inner.chain.is_below_top(state) {
-            // Inside the patched resume: deliver once it has returned.
-            return (Verdict::Continue, forward);
+            // A Lua event in `state` (those at C functions, the patched
+            // resume's among them, were let pass above): it runs, so what
+            // the chain holds above it has returned or yielded unseen.
+            inner.chain.drop_above(state);
+            self.publish(&inner);
         }
         // A watch's event first: an interrupt handler that returns (a
         // sticky one runs at every instruction) must not starve a kill. An
@@ -623,18 +626,22 @@ impl Vm {
         }
         let now = Instant::now();
         if inner.chain.needs_hook(now) {
-            if let Some(top) = inner.chain.top() {
-                // SAFETY: the chain's top is anchored, so alive (module
-                // comment); it may not be running, and is then armed for
-                // when it runs again. We hold the lock.
-                let VmInner {
-                    arming,
-                    writing_afar,
-                    ..
-                } = &mut *inner;
-                // SAFETY: as above.
+            // The top may have returned or yielded unseen (resumed with the
+            // original `resume`): then a thread below it runs. Every thread
+            // from the watched one up is armed, and the hook, where it
+            // fires, drops the stale entries above it.
+            let VmInner {
+                arming,
+                writing_afar,
+                chain,
+                ..
+            } = &mut *inner;
+            for state in chain.watched_and_above() {
+                // SAFETY: the chain's threads are anchored, so alive (module
+                // comment); one that does not run is armed for when it runs
+                // again. We hold the lock.
                 writing_from(Side::Afar, writing_afar, || unsafe {
-                    arming.arm(top.0, Side::Afar)
+                    arming.arm(state.0, Side::Afar)
                 });
             }
             // Come back in case the arming is undone before the hook fires.

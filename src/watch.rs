@@ -120,6 +120,30 @@ impl Chain {
         }
     }
 
+    /// `state` runs Lua code while the chain has entries above it: they
+    /// returned or yielded unseen (resumed with the original `resume`, or
+    /// from C). They go, and `state` is the top again. Their anchors stay
+    /// until their depths are used again.
+    pub fn drop_above(&mut self, state: *mut mlua::ffi::lua_State) {
+        while let Some(top) = self.top() {
+            if top.0 == state {
+                break;
+            }
+            self.entries.pop();
+        }
+    }
+
+    /// The threads from the first watched one up to the top: the one that
+    /// runs is among them, if the top went stale unseen.
+    pub fn watched_and_above(&self) -> impl Iterator<Item = StatePtr> + '_ {
+        let first = self
+            .entries
+            .iter()
+            .position(|entry| entry.watch.is_some())
+            .unwrap_or(self.entries.len());
+        self.entries[first..].iter().map(|entry| entry.state)
+    }
+
     /// The running thread, as far as the chain knows.
     pub fn top(&self) -> Option<StatePtr> {
         self.entries.last().map(|entry| entry.state)
