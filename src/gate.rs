@@ -10,12 +10,31 @@
 //! closed, the gate answers by itself (raises a clean Lua error, or does
 //! nothing where nothing is the right answer) and never enters mlua.
 //!
-//! LuaJIT also rethrows an error raised by a `__gc` metamethod from
-//! wherever the GC step ran, as a foreign exception; inside an mlua callback
-//! (any allocation can run a step) that aborts the process, since Rust
-//! cannot catch foreign exceptions. There the gate holds the collector for
-//! the duration of the call, so no finalizer runs inside Rust frames; the
-//! collector runs again, and the finalizer raises, back in Lua code.
+//! On Lua 5.1 and LuaJIT the gate also holds the collector for the
+//! duration of the call, so that no finalizer runs inside Rust frames; the
+//! collector runs again, and any finalizer due runs, back in Lua code:
+//!
+//! - mlua is not reentrant there. Each of its protected calls pushes its C
+//!   function under `lua_cpcall` (pushing a C function allocates there)
+//!   and passes it back through a registry slot with a process-wide key; a
+//!   GC step between storing and fetching it (5.1's `lua_cpcall` ends with
+//!   a GC check) may run a finalizer that calls into mlua and overwrites
+//!   the slot, and the interrupted operation then calls the other one's
+//!   function on its own stack (under valgrind: an invalid read in
+//!   `lua_rawset`, from `Table::raw_set`'s function called by the protected
+//!   call of a `push_string`). On 5.2–5.4 mlua pushes those functions
+//!   directly (light C functions, no allocation, no GC step) and the
+//!   collector is not held.
+//! - LuaJIT rethrows an error raised by a `__gc` metamethod from wherever
+//!   the GC step ran, as a foreign exception; inside an mlua callback (any
+//!   allocation can run a step) that aborts the process, since Rust cannot
+//!   catch foreign exceptions.
+//!
+//! Holding keeps the user's collector state: a collector the user stopped
+//! stays stopped. LuaJIT says whether it runs (`LUA_GCISRUNNING`); 5.1
+//! cannot, and there the gate saves and restores the collector's threshold
+//! itself ([`crate::collector`]), on a VM whose layout was checked at load;
+//! elsewhere it does not hold the collector.
 
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
@@ -37,6 +56,10 @@ pub enum WhenClosed {
 const CALLBACK: c_int = ffi::lua_upvalueindex(1);
 const VM: c_int = ffi::lua_upvalueindex(2);
 const MESSAGE: c_int = ffi::lua_upvalueindex(3);
+/// Whether the gate holds the collector during the call (false on
+/// 5.2–5.4, where nothing reads it).
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+const HOLD: c_int = ffi::lua_upvalueindex(4);
 
 /// `callback` behind a gate of the VM `vm`.
 pub fn gate(
@@ -49,8 +72,9 @@ pub fn gate(
     // after the VM's guard is gone (that is its point), and a closed Vm is
     // inert. A few hundred bytes per VM and module load.
     let vm = Arc::into_raw(vm.clone()) as usize;
+    let hold = holds_collector(lua);
     // SAFETY: the closure consumes the function mlua pushed for it and leaves
-    // the gate on the stack for mlua to take; it pushes at most two values,
+    // the gate on the stack for mlua to take; it pushes at most three values,
     // within the stack space mlua reserves for `exec_raw`.
     unsafe {
         lua.exec_raw::<Function>(callback, move |state| {
@@ -59,9 +83,39 @@ pub fn gate(
                 WhenClosed::Raise(message) => push_str(state, message),
                 WhenClosed::Nothing => ffi::lua_pushnil(state),
             }
-            ffi::lua_pushcclosure(state, call_through_gate, 3);
+            ffi::lua_pushboolean(state, hold as c_int);
+            ffi::lua_pushcclosure(state, call_through_gate, 4);
         })
     }
+}
+
+/// LuaJIT: the gates hold the collector.
+#[cfg(feature = "luajit")]
+fn holds_collector(_: &Lua) -> bool {
+    true
+}
+
+/// Lua 5.1: the gates hold the collector if the VM's layout is the one
+/// [`crate::collector`] knows; checked once per VM.
+#[cfg(feature = "lua51")]
+fn holds_collector(lua: &Lua) -> bool {
+    struct Checked(bool);
+    if let Some(checked) = lua.app_data_ref::<Checked>() {
+        return checked.0;
+    }
+    let state = lua.current_thread().to_pointer() as *mut lua_State;
+    // SAFETY: `state` is the running thread, kept alive by the running call,
+    // and this OS thread runs its VM.
+    let verified = unsafe { crate::collector::verify(state) };
+    lua.set_app_data(Checked(verified));
+    verified
+}
+
+/// Lua 5.2–5.4: the gates leave the collector alone (see the module
+/// comment).
+#[cfg(not(any(feature = "lua51", feature = "luajit")))]
+fn holds_collector(_: &Lua) -> bool {
+    false
 }
 
 /// Builds a module table's functions from `(name, callback, when_closed)`.
@@ -125,29 +179,63 @@ unsafe extern "C-unwind" fn call_through_gate(state: *mut lua_State) -> c_int {
     ffi::lua_gettop(state)
 }
 
-/// Calls the function below `nargs` arguments, leaving its results.
-#[cfg(not(feature = "luajit"))]
+/// Calls the function below `nargs` arguments, leaving its results. Lua
+/// 5.2–5.4: the collector is never held.
+#[cfg(not(any(feature = "lua51", feature = "luajit")))]
 unsafe fn call(state: *mut lua_State, nargs: c_int) {
     ffi::lua_call(state, nargs, ffi::LUA_MULTRET);
 }
 
-/// LuaJIT: the same, with the collector held meanwhile (see the module
-/// comment); an error is raised again once the collector runs again.
-#[cfg(feature = "luajit")]
+/// Calls the function below `nargs` arguments, leaving its results; with
+/// the collector held meanwhile if the gate says so (see the module
+/// comment), an error being raised again once the collector is released.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe fn call(state: *mut lua_State, nargs: c_int) {
+    if ffi::lua_toboolean(state, HOLD) == 0 {
+        ffi::lua_call(state, nargs, ffi::LUA_MULTRET);
+        return;
+    }
+    let held = hold(state);
+    let status = ffi::lua_pcall(state, nargs, ffi::LUA_MULTRET, 0);
+    release(state, held);
+    if status != 0 {
+        ffi::lua_error(state);
+    }
+}
+
+/// LuaJIT: stops the collector if it runs; returns whether it did.
+#[cfg(feature = "luajit")]
+unsafe fn hold(state: *mut lua_State) -> bool {
     const LUA_GCISRUNNING: c_int = 9;
     let was_running = ffi::lua_gc(state, LUA_GCISRUNNING, 0) != 0;
     if was_running {
         ffi::lua_gc(state, ffi::LUA_GCSTOP, 0);
     }
-    let status = ffi::lua_pcall(state, nargs, ffi::LUA_MULTRET, 0);
+    was_running
+}
+
+/// LuaJIT: restarts the collector if [`hold`] stopped it.
+#[cfg(feature = "luajit")]
+unsafe fn release(state: *mut lua_State, was_running: bool) {
     if was_running {
         // 0: a step at the next allocation, as if the collector had never
         // stopped (-1 would push its next cycle out at every call: a loop
         // of calls would never collect).
         ffi::lua_gc(state, ffi::LUA_GCRESTART, 0);
     }
-    if status != 0 {
-        ffi::lua_error(state);
-    }
+}
+
+/// Lua 5.1: holds the collector through its threshold.
+#[cfg(feature = "lua51")]
+unsafe fn hold(state: *mut lua_State) -> usize {
+    // SAFETY: the gate holds only on a VM `collector::verify` accepted, and
+    // `state` is its running thread, on this OS thread.
+    unsafe { crate::collector::hold(state) }
+}
+
+/// Lua 5.1: puts the threshold [`hold`] saved back.
+#[cfg(feature = "lua51")]
+unsafe fn release(state: *mut lua_State, saved: usize) {
+    // SAFETY: as in `hold`.
+    unsafe { crate::collector::release(state, saved) }
 }

@@ -6,6 +6,8 @@
 #[cfg(not(feature = "luajit"))]
 mod allocator;
 mod arming;
+#[cfg(feature = "lua51")]
+mod collector;
 mod corowatch;
 mod errors;
 mod gate;

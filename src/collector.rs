@@ -1,0 +1,183 @@
+//! Lua 5.1: holding the collector for the length of a native call, through
+//! `global_State.GCthreshold` (see [`crate::gate`] for why).
+//!
+//! 5.1 has no `LUA_GCISRUNNING`: `lua_gc` cannot say whether the user
+//! stopped the collector, so STOP/RESTART around a call would restart one
+//! the user stopped. The threshold itself says it, and saving and restoring
+//! it keeps the user's state exactly. Lua 5.1.5 is frozen; its layout
+//! (`lstate.h`) is mirrored below up to the fields used, and checked
+//! against the running VM once per VM ([`verify`]): the collector is held
+//! only where every check passed.
+
+use std::ffi::{c_char, c_int, c_void};
+use std::mem::offset_of;
+use std::ptr;
+
+use mlua::ffi::{self, lua_State};
+
+/// `MAX_LUMEM` (`llimits.h`): what `lua_gc(LUA_GCSTOP)` sets.
+const MAX_LUMEM: usize = usize::MAX - 2;
+
+/// What a held collector's threshold reads: above any byte count, so
+/// `luaC_checkGC` never steps, and not `MAX_LUMEM`, so a
+/// `collectgarbage("stop")` made during the call is told apart from the
+/// hold and kept.
+const HELD: usize = MAX_LUMEM - 1;
+
+/// The start of 5.1's `lua_State`, up to `l_G`. (The mirrors' other
+/// fields only place the ones used.)
+#[allow(dead_code)]
+#[repr(C)]
+struct State {
+    next: *mut c_void, // CommonHeader: GCObject *next; lu_byte tt, marked
+    tt: u8,
+    marked: u8,
+    status: u8,
+    top: *mut c_void,
+    base: *mut c_void,
+    l_g: *mut Global,
+}
+
+#[allow(dead_code)]
+#[repr(C)]
+struct StringTable {
+    hash: *mut c_void,
+    nuse: u32,
+    size: c_int,
+}
+
+#[allow(dead_code)]
+#[repr(C)]
+struct Mbuffer {
+    buffer: *mut c_char,
+    n: usize,
+    buffsize: usize,
+}
+
+/// The start of 5.1's `global_State`, up to `totalbytes` (`lu_mem` is
+/// `size_t`).
+#[allow(dead_code)]
+#[repr(C)]
+struct Global {
+    strt: StringTable,
+    frealloc: *const c_void,
+    ud: *mut c_void,
+    currentwhite: u8,
+    gcstate: u8,
+    sweepstrgc: c_int,
+    rootgc: *mut c_void,
+    sweepgc: *mut c_void,
+    gray: *mut c_void,
+    grayagain: *mut c_void,
+    weak: *mut c_void,
+    tmudata: *mut c_void,
+    buff: Mbuffer,
+    gc_threshold: usize,
+    totalbytes: usize,
+}
+
+// The offsets on 64-bit Linux, as computed by hand from `lstate.h`.
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(offset_of!(State, l_g) == 32);
+    assert!(offset_of!(Global, frealloc) == 16);
+    assert!(offset_of!(Global, ud) == 24);
+    assert!(offset_of!(Global, gc_threshold) == 112);
+    assert!(offset_of!(Global, totalbytes) == 120);
+};
+
+/// The `global_State` of the VM that `state` belongs to.
+///
+/// # Safety
+/// `state` is a live thread of a Lua 5.1 VM whose layout [`verify`]
+/// accepted (or which `verify` is checking).
+unsafe fn global(state: *mut lua_State) -> *mut Global {
+    // SAFETY: per the contract, `state` points to a 5.1 `lua_State`.
+    unsafe { (*state.cast::<State>()).l_g }
+}
+
+/// Whether the running VM has 5.1.5's layout: `lua_getallocf` and the
+/// byte count read the same as the mirrored fields, and STOP and RESTART
+/// write the threshold where the mirror has it. The threshold is put back
+/// as it was, so the collector's state is the user's.
+///
+/// # Safety
+/// `state` is a live thread of the running VM, on the OS thread running it.
+pub unsafe fn verify(state: *mut lua_State) -> bool {
+    // SAFETY: this build links against Lua 5.1's API, so `state` is a 5.1
+    // lua_State, which starts with the mirrored fields on any build of it;
+    // `l_G` is read here, and trusted only once the checks below pass.
+    let g = unsafe { global(state) };
+    if g.is_null() || !g.is_aligned() {
+        return false;
+    }
+    let mut ud = ptr::null_mut();
+    // SAFETY: lua_getallocf only reads. `l_G` of a 5.1 lua_State points to
+    // its global_State, and every 5.1 global_State is larger than the
+    // mirror (fields follow `totalbytes`), so these reads stay inside it
+    // even where a patched luaconf.h moved fields; whether they did is
+    // what is checked.
+    let (same_alloc, total) = unsafe {
+        let alloc = ffi::lua_getallocf(state, &mut ud);
+        (
+            (*g).frealloc == alloc as *const c_void && (*g).ud == ud,
+            (*g).totalbytes,
+        )
+    };
+    if !same_alloc {
+        return false;
+    }
+    // SAFETY: COUNT and COUNTB only read the byte count.
+    let counted = unsafe {
+        ffi::lua_gc(state, ffi::LUA_GCCOUNT, 0) as usize * 1024
+            + ffi::lua_gc(state, ffi::LUA_GCCOUNTB, 0) as usize
+    };
+    if counted != total {
+        return false;
+    }
+    // SAFETY: the allocator and the byte count are where the mirror says,
+    // so the threshold, between them, is too. RESTART and STOP only write
+    // the threshold (no GC step, no allocation: the byte count stays), and
+    // writing back what was read restores the user's collector state.
+    unsafe {
+        let saved = (*g).gc_threshold;
+        ffi::lua_gc(state, ffi::LUA_GCRESTART, 0);
+        let restarted = (*g).gc_threshold == total;
+        ffi::lua_gc(state, ffi::LUA_GCSTOP, 0);
+        let stopped = (*g).gc_threshold == MAX_LUMEM;
+        (*g).gc_threshold = saved;
+        restarted && stopped
+    }
+}
+
+/// Holds the collector: no GC step runs until [`release`]. Returns what to
+/// pass to it.
+///
+/// # Safety
+/// `state` is a live thread of a VM that [`verify`] accepted, on the OS
+/// thread running it.
+pub unsafe fn hold(state: *mut lua_State) -> usize {
+    // SAFETY: per the contract, the layout is 5.1.5's.
+    unsafe {
+        let g = global(state);
+        let saved = (*g).gc_threshold;
+        (*g).gc_threshold = HELD;
+        saved
+    }
+}
+
+/// Releases the hold taken by [`hold`], which returned `saved`: the
+/// threshold is the user's again, unless something set it meanwhile (a
+/// `collectgarbage` call from Lua code run by the call), which is kept.
+///
+/// # Safety
+/// As for [`hold`].
+pub unsafe fn release(state: *mut lua_State, saved: usize) {
+    // SAFETY: per the contract, the layout is 5.1.5's.
+    unsafe {
+        let g = global(state);
+        if (*g).gc_threshold == HELD {
+            (*g).gc_threshold = saved;
+        }
+    }
+}
