@@ -444,7 +444,7 @@ local mtint, core = require("mtint"), require("corowatch.core")
 local co = coroutine.create(function()
   local cell = core.task.cell(0)
   for i = 1, 20000 do
-    core.task.deadline(cell, 60, false):cancel()
+    core.task.deadline_cancel(core.task.deadline(cell, 60, false))
     mtint.id(coroutine.create(function() end))
   end
   return "finished"

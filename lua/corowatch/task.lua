@@ -80,11 +80,14 @@ end
 -- ----------------------------------------------------------------------
 -- Scheduler state (one per Lua state)
 
+-- The native objects have no methods: every operation is a function of
+-- `native`, behind the core's gate.
+local cell_set, deadline_cancel = native.cell_set, native.deadline_cancel
 local mailbox = native.mailbox()
-local mailbox_fd = mailbox:fd() -- readable when a cross-thread cancel came
+local mailbox_fd = native.mailbox_fd(mailbox) -- readable when a cross-thread cancel came
 local backend -- set with task.use: waits in a host's event loop
 local cell = native.cell(mtint_id()) -- the thread that runs a task now
-mailbox:set_cell(cell)
+native.mailbox_set_cell(mailbox, cell)
 
 local by_thread = setmetatable({}, { __mode = "k" }) -- thread -> task
 local by_id = {} -- id -> live task
@@ -349,7 +352,7 @@ end
 
 --- Takes what arrived: cancels from other OS threads, due timers.
 function poll()
-  local cancels = mailbox:drain()
+  local cancels = native.mailbox_drain(mailbox)
   for i = 1, cancels and #cancels or 0, 2 do
     local t = by_id[cancels[i]]
     local reason = cancels[i + 1]
@@ -502,7 +505,7 @@ end
 function settle(t)
   t._status = t._outcome
   t._outcome = nil
-  if t._grace_deadline then t._grace_deadline:cancel(); t._grace_deadline = nil end
+  if t._grace_deadline then deadline_cancel(t._grace_deadline); t._grace_deadline = nil end
   local waiters = t._waiters
   t._waiters = nil
   if waiters then
@@ -534,9 +537,9 @@ local function body_end(t, ok, res)
   t._body_done = true
   by_thread[t._co] = nil
   by_id[t._id] = nil
-  mailbox:unregister(t._id)
-  for i = 1, #t._scopes do t._scopes[i].deadline:cancel() end
-  if t._grace_deadline then t._grace_deadline:cancel() end
+  native.mailbox_unregister(mailbox, t._id)
+  for i = 1, #t._scopes do deadline_cancel(t._scopes[i].deadline) end
+  if t._grace_deadline then deadline_cancel(t._grace_deadline) end
   -- Its thread is dead: an interrupt left there (a deadline that fired as
   -- it ended, a sticky one) would keep the hook armed until the thread is
   -- collected, and LuaJIT's hook is global.
@@ -601,7 +604,7 @@ local function run_task(t)
   local previous = current
   current = t
   local stack = t._stack
-  cell:set(stack[#stack])
+  cell_set(cell, stack[#stack])
   if hard_error(t) then
     -- Past its grace period while it waited elsewhere: sticky from the start.
     t._sticky = true
@@ -651,7 +654,7 @@ local function new_task(fn, limit, name, grace, parent, ...)
   }, Task)
   by_thread[co] = t
   by_id[id] = t
-  mailbox:register(id)
+  native.mailbox_register(mailbox, id)
   if parent then
     parent._children[t] = true
     parent._live = parent._live + 1
@@ -920,7 +923,7 @@ local function pcall_on_coroutine(t, f, ...)
   local stack = t._stack
   local caller = stack[#stack]
   stack[#stack + 1] = id
-  cell:set(id)
+  cell_set(cell, id)
   if hard_error(t) then
     t._sticky = true
     mtint_interrupt(id, true)
@@ -934,7 +937,7 @@ local function pcall_on_coroutine(t, f, ...)
     res = pack(cw_resume(co, cw_yield(unpack(res, 2, res.n))))
   end
   stack[#stack] = nil
-  cell:set(caller)
+  cell_set(cell, caller)
   by_thread[co] = nil
   -- An interrupt that reached `co` after its end is lost there: bring what
   -- is due here (raised once the caller's bookkeeping is done).
@@ -1026,8 +1029,8 @@ function M.timeout(s, fn, ...)
   -- (still critical if the protected call failed before calling `fn`).
   if not critical then enter_critical() end
   scope.closed = true
-  scope.deadline:cancel()
-  if scope._grace_deadline then scope._grace_deadline:cancel() end
+  deadline_cancel(scope.deadline)
+  if scope._grace_deadline then deadline_cancel(scope._grace_deadline) end
   timer.scope = nil
   if timer.at > gettime() then timer_stale() end
   for i = #scopes, 1, -1 do
@@ -1174,7 +1177,7 @@ function step(max_wait)
     if backend then
       backend(wait, mailbox_fd)
     elseif wait > 0 then
-      mailbox:sleep(wait)
+      native.mailbox_sleep(mailbox, wait)
     end
     poll()
   end
@@ -1208,7 +1211,7 @@ local function idle(what)
     error(("corowatch.task: %s waits on something that can never happen; waiting: %s")
       :format(what, waiting_tasks()), 0)
   end
-  if delay > 0 then mailbox:sleep(delay) end
+  if delay > 0 then native.mailbox_sleep(mailbox, delay) end
 end
 
 function drive_until(done, t, label)

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use mlua::{UserData, UserDataMethods};
+use mlua::UserData;
 
 use crate::arming::Side;
 use crate::registry::{self, Id};
@@ -53,12 +53,13 @@ pub fn interrupt_id(id: Id, request: Request, side: Side) -> bool {
 /// The Lua handle on a cell.
 pub struct CellHandle(pub Arc<Cell>);
 
-impl UserData for CellHandle {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("get", |_, this, ()| Ok(this.0.get()));
-        methods.add_method("set", |_, this, id: Id| {
-            this.0 .0.store(id, Ordering::SeqCst);
-            Ok(())
-        });
+impl CellHandle {
+    /// Moves the cell to the thread with this id (the Lua scheduler).
+    pub fn set(&self, id: Id) {
+        self.0 .0.store(id, Ordering::SeqCst);
     }
 }
+
+/// No methods: the Lua side calls `task.cell_set`, a gated function (see
+/// `super::module`).
+impl UserData for CellHandle {}

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mlua::{UserData, UserDataMethods};
+use mlua::UserData;
 
 use super::cell::Cell;
 use crate::arming::Side;
@@ -65,7 +65,7 @@ impl Deadline {
         Deadline { job, token: 0 }
     }
 
-    fn cancel(&self) {
+    pub fn cancel(&self) {
         if !self.job.cancelled.swap(true, Ordering::SeqCst) {
             watchdog::cancel_timer(self.token);
         }
@@ -78,11 +78,6 @@ impl Drop for Deadline {
     }
 }
 
-impl UserData for Deadline {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("cancel", |_, this, ()| {
-            this.cancel();
-            Ok(())
-        });
-    }
-}
+/// No methods: the Lua side calls `task.deadline_cancel`, a gated function
+/// (see `super::module`).
+impl UserData for Deadline {}

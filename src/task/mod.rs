@@ -13,7 +13,7 @@ mod mailbox;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{Lua, Table, UserData, UserDataMethods, UserDataRef, Value};
+use mlua::{Lua, Table, UserData, UserDataRef, Value};
 
 use crate::registry::Id;
 use crate::state;
@@ -24,45 +24,29 @@ use mailbox::Mailbox;
 /// The Lua handle on this VM's mailbox.
 struct MailboxHandle(Arc<Mailbox>);
 
-impl UserData for MailboxHandle {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("set_cell", |_, this, cell: UserDataRef<CellHandle>| {
-            this.0.set_cell(cell.0.clone());
-            Ok(())
-        });
-        methods.add_method("register", |_, this, id: Id| {
-            this.0.register(id);
-            Ok(())
-        });
-        methods.add_method("unregister", |_, this, id: Id| {
-            this.0.unregister(id);
-            Ok(())
-        });
-        // -> { id1, reason1 or false, id2, ... }, or nil if none came
-        methods.add_method("drain", |lua, this, ()| {
-            let cancels = this.0.drain();
-            if cancels.is_empty() {
-                return Ok(None);
-            }
-            let list = lua.create_table_with_capacity(cancels.len() * 2, 0)?;
-            for (id, reason) in cancels {
-                list.raw_push(id)?;
-                match reason {
-                    Some(reason) => list.raw_push(reason)?,
-                    None => list.raw_push(false)?,
-                }
-            }
-            Ok(Some(list))
-        });
-        methods.add_method("fd", |_, this, ()| Ok(this.0.fd()));
-        // sleep(seconds or nil) -> whether a cancel arrived
-        methods.add_method("sleep", |_, this, seconds: Option<f64>| {
-            let timeout = seconds
-                .filter(|s| s.is_finite())
-                .map(|s| Duration::from_secs_f64(s.max(0.0)));
-            Ok(this.0.sleep(timeout))
-        });
+/// No methods: every operation is a function of the module's table, which
+/// goes behind the gate like all our functions (`crate::gate`). A userdata
+/// method would not: it would enter mlua after `lua_close` freed mlua's
+/// data, and on Lua 5.1 run with the collector free to call a finalizer
+/// that re-enters mlua half-way through the method.
+impl UserData for MailboxHandle {}
+
+/// `drain(mailbox)` -> `{ id1, reason1 or false, id2, ... }`, or nil if
+/// no cancel came.
+fn drain(lua: &Lua, mailbox: UserDataRef<MailboxHandle>) -> mlua::Result<Option<Table>> {
+    let cancels = mailbox.0.drain();
+    if cancels.is_empty() {
+        return Ok(None);
     }
+    let list = lua.create_table_with_capacity(cancels.len() * 2, 0)?;
+    for (id, reason) in cancels {
+        list.raw_push(id)?;
+        match reason {
+            Some(reason) => list.raw_push(reason)?,
+            None => list.raw_push(false)?,
+        }
+    }
+    Ok(Some(list))
 }
 
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
@@ -78,6 +62,60 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     task.set(
         "cell",
         lua.create_function(|_, id: Id| Ok(CellHandle(Cell::new(id))))?,
+    )?;
+    task.set(
+        "cell_set",
+        lua.create_function(|_, (cell, id): (UserDataRef<CellHandle>, Id)| {
+            cell.set(id);
+            Ok(())
+        })?,
+    )?;
+    task.set(
+        "deadline_cancel",
+        lua.create_function(|_, deadline: UserDataRef<Deadline>| {
+            deadline.cancel();
+            Ok(())
+        })?,
+    )?;
+    task.set(
+        "mailbox_set_cell",
+        lua.create_function(
+            |_, (mailbox, cell): (UserDataRef<MailboxHandle>, UserDataRef<CellHandle>)| {
+                mailbox.0.set_cell(cell.0.clone());
+                Ok(())
+            },
+        )?,
+    )?;
+    task.set(
+        "mailbox_register",
+        lua.create_function(|_, (mailbox, id): (UserDataRef<MailboxHandle>, Id)| {
+            mailbox.0.register(id);
+            Ok(())
+        })?,
+    )?;
+    task.set(
+        "mailbox_unregister",
+        lua.create_function(|_, (mailbox, id): (UserDataRef<MailboxHandle>, Id)| {
+            mailbox.0.unregister(id);
+            Ok(())
+        })?,
+    )?;
+    task.set("mailbox_drain", lua.create_function(drain)?)?;
+    task.set(
+        "mailbox_fd",
+        lua.create_function(|_, mailbox: UserDataRef<MailboxHandle>| Ok(mailbox.0.fd()))?,
+    )?;
+    // mailbox_sleep(mailbox, seconds or nil) -> whether a cancel arrived
+    task.set(
+        "mailbox_sleep",
+        lua.create_function(
+            |_, (mailbox, seconds): (UserDataRef<MailboxHandle>, Option<f64>)| {
+                let timeout = seconds
+                    .filter(|s| s.is_finite())
+                    .map(|s| Duration::from_secs_f64(s.max(0.0)));
+                Ok(mailbox.0.sleep(timeout))
+            },
+        )?,
     )?;
     task.set(
         "deadline",
