@@ -434,6 +434,19 @@ describe("corowatch.task.timeout", function()
     end)
   end)
 
+  it("gives a traceback that starts where the deadline landed, in the user's code", function()
+    task.run(function()
+      local function loop_here()
+        local x = 0
+        while true do x = x + 1 end
+      end
+      local ok, err = pcall(task.timeout, 0.02, loop_here)
+      assert.is_false(ok)
+      local first = err.traceback:match("^stack traceback:\n\t([^\n]*)")
+      assert.truthy(first and first:find("task_spec.lua", 1, true), err.traceback)
+    end)
+  end)
+
   it("returns fn's results when it finishes in time, and leaves no timer behind", function()
     task.run(function()
       assert.are.same({ 1, 2 }, { task.timeout(0.05, function(a) return a, 2 end, 1) })
