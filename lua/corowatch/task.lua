@@ -579,11 +579,14 @@ local function body_end(t, ok, res)
   native.mailbox_unregister(mailbox, t._id)
   for i = 1, #t._scopes do deadline_cancel(t._scopes[i].deadline) end
   if t._grace_deadline then deadline_cancel(t._grace_deadline) end
-  -- Its thread is dead: an interrupt left there (a deadline that fired as
-  -- it ended, a sticky one) would keep the hook armed until the thread is
-  -- collected, and LuaJIT's hook is global.
-  t._sticky = false
-  mtint_interrupt(t._id, false)
+  -- Its thread is dead: an interrupt left there (a cancel or a deadline
+  -- that came as it ended, a sticky one) would keep the hook armed until
+  -- the thread is collected, and LuaJIT's hook is global. Only a task that
+  -- was cancelled or opened a timeout scope pays for the call.
+  if t._sticky or t._cancel_err or t._scoped then
+    t._sticky = false
+    mtint_interrupt(t._id, false)
+  end
   local cancel_err = t._cancel_err
   if cancel_err then
     t._outcome, t._err = "cancelled", cancel_err
@@ -1046,6 +1049,7 @@ function M.timeout(s, fn, ...)
   check_seconds(1, "timeout", s)
   if type(fn) ~= "function" then argerror(2, "timeout", "function", fn) end
   local t = the_task("timeout")
+  t._scoped = true
   enter_critical()
   local scopes = t._scopes
   local scope = { task = t, at = gettime() + s, closed = false, fired = false,
