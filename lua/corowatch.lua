@@ -9,8 +9,7 @@ local core = require("corowatch.core")
 
 local native = core.corowatch
 local watch_running, reset = native.watch_running, native.reset
-local lend_user_hook, user_hook_changed = native.lend_user_hook, native.user_hook_changed
-local begin_user_hook_change = native.begin_user_hook_change
+local set_user_hook, get_user_hook = native.set_user_hook, native.get_user_hook
 
 local raw_create, raw_resume = coroutine.create, coroutine.resume
 local raw_status, raw_running = coroutine.status, coroutine.running
@@ -315,10 +314,11 @@ end
 -- @treturn number seconds since an arbitrary point, for differences only
 M.gettime = native.gettime
 
--- The thread a call of a debug function is about: its first argument if
--- that is a thread, else nil (the running thread).
-local function hook_target(argc, co)
-  if argc > 0 and type(co) == "thread" then return co end
+-- Raises an error of Lua's own debug function as that function raises it
+-- for the code two levels up: an argument error gets that code's position.
+local function raise_hook_error(err)
+  local bad_argument = type(err) == "string" and err:find("^bad argument")
+  error(err, bad_argument and 3 or 0)
 end
 
 --- `debug.sethook`: the user's hook runs beside a watch, and nothing done
@@ -329,22 +329,12 @@ end
 -- @tparam[opt] integer count call the hook every `count` instructions
 -- @raise `bad argument` as `debug.sethook` does
 function M.sethook(...)
-  begin_user_hook_change()
-  local ok, err = pcall(raw_sethook, ...)
-  user_hook_changed(hook_target(select("#", ...), ...))
-  if not ok then
-    -- An argument error gets the caller's position; anything else (a kill
-    -- that landed meanwhile) goes on unchanged.
-    local bad_argument = type(err) == "string" and err:find("^bad argument")
-    error(err, bad_argument and 2 or 0)
+  local done, ok, err = set_user_hook(raw_sethook, ...)
+  if not done then
+    -- The state is closing: nothing is watched any more.
+    return raw_sethook(...)
   end
-end
-
--- Puts the watch's hook back on `target` after `gethook` read the user's.
-local function relend(target, ok, ...)
-  user_hook_changed(target)
-  if not ok then error((...), 0) end
-  return ...
+  if not ok then raise_hook_error(err) end
 end
 
 --- `debug.gethook`: shows the user's hook, not the watch's.
@@ -353,11 +343,11 @@ end
 -- @treturn string its mask
 -- @treturn integer its count
 function M.gethook(...)
-  local target = hook_target(select("#", ...), ...)
-  if lend_user_hook(target) then
-    return relend(target, pcall(raw_gethook, ...))
-  end
-  return raw_gethook(...)
+  local done, ok, hook, mask, count = get_user_hook(raw_gethook, ...)
+  if not done then return raw_gethook(...) end
+  if not ok then raise_hook_error(hook) end
+  if mask == nil then return hook end
+  return hook, mask, count
 end
 
 local exported = { "create", "resume", "yield", "status", "wrap", "running",

@@ -125,26 +125,28 @@ pub use puc::Arming;
 #[cfg(feature = "luajit")]
 pub use luajit::Arming;
 
-/// The mask our hook is armed with, replacing `user`'s hook.
+/// The mask our hook is armed with, replacing `user`'s hook: the line mask
+/// only if the user's hook had it.
 ///
-/// Lua 5.1–5.3 compare the running function's position with the one they
-/// saw last (`oldpc`) when the line mask is on, and when another thread
-/// turns it on, that position can belong to another function: 5.1 then
-/// reads `lineinfo[-1]` (harmless, but out of bounds), 5.2 and 5.3 read
-/// `lineinfo` at an index as far off as two heap blocks are apart, and can
-/// crash. So there the line mask is set only if it was on already (the
-/// user's hook had it). What it guarded against, the running thread's count
-/// decrement overwriting the count we set, is repaired by the watchdog's
-/// re-arm, which rewrites the hook (see `Arming::arm`). Lua 5.4 checks
-/// `oldpc` against the function's size and keeps the line mask.
+/// - Every version reads the mask once per instruction (`traceexec`), then
+///   calls the count hook, then the line hook, each time through the hook
+///   installed *then*. When our count hook finds nothing due and puts the
+///   user's hook back, a line mask of ours sent the same instruction's line
+///   event to the user's hook, which had not asked for it.
+/// - Lua 5.1–5.3 compare the running function's position with the one they
+///   saw last (`oldpc`) when the line mask is on, and when another thread
+///   turns it on, that position can belong to another function: 5.1 then
+///   reads `lineinfo[-1]` (harmless, but out of bounds), 5.2 and 5.3 read
+///   `lineinfo` at an index as far off as two heap blocks are apart, and can
+///   crash.
+///
+/// What the line mask guarded against, the running thread's count decrement
+/// overwriting the count another thread set, is repaired by the watchdog's
+/// re-arm, which rewrites the hook (see `Arming::arm`).
 #[cfg(not(feature = "luajit"))]
 fn delivery_mask(user: Option<SavedHook>) -> c_int {
-    if cfg!(feature = "lua54") {
-        DELIVERY_MASK
-    } else {
-        let line = user.map_or(0, |u| u.mask & ffi::LUA_MASKLINE);
-        (DELIVERY_MASK & !ffi::LUA_MASKLINE) | line
-    }
+    let line = user.map_or(0, |u| u.mask & ffi::LUA_MASKLINE);
+    (DELIVERY_MASK & !ffi::LUA_MASKLINE) | line
 }
 
 #[cfg(not(feature = "luajit"))]
@@ -158,6 +160,15 @@ mod puc {
     #[derive(Default)]
     pub struct Arming {
         states: HashMap<usize, Option<SavedHook>>,
+        /// The VM's thread is changing or reading a hook through
+        /// corowatch's `debug.sethook`/`debug.gethook`. Another OS thread
+        /// writes no hook meanwhile: `lua_sethook` writes the function and
+        /// the mask one after the other, and two of them at once can leave
+        /// the user's function with our mask (then saved as the user's
+        /// hook). Its arming waits for the change to end.
+        user_changing: bool,
+        /// Another thread's arming waited for the user's change to end.
+        deferred: bool,
     }
 
     impl Arming {
@@ -168,7 +179,11 @@ mod puc {
         ///
         /// # Safety
         /// `state` must be alive; the caller holds the VM lock.
-        pub unsafe fn arm(&mut self, state: *mut lua_State, _: Side) {
+        pub unsafe fn arm(&mut self, state: *mut lua_State, side: Side) {
+            if side == Side::Afar && self.user_changing {
+                self.deferred = true;
+                return;
+            }
             let func = ffi::lua_gethook(state);
             let user = if !is_ours(func) {
                 // A hook of the user's is what to put back; an entry left
@@ -189,7 +204,12 @@ mod puc {
         ///
         /// # Safety
         /// As for [`Arming::arm`].
-        pub unsafe fn disarm(&mut self, state: *mut lua_State, _: Side) {
+        pub unsafe fn disarm(&mut self, state: *mut lua_State, side: Side) {
+            if side == Side::Afar && self.user_changing {
+                // Ours stays until it fires, finds nothing due and removes
+                // itself.
+                return;
+            }
             let saved = self.states.remove(&(state as usize)).flatten();
             match saved {
                 Some(user) => install(state, Some(user.func), user.mask, user.count),
@@ -213,8 +233,16 @@ mod puc {
             self.states.contains_key(&(state as usize))
         }
 
-        /// The user is about to change the hook of the running thread.
-        pub fn begin_user_change(&mut self) {}
+        /// The user is about to change a hook with `debug.sethook`.
+        pub fn begin_user_change(&mut self) {
+            self.user_changing = true;
+        }
+
+        /// Whether another thread's arming waited for the user's change,
+        /// which has ended: the caller arms what is due now.
+        pub fn take_deferred(&mut self) -> bool {
+            !self.user_changing && std::mem::take(&mut self.deferred)
+        }
 
         /// The running thread called `debug.sethook` about `state` (itself
         /// or a coroutine): if our hook was on it, the user's new hook is
@@ -224,6 +252,7 @@ mod puc {
         /// `state` is alive and of the VM the calling OS thread runs; the
         /// caller holds the VM lock.
         pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State) {
+            self.user_changing = false;
             if self.is_armed(state) {
                 self.arm(state, Side::Owner);
             }
@@ -240,8 +269,10 @@ mod puc {
                 return false;
             }
             self.disarm(state, Side::Owner);
-            // Armed again by `user_hook_changed`, which saves what it finds.
+            // Armed again by `user_hook_changed`, which saves what it finds;
+            // until then the user's hook is in place, as during a change.
             self.states.insert(state as usize, None);
+            self.user_changing = true;
             true
         }
 
@@ -401,6 +432,12 @@ mod luajit {
         /// Whether our hook is on the VM for something due.
         pub fn is_armed(&self, _: *mut lua_State) -> bool {
             matches!(self.need, Some(Need::Armed | Need::Poll))
+        }
+
+        /// Nothing waits for the user's change on LuaJIT: another thread's
+        /// arming meanwhile is left to the hook and the watchdog's re-arm.
+        pub fn take_deferred(&mut self) -> bool {
+            false
         }
 
         /// The user is about to change the VM's hook with `debug.sethook`.

@@ -2,10 +2,11 @@
 //! resume and yield, watching the running coroutine, the clock, and the
 //! dispatcher the hook calls.
 
+use std::ffi::c_int;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use mlua::{ffi, Function, Lua, MultiValue, Table, Thread};
+use mlua::{ffi, Function, Lua, MultiValue, Table, Thread, Value};
 
 use crate::gate::{self, WhenClosed};
 use crate::hook::{self, ANCHORS_KEY, DISPATCH_KEY};
@@ -39,21 +40,8 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 lua.create_function(set_dispatcher)?,
                 raise,
             ),
-            (
-                "begin_user_hook_change",
-                lua.create_function(begin_user_hook_change)?,
-                nothing,
-            ),
-            (
-                "user_hook_changed",
-                lua.create_function(user_hook_changed)?,
-                nothing,
-            ),
-            (
-                "lend_user_hook",
-                lua.create_function(lend_user_hook)?,
-                nothing,
-            ),
+            ("set_user_hook", lua.create_function(set_user_hook)?, nothing),
+            ("get_user_hook", lua.create_function(get_user_hook)?, nothing),
         ],
     )?;
     // Plain C functions, which work at any point of `lua_close`.
@@ -197,28 +185,62 @@ fn set_dispatcher(lua: &Lua, dispatcher: Function) -> mlua::Result<()> {
     }
 }
 
-/// `begin_user_hook_change()`: the running thread is about to call
-/// `debug.sethook`; `user_hook_changed` must follow, whatever happens.
-fn begin_user_hook_change(lua: &Lua, (): ()) -> mlua::Result<()> {
-    state::vm(lua)?.begin_user_hook_change();
-    Ok(())
+/// The thread a call of a debug function is about: its first argument if
+/// that is a thread, else the running thread.
+fn hook_target(lua: &Lua, args: &MultiValue) -> Thread {
+    match args.front() {
+        Some(Value::Thread(co)) => co.clone(),
+        _ => lua.current_thread(),
+    }
 }
 
-/// `user_hook_changed([co])`: the running thread just called
-/// `debug.sethook` about `co` (default: itself).
-fn user_hook_changed(lua: &Lua, co: Option<Thread>) -> mlua::Result<()> {
-    let co = co.unwrap_or_else(|| lua.current_thread());
-    // SAFETY: `co` is held by this call and belongs to this VM, which this
-    // OS thread runs.
-    unsafe { state::vm(lua)?.user_hook_changed(state_of(&co)) };
-    Ok(())
+/// Calls `function(args)` in protected mode: `true` and its results, or
+/// `false` and its error value as it raised it (mlua's own `call` would
+/// add a traceback to the message).
+fn call_protected(lua: &Lua, function: Function, args: MultiValue) -> mlua::Result<MultiValue> {
+    // SAFETY: the closure runs in mlua's protected call with `function` and
+    // `args` on its stack, and holds nothing with a destructor: `lua_pcall`
+    // catches what `function` raises; `luaL_checkstack` may raise, which
+    // mlua's protected call catches.
+    unsafe {
+        lua.exec_raw::<MultiValue>((function, args), |state| {
+            let nargs = ffi::lua_gettop(state) - 1;
+            let status = ffi::lua_pcall(state, nargs, ffi::LUA_MULTRET, 0);
+            ffi::luaL_checkstack(state, 1, std::ptr::null());
+            ffi::lua_pushboolean(state, c_int::from(status == ffi::LUA_OK));
+            ffi::lua_insert(state, 1);
+        })
+    }
 }
 
-/// `lend_user_hook([co])` -> whether the user's hook was put back on `co`
-/// (default: the running thread) for a moment (then `user_hook_changed`
-/// must follow).
-fn lend_user_hook(lua: &Lua, co: Option<Thread>) -> mlua::Result<bool> {
-    let co = co.unwrap_or_else(|| lua.current_thread());
-    // SAFETY: as in `user_hook_changed`.
-    Ok(unsafe { state::vm(lua)?.lend_user_hook(state_of(&co)) })
+/// `set_user_hook(sethook, ...)` -> `true`, then as [`call_protected`]: calls
+/// Lua's own `debug.sethook(...)` for the user. Another OS thread arms no
+/// hook meanwhile (see `Arming::begin_user_change`), and what our hook
+/// replaced becomes the user's new hook. One native call, so that nothing
+/// (a kill landing in Lua code) comes between the change's start and end.
+fn set_user_hook(lua: &Lua, (sethook, args): (Function, MultiValue)) -> mlua::Result<MultiValue> {
+    let target = hook_target(lua, &args);
+    let vm = state::vm(lua)?;
+    vm.begin_user_hook_change();
+    let outcome = call_protected(lua, sethook, args);
+    // SAFETY: `target` is held here and belongs to this VM, which this OS
+    // thread runs.
+    unsafe { vm.user_hook_changed(state_of(&target)) };
+    Ok(MultiValue::from_iter([Value::Boolean(true)].into_iter().chain(outcome?)))
+}
+
+/// `get_user_hook(gethook, ...)` -> `true`, then as [`call_protected`]: calls
+/// Lua's own `debug.gethook(...)` with the user's hook put back in place of
+/// ours for the call, so that it shows the user's.
+fn get_user_hook(lua: &Lua, (gethook, args): (Function, MultiValue)) -> mlua::Result<MultiValue> {
+    let target = hook_target(lua, &args);
+    let vm = state::vm(lua)?;
+    // SAFETY: as in `set_user_hook`.
+    let lent = unsafe { vm.lend_user_hook(state_of(&target)) };
+    let outcome = call_protected(lua, gethook, args);
+    if lent {
+        // SAFETY: as above.
+        unsafe { vm.user_hook_changed(state_of(&target)) };
+    }
+    Ok(MultiValue::from_iter([Value::Boolean(true)].into_iter().chain(outcome?)))
 }

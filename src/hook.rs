@@ -10,8 +10,8 @@
 //! `lua_sethook` races with the running thread's own updates of the count
 //! (Lua 5.2 loses interrupts that way): the hook is armed with the call and
 //! return masks too, the watchdog re-arms it until it has delivered, and on
-//! Lua 5.4 (and LuaJIT) the line mask makes any loop's backward jump fire
-//! it. Lua 5.1–5.3 cannot take the line mask from another thread: see
+//! LuaJIT the line mask makes any loop's backward jump fire it. PUC Lua
+//! gets the line mask only where the user's hook had it: see
 //! `delivery_mask` in [`crate::arming`].
 
 use std::ffi::{c_char, c_int, c_void};

@@ -670,6 +670,9 @@ impl Vm {
         let mut inner = self.lock();
         // SAFETY: as the caller promised; we hold the lock.
         unsafe { inner.arming.user_hook_changed(state) };
+        if inner.arming.take_deferred() {
+            inner.arm_everything_due();
+        }
     }
 
     /// While our hook is in place of the user's on `state`, puts the
@@ -766,6 +769,29 @@ impl VmInner {
             (Verdict::Continue, false)
         } else {
             (Verdict::Deliver(id), after == Pending::Sticky)
+        }
+    }
+
+    /// Arms, from the VM's own thread, what another thread would have
+    /// armed while the user changed a hook: every target with an interrupt
+    /// pending, and the chain if a deadline passed.
+    fn arm_everything_due(&mut self) {
+        let pending: Vec<Id> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.pending != Pending::None)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in pending {
+            self.arm(id, Side::Owner);
+        }
+        if self.chain.needs_hook(Instant::now()) {
+            let VmInner { arming, chain, .. } = self;
+            for state in chain.watched_and_above() {
+                // SAFETY: the chain's threads are anchored, so alive; this
+                // is the VM's own thread, and we hold the lock.
+                unsafe { arming.arm(state.0, Side::Owner) };
+            }
         }
     }
 
