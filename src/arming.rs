@@ -24,9 +24,11 @@
 //! - While our hook is installed, another OS thread writes nothing: the hook
 //!   fires at least every [`LAZY_COUNT`] instructions and arms itself when
 //!   something is due.
-//! - Another OS thread installs our hook only where no hook at all is
-//!   installed, and not within [`REMOVAL_GUARD`] of the VM's own thread
-//!   removing ours (it may still be leaving the hook then).
+//! - Another OS thread never writes the hook itself: it asks the VM's own
+//!   OS thread to, with a signal (see [`crate::signal`]), where no hook of
+//!   ours is installed. Only when it cannot (no thread known, the host
+//!   replaced our signal handler, a request unanswered for 50 ms) does it
+//!   write it itself, as before (README, Limitations).
 
 use std::ffi::c_int;
 
@@ -38,11 +40,6 @@ use crate::hook::{hook, DELIVERY_MASK};
 /// enough to see what became due, rarely enough to cost nothing measurable.
 #[cfg(feature = "luajit")]
 pub const LAZY_COUNT: c_int = 1000;
-
-/// How long after the VM's thread removed our hook another thread waits
-/// before installing it (LuaJIT): that thread may still be leaving the hook.
-#[cfg(feature = "luajit")]
-const REMOVAL_GUARD: std::time::Duration = std::time::Duration::from_micros(20);
 
 /// Who asks for the hook: the thread running the VM, or another OS thread.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,6 +278,10 @@ mod puc {
             false
         }
 
+        /// Nothing to catch up with on PUC Lua (no signal handler writes
+        /// hooks there).
+        pub unsafe fn sync(&mut self, _: *mut lua_State) {}
+
         /// The user's hook to call for this event: none on PUC Lua, where
         /// ours replaces it only while something is due.
         pub fn forward(&mut self, _event: c_int) -> Option<lua_Hook> {
@@ -296,9 +297,8 @@ mod puc {
 
 #[cfg(feature = "luajit")]
 mod luajit {
-    use std::time::Instant;
-
     use super::*;
+    use crate::signal::Cell;
 
     /// The VM-wide hook, and the user's hook it chains.
     #[derive(Default)]
@@ -311,8 +311,10 @@ mod luajit {
         countdown: c_int,
         /// The count our hook is installed with.
         count: c_int,
-        /// When the VM's own thread last removed our hook.
-        removed_at: Option<Instant>,
+        /// What the signal handler reads to install our hook on the VM's
+        /// own thread for another thread (see [`crate::signal`]); `None`
+        /// if there was no cell left for this VM.
+        cell: Option<&'static Cell>,
         /// Another thread found something due while our hook rests beside
         /// the user's: the hook must look at everything again.
         due: bool,
@@ -337,8 +339,7 @@ mod luajit {
                 (Need::Armed, _) => (DELIVERY_MASK, 1),
                 (Need::Nothing, None) => {
                     if ffi::lua_gethook(state).is_some() {
-                        install(state, None, 0, 0);
-                        self.removed_at = Some(Instant::now());
+                        self.write(state, None, 0, 0);
                     }
                     self.count = 0;
                     return;
@@ -358,14 +359,48 @@ mod luajit {
                     (user.0 | ffi::LUA_MASKCOUNT, user.1.clamp(1, LAZY_COUNT))
                 }
             };
-            install(state, Some(hook), mask, count);
+            self.write(state, Some(hook), mask, count);
             self.count = count;
+        }
+
+        /// `install`, with the signal handler kept off meanwhile: on the
+        /// VM's thread it could interrupt our `lua_sethook` half-way (its
+        /// update of the dispatch table), and it leaves the hook alone
+        /// then (the arming is lost, and repaired by the watchdog).
+        unsafe fn write(&self, state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
+            match self.cell {
+                // SAFETY: as for `install`, whose contract the caller keeps.
+                Some(cell) => cell.owner_writes(|| unsafe { install(state, func, mask, count) }),
+                None => install(state, func, mask, count),
+            }
+        }
+
+        /// The VM lock's holder: takes the user's hook that the signal
+        /// handler replaced with ours, if it did, and the count our hook
+        /// runs with (the handler may have installed it).
+        ///
+        /// # Safety
+        /// `state` is the running thread of the VM, on its OS thread.
+        pub unsafe fn sync(&mut self, state: *mut lua_State) {
+            self.take_handover();
+            if is_ours(ffi::lua_gethook(state)) {
+                self.count = ffi::lua_gethookcount(state);
+            }
+        }
+
+        fn take_handover(&mut self) -> bool {
+            let Some((func, mask, count)) = self.cell.and_then(|cell| cell.take_handover()) else {
+                return false;
+            };
+            self.user = Some(SavedHook { func, mask, count });
+            self.countdown = count;
+            true
         }
 
         /// Takes a hook that is not ours as the user's, to chain; if none
         /// is installed at all, the user has none.
         unsafe fn adopt(&mut self, state: *mut lua_State) {
-            if is_ours(ffi::lua_gethook(state)) {
+            if self.take_handover() || is_ours(ffi::lua_gethook(state)) {
                 return;
             }
             self.user = foreign_hook(state);
@@ -388,16 +423,16 @@ mod luajit {
                 self.due = true;
                 return;
             }
-            if ffi::lua_gethook(state).is_none() {
-                if let Some(removed) = self.removed_at {
-                    // The VM's thread may still be leaving the hook that
-                    // removed itself; its exit is a few instructions long.
-                    std::thread::sleep(REMOVAL_GUARD.saturating_sub(removed.elapsed()));
-                }
+            // The hook, once installed, must look at everything.
+            self.due = true;
+            if self.cell.is_some_and(|cell| cell.request()) {
+                // The VM's thread installs it, in its signal handler.
+                return;
             }
-            // A hook in place that was not set through corowatch's
-            // `debug.sethook` is chained from now on; this one write races
-            // with it (see the module comment).
+            // No signal can be sent: write it from here, as before the
+            // signal (README, Limitations). A hook in place that was not
+            // set through corowatch's `debug.sethook` is chained from now
+            // on; this one write races with it (see the module comment).
             self.apply(state, Need::Armed);
         }
 
@@ -442,7 +477,19 @@ mod luajit {
 
         /// The user is about to change the VM's hook with `debug.sethook`.
         pub fn begin_user_change(&mut self) {
-            self.user_changing = true;
+            self.set_user_changing(true);
+        }
+
+        fn set_user_changing(&mut self, changing: bool) {
+            self.user_changing = changing;
+            if let Some(cell) = self.cell {
+                cell.set_user_changing(changing);
+            }
+        }
+
+        /// The signal cell of this VM (set once, at its creation).
+        pub fn set_cell(&mut self, cell: Option<&'static Cell>) {
+            self.cell = cell;
         }
 
         /// The running thread `state` called `debug.sethook` (hooks are
@@ -451,7 +498,7 @@ mod luajit {
         /// # Safety
         /// `state` is the running thread; the caller holds the VM lock.
         pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State) {
-            self.user_changing = false;
+            self.set_user_changing(false);
             self.apply(state, self.need.unwrap_or(Need::Nothing));
         }
 
@@ -464,10 +511,10 @@ mod luajit {
             if !is_ours(ffi::lua_gethook(state)) {
                 return false;
             }
-            self.user_changing = true;
+            self.set_user_changing(true);
             match self.user {
-                Some(user) => install(state, Some(user.func), user.mask, user.count),
-                None => install(state, None, 0, 0),
+                Some(user) => self.write(state, Some(user.func), user.mask, user.count),
+                None => self.write(state, None, 0, 0),
             }
             true
         }

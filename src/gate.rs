@@ -168,6 +168,7 @@ unsafe extern "C-unwind" fn call_through_gate(state: *mut lua_State) -> c_int {
         ffi::lua_pushvalue(state, MESSAGE);
         ffi::lua_error(state);
     }
+    vm.note_owner();
     let nargs = ffi::lua_gettop(state);
     if ffi::lua_checkstack(state, 2) == 0 {
         push_str(state, "stack overflow (calling a corowatch function)");

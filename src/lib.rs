@@ -16,6 +16,8 @@ mod image;
 mod interrupt;
 mod registry;
 mod resume;
+#[cfg(feature = "luajit")]
+mod signal;
 mod state;
 mod task;
 mod vm;

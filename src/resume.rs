@@ -107,6 +107,8 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         // Let the original resume say what is wrong.
         return resume_through_original(state, co, None);
     }
+    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
+    (*(ffi::lua_touserdata(state, VM) as *const Vm)).note_owner();
     #[cfg(feature = "luajit")]
     arm_pending_interrupt(state);
     let limits = watch_limits(state);
@@ -340,6 +342,7 @@ unsafe fn unanchor(state: *mut lua_State, left: Left) {
 unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
     let vm = &*(ffi::lua_touserdata(state, YIELD_VM) as *const Vm);
+    vm.note_owner();
     if vm.is_active() && ffi::lua_checkstack(state, 1) != 0 {
         ffi::lua_pushthread(state);
         ffi::lua_rawget(state, YIELD_KILLED);

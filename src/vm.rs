@@ -146,6 +146,11 @@ pub struct Vm {
     /// Set once `lua_close` finalized the VM's guard: read without the lock
     /// by the gates (see [`crate::gate`]).
     closed: AtomicBool,
+    /// LuaJIT: where the VM's own OS thread is recorded and other threads
+    /// ask it for the hook (see [`crate::signal`]); `None` if no cell was
+    /// left.
+    #[cfg(feature = "luajit")]
+    cell: Option<&'static crate::signal::Cell>,
     inner: Mutex<VmInner>,
 }
 
@@ -220,7 +225,17 @@ unsafe fn has_stopped(state: StatePtr) -> bool {
 pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
     let pending = Arc::new(AtomicUsize::new(0));
     let writing_afar = Arc::new(AtomicBool::new(false));
+    #[allow(unused_mut)]
+    let mut arming = Arming::default();
+    // The VM is created on its own thread (at `require`), which the cell
+    // records.
+    #[cfg(feature = "luajit")]
+    let cell = crate::signal::claim(anchor);
+    #[cfg(feature = "luajit")]
+    arming.set_cell(cell);
     let vm = Arc::new_cyclic(|me| Vm {
+        #[cfg(feature = "luajit")]
+        cell,
         #[cfg(not(any(feature = "lua51", feature = "luajit")))]
         writing_afar: writing_afar.clone(),
         #[cfg(feature = "luajit")]
@@ -237,7 +252,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             slots: HashMap::new(),
             pending: pending.clone(),
             writing_afar,
-            arming: Arming::default(),
+            arming,
             chain: Chain::default(),
             alarm: None,
             retry: FIRST_RETRY,
@@ -277,6 +292,18 @@ impl Vm {
             .is_some_and(|slot| slot.pending != Pending::None)
         {
             inner.arm(id, Side::Owner);
+        }
+    }
+
+    /// Called on every entry into the library on the VM's own OS thread
+    /// (the hook, the gates, the patched resume and yield): LuaJIT records
+    /// the thread for the signal that asks it for the hook. One load and
+    /// compare while the thread does not change.
+    #[inline]
+    pub fn note_owner(&self) {
+        #[cfg(feature = "luajit")]
+        if let Some(cell) = self.cell {
+            cell.note_owner();
         }
     }
 
@@ -379,6 +406,12 @@ impl Vm {
         let mut inner = self.lock();
         inner.closed = true;
         self.closed.store(true, Ordering::Release);
+        // On the VM's thread, under the lock: no handler touches the VM
+        // after this (it waits for one that does on another thread).
+        #[cfg(feature = "luajit")]
+        if let Some(cell) = self.cell {
+            cell.release();
+        }
         inner.anchor = StatePtr::DEAD;
         inner.pending.store(0, Ordering::Relaxed);
         inner.chain.clear();
@@ -452,7 +485,10 @@ impl Vm {
         at_c_function: impl FnOnce() -> bool,
         event: c_int,
     ) -> (Verdict, Option<lua_Hook>) {
+        self.note_owner();
         let mut inner = self.lock();
+        // SAFETY: `state` is the running thread, in its hook, on its thread.
+        unsafe { inner.arming.sync(state) };
         let forward = inner.arming.forward(event);
         if inner.arming.is_resting() || at_c_function() {
             // Resting: nothing is pending. At a C function: what is pending
