@@ -383,6 +383,11 @@ mod luajit {
         /// `state` is the running thread of the VM, on its OS thread.
         pub unsafe fn sync(&mut self, state: *mut lua_State) {
             self.take_handover();
+            if self.cell.is_some_and(|cell| cell.take_installed()) {
+                // Installed by the handler, armed: look at everything once
+                // (settling puts back what is needed now).
+                self.due = true;
+            }
             if is_ours(ffi::lua_gethook(state)) {
                 self.count = ffi::lua_gethookcount(state);
             }

@@ -47,6 +47,12 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     core.set("shared", gate::gate(lua, &vm, shared, closing)?)?;
     let jobs = lua.create_function(|_, ()| Ok(watchdog::queued_jobs()))?;
     core.set("watchdog_jobs", gate::gate(lua, &vm, jobs, closing)?)?;
+    // LuaJIT: how many signals asked a VM's thread for the hook (specs).
+    #[cfg(feature = "luajit")]
+    {
+        let sent = lua.create_function(|_, ()| Ok(signal::sent()))?;
+        core.set("hook_signals", gate::gate(lua, &vm, sent, closing)?)?;
+    }
     core.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     Ok(core)
 }

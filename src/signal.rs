@@ -83,7 +83,8 @@ pub const SIGNAL: c_int = libc::SIGURG;
 /// What a signal of ours carries (`si_value`), to tell it from the host's.
 const COOKIE: usize = 0x636f_726f_7761_7463; // "corowatc"
 
-/// After this long without an answer, a request gives up on the signal.
+/// After this long without an answer, a request gives up on the signal if
+/// the thread blocks it.
 const STALE: Duration = Duration::from_millis(50);
 
 /// How many LuaJIT VMs can be armed by signal at once; more are armed from
@@ -104,6 +105,12 @@ pub struct Cell {
     anchor: AtomicPtr<lua_State>,
     /// `pthread_self()` of the VM's thread, as last recorded; 0 if unknown.
     owner: AtomicUsize,
+    /// Its kernel thread id (to read its signal mask when a request stays
+    /// unanswered).
+    owner_tid: AtomicI32,
+    /// The handler installed the hook: the hook must look at everything
+    /// once (it may have come after what asked for it was delivered).
+    installed: AtomicBool,
     /// Another thread asked for the hook and the handler has not answered.
     requested: AtomicBool,
     /// When `requested` was set (nanoseconds since [`EPOCH`]).
@@ -128,6 +135,8 @@ impl Cell {
             state: AtomicU8::new(FREE),
             anchor: AtomicPtr::new(std::ptr::null_mut()),
             owner: AtomicUsize::new(0),
+            owner_tid: AtomicI32::new(0),
+            installed: AtomicBool::new(false),
             requested: AtomicBool::new(false),
             requested_at: AtomicU64::new(0),
             owner_writing: AtomicBool::new(false),
@@ -149,6 +158,15 @@ static PENDING: AtomicUsize = AtomicUsize::new(0);
 /// Held from reading a cell's owner to signalling it, and by an exiting
 /// thread while it erases itself from the cells (never by the handler).
 static SIGNAL_LOCK: Mutex<()> = Mutex::new(());
+
+/// How many signals were sent (diagnostics: specs check that the signal
+/// path is the one taken).
+static SENT: AtomicUsize = AtomicUsize::new(0);
+
+/// How many signals were sent to ask for the hook, in this process.
+pub fn sent() -> usize {
+    SENT.load(Ordering::Relaxed)
+}
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -332,6 +350,9 @@ impl Cell {
         // erase it. A thread already past its thread-local destructors is
         // not named at all.
         let registered = EXIT_GUARD.try_with(|_| ()).is_ok();
+        // SAFETY: gettid has no preconditions.
+        self.owner_tid
+            .store(unsafe { libc::gettid() }, Ordering::Relaxed);
         self.owner
             .store(if registered { me } else { 0 }, Ordering::Release);
     }
@@ -408,8 +429,11 @@ impl Cell {
         let now = nanos();
         if self.requested.load(Ordering::Acquire) {
             let since = now.saturating_sub(self.requested_at.load(Ordering::Relaxed));
-            if since > STALE.as_nanos() as u64 {
-                // Unanswered: the thread blocks the signal, or is gone.
+            if since > STALE.as_nanos() as u64 && self.owner_blocks_signal() {
+                // Unanswered because the thread blocks the signal (a slow
+                // answer, from a thread not scheduled, is waited for: the
+                // write from here is the race this module avoids).
+                self.requested_at.store(now, Ordering::Relaxed);
                 if self.requested.swap(false, Ordering::AcqRel) {
                     PENDING.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -432,6 +456,7 @@ impl Cell {
         // SAFETY: `owner` is a live thread: it is erased from the cell by
         // its exit guard, under SIGNAL_LOCK, which we hold (module comment).
         let sent = unsafe { libc::pthread_sigqueue(owner as libc::pthread_t, SIGNAL, value) };
+        SENT.fetch_add(usize::from(sent == 0), Ordering::Relaxed);
         if sent != 0 {
             if self.requested.swap(false, Ordering::AcqRel) {
                 PENDING.fetch_sub(1, Ordering::AcqRel);
@@ -439,6 +464,26 @@ impl Cell {
             return false;
         }
         true
+    }
+
+    /// Whether the recorded thread blocks [`SIGNAL`] (from its
+    /// `/proc/self/task/TID/status`); false if that cannot be read.
+    fn owner_blocks_signal(&self) -> bool {
+        let tid = self.owner_tid.load(Ordering::Relaxed);
+        let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigBlk:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1u64 << (SIGNAL - 1)) != 0)
+    }
+
+    /// Whether the handler installed the hook since the last call (by the
+    /// VM lock's holder).
+    pub fn take_installed(&self) -> bool {
+        self.installed.swap(false, Ordering::Relaxed)
     }
 
     /// In the handler, on thread `me`: installs the hook if this cell's VM
@@ -492,5 +537,6 @@ impl Cell {
             }
         }
         set_hook(state, Some(hook), DELIVERY_MASK, 1);
+        self.installed.store(true, Ordering::Relaxed);
     }
 }
