@@ -1,0 +1,18 @@
+if jit then jit.off() end
+local task = require("corowatch.task")
+local gettime = require("corowatch").gettime
+local function sum() local x = 0 for j = 1, 50 do x = x + j end return x end
+local result = task.run(function()
+  local t = task.spawn({ function()
+    for i = 1, 2000 do
+      local n = 0
+      local ok, err = task.pcall(task.timeout, 1e-5, function()
+        while true do n = n + 1; if n % 100000 == 0 then io.stderr:write("stuck at ", i, "\n") end task.timeout(60, sum) end
+      end)
+      assert(not ok)
+    end
+    return "finished"
+  end, limit = 4 })
+  return t:pawait()
+end)
+print("result", result)
