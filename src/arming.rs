@@ -72,6 +72,20 @@ fn is_ours(func: Option<lua_Hook>) -> bool {
     func.is_some_and(|f| f as *const () == hook as *const ())
 }
 
+/// Whether our hook is installed on the VM of `state` and fires (LuaJIT).
+///
+/// LuaJIT's own read-modify-writes of the mask byte (around finalizers:
+/// `hook_entergc`, `hook_restore`) can write back a mask read before a
+/// `lua_sethook` from the signal handler: our function is then in place
+/// with no events at all, and never runs. Only a mask makes it ours.
+///
+/// # Safety
+/// `state` must be alive.
+#[cfg(feature = "luajit")]
+pub unsafe fn ours_fires(state: *mut lua_State) -> bool {
+    is_ours(ffi::lua_gethook(state)) && ffi::lua_gethookmask(state) != 0
+}
+
 /// `lua_sethook` returns `int` up to 5.2 and nothing from 5.3 on.
 #[allow(clippy::let_unit_value)]
 unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
@@ -421,7 +435,7 @@ mod luajit {
             if side == Side::Owner {
                 return self.apply(state, Need::Armed);
             }
-            if self.user_changing || is_ours(ffi::lua_gethook(state)) {
+            if self.user_changing || ours_fires(state) {
                 // Ours fires by itself (at least every LAZY_COUNT
                 // instructions) and arms itself when it sees the need; the
                 // watchdog comes back if it does not.

@@ -74,6 +74,7 @@ use std::time::{Duration, Instant};
 
 use mlua::ffi::{self, lua_Hook, lua_State};
 
+use crate::arming::ours_fires;
 use crate::hook::{hook, DELIVERY_MASK};
 
 /// The signal: ignored by default, rarely used by hosts (Go's runtime uses
@@ -330,10 +331,6 @@ unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, c
     let _ = ffi::lua_sethook(state, func, mask, count);
 }
 
-fn is_hook(func: Option<lua_Hook>) -> bool {
-    func.is_some_and(|f| f as *const () == hook as *const ())
-}
-
 impl Cell {
     /// The VM's thread entered the library: records it if it is new.
     #[inline]
@@ -521,11 +518,11 @@ impl Cell {
     /// # Safety
     /// `state` is alive; the caller is the VM's thread, in the handler.
     unsafe fn install_hook(&self, state: *mut lua_State) {
-        let current = ffi::lua_gethook(state);
-        if is_hook(current) {
+        if ours_fires(state) {
             // Ours fires by itself (at least every LAZY_COUNT instructions).
             return;
         }
+        let current = ffi::lua_gethook(state);
         if let Some(func) = current {
             let mask = ffi::lua_gethookmask(state);
             if mask != 0 {
