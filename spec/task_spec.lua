@@ -478,10 +478,7 @@ describe("corowatch.task.timeout", function()
       for j = 1, 50 do x = x + j end
       return x
     end
-    -- Fewer rounds on LuaJIT: every deadline there is an arming of the
-    -- VM-wide hook from the watchdog thread, which can still leave the VM
-    -- without hooks under heavy load (issue 7, item 6, open).
-    local rounds = jit and 2000 or 20000
+    local rounds = 20000
     task.run(function()
       local timed_out = 0
       for _ = 1, rounds do
