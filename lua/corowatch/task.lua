@@ -274,50 +274,15 @@ local function start_grace(holder, t)
   holder._grace_deadline = native.deadline(cell, t._grace, true)
 end
 
--- The stack from the first frame at or above `level` that is the user's
--- (where the interrupt landed, or what called the library's wait). From
--- Lua 5.3 on, `debug.traceback` looks up each function's global name in
--- `package.loaded`: 50-100 µs in the middle of every timeout's raise, so
--- there it is written from `debug.getinfo`, which is 3-5 times slower
--- than `debug.traceback` on 5.1, 5.2 and LuaJIT.
-local C_TRACEBACK_IS_CHEAP = _VERSION == "Lua 5.1" or _VERSION == "Lua 5.2"
-local MAX_FRAMES = 22
-local function stack_traceback(level)
-  while true do
-    local info = getinfo(level, "S")
-    if not info or (info.source ~= LIBRARY_SOURCE and info.what ~= "tail") then break end
-    level = level + 1
-  end
-  if C_TRACEBACK_IS_CHEAP then return (traceback("", level):gsub("^\n", "")) end
-  local lines = { "stack traceback:" }
-  while true do
-    local info = getinfo(level, "Sln")
-    if not info then break end
-    if #lines > MAX_FRAMES then
-      lines[#lines + 1] = "\t..."
-      break
-    end
-    local where = info.short_src .. ":" .. (info.currentline > 0 and info.currentline .. ":" or "")
-    local what
-    if info.what == "tail" then
-      where, what = "(tail call):", "?"
-    elseif info.name then
-      what = ("in %s '%s'"):format(info.namewhat ~= "" and info.namewhat or "function", info.name)
-    elseif info.what == "main" then
-      what = "in main chunk"
-    elseif info.what == "C" then
-      what = "in ?"
-    else
-      what = ("in function <%s:%d>"):format(info.short_src, info.linedefined)
-    end
-    lines[#lines + 1] = "\t" .. where .. " " .. what
-    level = level + 1
-  end
-  return table_concat(lines, "\n")
+-- The stack from the first frame above this file's own that is the
+-- user's: where the interrupt landed, or what called the library's wait
+-- (native: written in Lua it was most of a timeout's overshoot).
+local function stack_traceback()
+  return native.traceback(LIBRARY_SOURCE)
 end
 
 local function raise_point(err)
-  if not err.traceback then err.traceback = stack_traceback(2) end
+  if not err.traceback then err.traceback = stack_traceback() end
   return err
 end
 
@@ -361,7 +326,15 @@ function due(t, from_hook)
     if not scope.closed and scope.shield >= shield and now >= scope.at then
       if not scope.fired then
         scope.fired = true
-        start_grace(scope, t)
+        -- The scope's deadline comes back sticky a grace period after it
+        -- fired (`task.timeout`), unless this raise is later than that (a
+        -- shield deferred it).
+        local grace_at = scope.at + t._grace
+        if now < grace_at then
+          scope._grace_at = grace_at
+        else
+          start_grace(scope, t)
+        end
         return raise_point(scope.err)
       elseif not from_hook or now >= scope._grace_at then
         return scope.err
@@ -1057,7 +1030,7 @@ function M.timeout(s, fn, ...)
   local scope = { task = t, at = gettime() + s, closed = false, fired = false,
     outer = scopes[#scopes], shield = t._shield }
   scope.err = new_error(M.error.timeout, t, nil, s)
-  scope.deadline = native.deadline(cell, s, false)
+  scope.deadline = native.deadline(cell, s, false, t._grace)
   scopes[#scopes + 1] = scope
   local timer = timer_push({ at = scope.at, scope = scope })
   -- The critical section ends inside the protected call, so a deadline

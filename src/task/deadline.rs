@@ -5,9 +5,13 @@
 //! the watchdog's queue, so a scope that ends leaves no timer behind. A
 //! deadline that fires interrupts the thread in its task's cell, once or
 //! sticky; the Lua handler on that thread decides what, if anything, is due.
+//!
+//! A timeout's deadline can have a grace period: fired once, it comes back
+//! that much later, sticky. The raise of a timeout then schedules nothing
+//! (scheduling a grace deadline there was a tenth of its overshoot).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use mlua::UserData;
@@ -21,12 +25,36 @@ struct Job {
     cell: Arc<Cell>,
     request: Request,
     cancelled: AtomicBool,
+    /// After the first firing, fire again this much later, sticky.
+    grace: Option<Duration>,
+    /// This job, to queue it again for the grace period.
+    me: Weak<Job>,
+    /// Set once the first firing happened (the next one is the grace's).
+    fired: AtomicBool,
+    /// The token of the grace period's timer, once queued (0 before).
+    grace_token: AtomicU64,
 }
 
 impl Timer for Job {
     fn fire(&self) {
-        if !self.cancelled.load(Ordering::SeqCst) {
-            self.cell.interrupt(self.request, Side::Afar);
+        if self.cancelled.load(Ordering::SeqCst) {
+            return;
+        }
+        let first = !self.fired.swap(true, Ordering::SeqCst);
+        if !first {
+            self.cell.interrupt(Request::Sticky, Side::Afar);
+            return;
+        }
+        self.cell.interrupt(self.request, Side::Afar);
+        let (Some(grace), Some(me)) = (self.grace, self.me.upgrade()) else {
+            return;
+        };
+        let token = watchdog::schedule_timer(me, Instant::now() + grace);
+        self.grace_token.store(token, Ordering::SeqCst);
+        // `cancel` may have run between our check and the store, and then
+        // did not see the token: take the timer out ourselves.
+        if self.cancelled.load(Ordering::SeqCst) {
+            watchdog::cancel_timer(token);
         }
     }
 }
@@ -38,9 +66,10 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// Schedules an interrupt of `cell`'s thread in `seconds` (finite, >= 0).
-    pub fn new(cell: Arc<Cell>, seconds: f64, sticky: bool) -> Deadline {
-        let job = Arc::new(Job {
+    /// Schedules an interrupt of `cell`'s thread in `seconds` (finite, >= 0),
+    /// and a sticky one `grace` after it fired, if given.
+    pub fn new(cell: Arc<Cell>, seconds: f64, sticky: bool, grace: Option<Duration>) -> Deadline {
+        let job = Arc::new_cyclic(|me| Job {
             cell,
             request: if sticky {
                 Request::Sticky
@@ -48,6 +77,10 @@ impl Deadline {
                 Request::Once
             },
             cancelled: AtomicBool::new(false),
+            grace,
+            me: me.clone(),
+            fired: AtomicBool::new(false),
+            grace_token: AtomicU64::new(0),
         });
         let due = Instant::now() + Duration::from_secs_f64(seconds);
         let token = watchdog::schedule_timer(job.clone(), due);
@@ -57,10 +90,14 @@ impl Deadline {
     /// A deadline that was never scheduled: only to make mlua create the
     /// type's metatable at load.
     pub fn inert(cell: Arc<Cell>) -> Deadline {
-        let job = Arc::new(Job {
+        let job = Arc::new_cyclic(|me| Job {
             cell,
             request: Request::Once,
             cancelled: AtomicBool::new(true),
+            grace: None,
+            me: me.clone(),
+            fired: AtomicBool::new(false),
+            grace_token: AtomicU64::new(0),
         });
         Deadline { job, token: 0 }
     }
@@ -68,6 +105,12 @@ impl Deadline {
     pub fn cancel(&self) {
         if !self.job.cancelled.swap(true, Ordering::SeqCst) {
             watchdog::cancel_timer(self.token);
+            // Queued by the first firing, if it happened (else `fire`
+            // sees the flag).
+            match self.job.grace_token.load(Ordering::SeqCst) {
+                0 => {}
+                token => watchdog::cancel_timer(token),
+            }
         }
     }
 }

@@ -2,13 +2,15 @@
 //! itself. Deadlines on the watchdog ([`deadline`]), the scheduler's cell
 //! that says which thread runs a task now ([`cell`]), and the per-VM
 //! mailbox with the cross-thread cancel and the idle sleep it cuts short
-//! ([`mailbox`]).
+//! ([`mailbox`]), and the traceback of an error raised in a task
+//! ([`traceback`]).
 //! Cancels themselves are delivered by the one hook, as mtint interrupts of
 //! the task's thread; `lua/corowatch/task.lua` sets their handler.
 
 mod cell;
 mod deadline;
 mod mailbox;
+mod traceback;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,19 +119,22 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             },
         )?,
     )?;
+    // deadline(cell, seconds, sticky, [grace])
     task.set(
         "deadline",
         lua.create_function(
-            |_, (cell, seconds, sticky): (UserDataRef<CellHandle>, f64, bool)| {
+            |_, (cell, seconds, sticky, grace): (UserDataRef<CellHandle>, f64, bool, Option<f64>)| {
                 let seconds = if seconds.is_finite() {
                     seconds.max(0.0)
                 } else {
                     0.0
                 };
-                Ok(Deadline::new(cell.0.clone(), seconds, sticky))
+                let grace = grace.and_then(|grace| Duration::try_from_secs_f64(grace).ok());
+                Ok(Deadline::new(cell.0.clone(), seconds, sticky, grace))
             },
         )?,
     )?;
+    task.set("traceback", lua.create_function(traceback::traceback)?)?;
     task.set(
         "queued_timers",
         lua.create_function(|_, ()| Ok(crate::watchdog::queued_timers()))?,
