@@ -27,7 +27,9 @@
 //!   atomics, reachable without a lock or an allocation.
 //! - The VM's thread writes its `pthread_self()` there on every entry into
 //!   this library (the hook, the gate of every native function, the
-//!   patched resume and yield): one load and compare when unchanged.
+//!   patched resume and yield): one load and compare when unchanged. A
+//!   thread recorded anew unblocks [`SIGNAL`] for itself (cqueues' threads
+//!   block every signal).
 //! - Another thread (holding the VM lock) sets the cell's `requested` flag,
 //!   counts it in [`PENDING`], and sends [`SIGNAL`] to the recorded thread
 //!   with `pthread_sigqueue` and a cookie, so that the handler can tell our
@@ -184,6 +186,21 @@ fn me() -> usize {
 
 fn nanos() -> u64 {
     EPOCH.elapsed().as_nanos() as u64
+}
+
+/// Lets [`SIGNAL`] reach the calling thread, which runs a VM. Threads that
+/// block every signal are common (cqueues' threads do, so that signals go
+/// to the main thread); unanswered, every arming there would wait
+/// [`STALE`] and then be written from the other thread after all.
+fn unblock_signal() {
+    // SAFETY: `set` is initialized by sigemptyset before use;
+    // pthread_sigmask changes only the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, SIGNAL);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// Erases the thread from every cell when it exits (see the module comment).
@@ -347,6 +364,7 @@ impl Cell {
         // erase it. A thread already past its thread-local destructors is
         // not named at all.
         let registered = EXIT_GUARD.try_with(|_| ()).is_ok();
+        unblock_signal();
         // SAFETY: gettid has no preconditions.
         self.owner_tid
             .store(unsafe { libc::gettid() }, Ordering::Relaxed);
