@@ -126,6 +126,23 @@ struct VmInner {
 const FIRST_RETRY: Duration = Duration::from_millis(1);
 const MAX_RETRY: Duration = Duration::from_millis(50);
 
+/// How long before a watch's deadline the hook goes on (LuaJIT). There
+/// another OS thread asks for it with a signal (see [`crate::signal`]),
+/// whose delivery took 30–80 µs on this kind of machine: armed that early,
+/// the hook looks at the clock at every instruction for the last stretch,
+/// and delivers at the deadline itself. PUC Lua writes the hook from the
+/// watchdog at the deadline.
+const HOOK_LEAD: Duration = if cfg!(feature = "luajit") {
+    Duration::from_micros(150)
+} else {
+    Duration::ZERO
+};
+
+/// When the hook must be on for a deadline.
+fn hook_time(deadline: Instant) -> Instant {
+    deadline.checked_sub(HOOK_LEAD).unwrap_or(deadline)
+}
+
 /// One Lua VM (a main state and all its coroutines).
 pub struct Vm {
     key: usize,
@@ -511,8 +528,8 @@ impl Vm {
             Some((event, depth)) => (Verdict::Watch(event, depth), inner.has_interrupt(state, id)),
             None => inner.take_interrupt(state, id),
         };
-        let watch_needs_hook =
-            inner.chain.top().is_some_and(|top| top.0 == state) && inner.chain.needs_hook(now);
+        let watch_needs_hook = inner.chain.top().is_some_and(|top| top.0 == state)
+            && inner.chain.needs_hook(now + HOOK_LEAD);
         inner.settle_hook(state, interrupt_stays || watch_needs_hook, now);
         self.set_alarm(&mut inner);
         (verdict, forward)
@@ -661,7 +678,7 @@ impl Vm {
             return None;
         }
         let now = Instant::now();
-        if inner.chain.needs_hook(now) {
+        if inner.chain.needs_hook(now + HOOK_LEAD) {
             // The top may have returned or yielded unseen (resumed with the
             // original `resume`): then a thread below it runs. Every thread
             // from the watched one up is armed, and the hook, where it
@@ -687,7 +704,7 @@ impl Vm {
             return inner.alarm;
         }
         inner.retry = FIRST_RETRY;
-        inner.alarm = inner.chain.next_deadline();
+        inner.alarm = inner.chain.next_deadline().map(hook_time);
         inner.alarm
     }
 
@@ -727,7 +744,7 @@ impl Vm {
     /// the hook at once, and keep the watchdog's alarm right.
     fn after_chain_change(&self, inner: &mut VmInner, now: Instant) {
         if let Some(top) = inner.chain.top() {
-            if inner.chain.needs_hook(now) {
+            if inner.chain.needs_hook(now + HOOK_LEAD) {
                 // SAFETY: the top is the running thread, or the coroutine it
                 // is resuming (held on its stack); this is its OS thread.
                 unsafe { inner.arming.arm(top.0, Side::Owner) };
@@ -736,9 +753,10 @@ impl Vm {
         self.set_alarm(inner);
     }
 
-    /// Makes sure the watchdog wakes up by the chain's next deadline.
+    /// Makes sure the watchdog wakes up by the chain's next deadline (less
+    /// the hook's lead).
     fn set_alarm(&self, inner: &mut VmInner) {
-        let Some(deadline) = inner.chain.next_deadline() else {
+        let Some(deadline) = inner.chain.next_deadline().map(hook_time) else {
             return;
         };
         if inner.alarm.is_some_and(|alarm| alarm <= deadline) {
@@ -868,7 +886,8 @@ impl VmInner {
             let _ = slot;
             (
                 self.anchor.0,
-                self.pending.load(Ordering::Relaxed) > 0 || self.chain.needs_hook(Instant::now()),
+                self.pending.load(Ordering::Relaxed) > 0
+                    || self.chain.needs_hook(Instant::now() + HOOK_LEAD),
             )
         };
         if !needed && self.arming.is_armed(state) {
