@@ -381,7 +381,13 @@ mod luajit {
         /// VM's thread it could interrupt our `lua_sethook` half-way (its
         /// update of the dispatch table), and it leaves the hook alone
         /// then (the arming is lost, and repaired by the watchdog).
-        unsafe fn write(&self, state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
+        unsafe fn write(
+            &self,
+            state: *mut lua_State,
+            func: Option<lua_Hook>,
+            mask: c_int,
+            count: c_int,
+        ) {
             match self.cell {
                 // SAFETY: as for `install`, whose contract the caller keeps.
                 Some(cell) => cell.owner_writes(|| unsafe { install(state, func, mask, count) }),

@@ -40,8 +40,16 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 lua.create_function(set_dispatcher)?,
                 raise,
             ),
-            ("set_user_hook", lua.create_function(set_user_hook)?, nothing),
-            ("get_user_hook", lua.create_function(get_user_hook)?, nothing),
+            (
+                "set_user_hook",
+                lua.create_function(set_user_hook)?,
+                nothing,
+            ),
+            (
+                "get_user_hook",
+                lua.create_function(get_user_hook)?,
+                nothing,
+            ),
         ],
     )?;
     // Plain C functions, which work at any point of `lua_close`.
@@ -226,7 +234,9 @@ fn set_user_hook(lua: &Lua, (sethook, args): (Function, MultiValue)) -> mlua::Re
     // SAFETY: `target` is held here and belongs to this VM, which this OS
     // thread runs.
     unsafe { vm.user_hook_changed(state_of(&target)) };
-    Ok(MultiValue::from_iter([Value::Boolean(true)].into_iter().chain(outcome?)))
+    Ok(MultiValue::from_iter(
+        [Value::Boolean(true)].into_iter().chain(outcome?),
+    ))
 }
 
 /// `get_user_hook(gethook, ...)` -> `true`, then as [`call_protected`]: calls
@@ -242,5 +252,7 @@ fn get_user_hook(lua: &Lua, (gethook, args): (Function, MultiValue)) -> mlua::Re
         // SAFETY: as above.
         unsafe { vm.user_hook_changed(state_of(&target)) };
     }
-    Ok(MultiValue::from_iter([Value::Boolean(true)].into_iter().chain(outcome?)))
+    Ok(MultiValue::from_iter(
+        [Value::Boolean(true)].into_iter().chain(outcome?),
+    ))
 }
