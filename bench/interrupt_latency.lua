@@ -1,6 +1,10 @@
 -- Cross-thread latency of mtint.interrupt: from the call to the victim's
 -- error (both stamped with cqueues.monotime, one clock for all threads),
--- and the round trip back to the interrupter. Usage: see bench/run.
+-- and the round trip back to the interrupter. With MTINT_ORIGINAL set to
+-- the path of the original mtint's library, measures that one instead (in
+-- both threads). Usage: see bench/run.
+local original = os.getenv("MTINT_ORIGINAL")
+if original then package.preload.mtint = assert(package.loadlib(original, "luaopen_mtint")) end
 local mtint = require("mtint")
 local cqueues = require("cqueues")
 local threads = require("spec.helpers.threads")
@@ -8,6 +12,8 @@ local threads = require("spec.helpers.threads")
 local ROUNDS = tonumber(arg and arg[1]) or 500
 
 local victim = threads.start(function(channel)
+  local original = os.getenv("MTINT_ORIGINAL")
+  if original then package.preload.mtint = assert(package.loadlib(original, "luaopen_mtint")) end
   local mtint = require("mtint")
   local monotime = require("cqueues").monotime
   require("spec.helpers.victim").serve(channel, function(err)
@@ -34,7 +40,7 @@ local function quantile(samples, q)
   table.sort(samples)
   return samples[math.max(1, math.ceil(q * #samples))] * 1e6
 end
-local version = jit and jit.version or _VERSION
-print(("%-12s rounds %d  to error: median %6.1f us  p99 %7.1f us  round trip: median %6.1f us  p99 %7.1f us")
+local version = (jit and jit.version or _VERSION) .. (original and " (original)" or "")
+print(("%-23s rounds %d  to error: median %6.1f us  p99 %7.1f us  round trip: median %6.1f us  p99 %7.1f us")
   :format(version, ROUNDS, quantile(to_error, 0.5), quantile(to_error, 0.99),
     quantile(round_trip, 0.5), quantile(round_trip, 0.99)))
