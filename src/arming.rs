@@ -75,15 +75,17 @@ fn is_ours(func: Option<lua_Hook>) -> bool {
 /// Whether our hook is installed on the VM of `state` and fires (LuaJIT).
 ///
 /// LuaJIT's own read-modify-writes of the mask byte (around finalizers:
-/// `hook_entergc`, `hook_restore`) can write back a mask read before a
-/// `lua_sethook` from the signal handler: our function is then in place
-/// with no events at all, and never runs. Only a mask makes it ours.
+/// `hook_entergc`, `hook_restore`; `hook_leave` on some targets) can write
+/// back a mask read before a `lua_sethook` from the signal handler: our
+/// function is then in place with no events, or with a user's mask it
+/// replaced (say call events only), and a call-free loop never runs it.
+/// Every mask we install has the count event: only that makes it ours.
 ///
 /// # Safety
 /// `state` must be alive.
 #[cfg(feature = "luajit")]
 pub unsafe fn ours_fires(state: *mut lua_State) -> bool {
-    is_ours(ffi::lua_gethook(state)) && ffi::lua_gethookmask(state) != 0
+    is_ours(ffi::lua_gethook(state)) && ffi::lua_gethookmask(state) & ffi::LUA_MASKCOUNT != 0
 }
 
 /// `lua_sethook` returns `int` up to 5.2 and nothing from 5.3 on.
@@ -177,7 +179,9 @@ mod puc {
         /// the mask one after the other, and two of them at once can leave
         /// the user's function with our mask (then saved as the user's
         /// hook). Its arming waits for the change to end.
-        user_changing: bool,
+        /// How many changes are under way (a finalizer or a user's hook can
+        /// change a hook inside a change).
+        user_changing: u32,
         /// Another thread's arming waited for the user's change to end.
         deferred: bool,
     }
@@ -191,7 +195,7 @@ mod puc {
         /// # Safety
         /// `state` must be alive; the caller holds the VM lock.
         pub unsafe fn arm(&mut self, state: *mut lua_State, side: Side) {
-            if side == Side::Afar && self.user_changing {
+            if side == Side::Afar && self.user_changing > 0 {
                 self.deferred = true;
                 return;
             }
@@ -216,7 +220,7 @@ mod puc {
         /// # Safety
         /// As for [`Arming::arm`].
         pub unsafe fn disarm(&mut self, state: *mut lua_State, side: Side) {
-            if side == Side::Afar && self.user_changing {
+            if side == Side::Afar && self.user_changing > 0 {
                 // Ours stays until it fires, finds nothing due and removes
                 // itself.
                 return;
@@ -246,13 +250,13 @@ mod puc {
 
         /// The user is about to change a hook with `debug.sethook`.
         pub fn begin_user_change(&mut self) {
-            self.user_changing = true;
+            self.user_changing += 1;
         }
 
         /// Whether another thread's arming waited for the user's change,
         /// which has ended: the caller arms what is due now.
         pub fn take_deferred(&mut self) -> bool {
-            !self.user_changing && std::mem::take(&mut self.deferred)
+            self.user_changing == 0 && std::mem::take(&mut self.deferred)
         }
 
         /// The running thread called `debug.sethook` about `state` (itself
@@ -263,7 +267,7 @@ mod puc {
         /// `state` is alive and of the VM the calling OS thread runs; the
         /// caller holds the VM lock.
         pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State) {
-            self.user_changing = false;
+            self.user_changing = self.user_changing.saturating_sub(1);
             if self.is_armed(state) {
                 self.arm(state, Side::Owner);
             }
@@ -283,7 +287,7 @@ mod puc {
             // Armed again by `user_hook_changed`, which saves what it finds;
             // until then the user's hook is in place, as during a change.
             self.states.insert(state as usize, None);
-            self.user_changing = true;
+            self.user_changing += 1;
             true
         }
 

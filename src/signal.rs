@@ -239,8 +239,11 @@ fn install() {
             PREVIOUS_FLAGS.store(previous.sa_flags, Ordering::Release);
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_signal as *const () as usize;
-            action.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
-            libc::sigemptyset(&mut action.sa_mask);
+            // SA_ONSTACK: a host handler we pass a signal on to may need
+            // its alternate stack (Go's runtime preempts with SIGURG and
+            // requires it); its mask, for the same reason.
+            action.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO | libc::SA_ONSTACK;
+            action.sa_mask = previous.sa_mask;
             if libc::sigaction(SIGNAL, &action, std::ptr::null_mut()) == 0 {
                 INSTALLED.store(true, Ordering::Release);
             }
@@ -316,15 +319,17 @@ unsafe fn is_ours(info: *mut libc::siginfo_t) -> bool {
 extern "C" fn on_signal(signal: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
     // SAFETY: `__errno_location` is this thread's errno; we put it back.
     let errno = unsafe { *libc::__errno_location() };
-    // SAFETY: `info` is what the kernel gave this SA_SIGINFO handler.
-    if unsafe { is_ours(info) } {
-        if PENDING.load(Ordering::Acquire) > 0 {
-            let me = me();
-            for cell in &TABLE {
-                cell.service(me);
-            }
+    // Whatever the signal says of itself: one of ours can arrive without
+    // its information (the queue of signal information is full), and
+    // serving the requests is harmless when none is for this thread.
+    if PENDING.load(Ordering::Acquire) > 0 {
+        let me = me();
+        for cell in &TABLE {
+            cell.service(me);
         }
-    } else {
+    }
+    // SAFETY: `info` is what the kernel gave this SA_SIGINFO handler.
+    if unsafe { !is_ours(info) } {
         let action = PREVIOUS_ACTION.load(Ordering::Acquire);
         if action != libc::SIG_DFL && action != libc::SIG_IGN {
             // SAFETY: `action` was the handler in place before ours, of the

@@ -318,8 +318,10 @@ impl Vm {
     /// compare while the thread does not change.
     #[inline]
     pub fn note_owner(&self) {
+        // A closed VM gave its cell back (finalizers still run its
+        // functions during `lua_close`): the cell may be another VM's now.
         #[cfg(feature = "luajit")]
-        if let Some(cell) = self.cell {
+        if let Some(cell) = self.cell.filter(|_| !self.is_closed()) {
             cell.note_owner();
         }
     }
@@ -428,6 +430,7 @@ impl Vm {
         #[cfg(feature = "luajit")]
         if let Some(cell) = self.cell {
             cell.release();
+            inner.arming.set_cell(None);
         }
         inner.anchor = StatePtr::DEAD;
         inner.pending.store(0, Ordering::Relaxed);
@@ -905,7 +908,7 @@ impl VmInner {
         let need = if needed {
             Need::Armed
         } else if cfg!(feature = "luajit")
-            && (self.pending.load(Ordering::Relaxed) > 0 || self.chain.needs_hook(now))
+            && (self.pending.load(Ordering::Relaxed) > 0 || self.chain.needs_hook(now + HOOK_LEAD))
         {
             // The hook is global: someone else (a suspended target, or the
             // chain's top when it runs again) still needs it.
