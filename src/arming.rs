@@ -9,7 +9,8 @@
 //! writes the trap flag of every frame down the `CallInfo` chain
 //! (`settraps`). The `lua_State` is alive (see [`crate::vm`]); its frames
 //! can be returned from, and freed by a GC step (`luaE_shrinkCI`), while the
-//! other thread walks them. That window is open: README, Limitations.
+//! other thread walks them: such frees wait for the write (the handshake of
+//! [`crate::vm::Vm::frame_freed`]).
 //!
 //! LuaJIT: one hook serves the whole VM, and LuaJIT sets and clears a "hook
 //! running" bit in the byte that holds the hook mask, around every hook call,
@@ -198,6 +199,12 @@ mod puc {
             if side == Side::Afar && self.user_changing > 0 {
                 self.deferred = true;
                 return;
+            }
+            #[cfg(all(feature = "widen-frame-window", feature = "lua54"))]
+            if side == Side::Afar {
+                // SAFETY: test only (see the module); we hold the VM lock
+                // with `writing_afar` set, as for the write below.
+                unsafe { crate::widen::slow_settraps(state) };
             }
             let func = ffi::lua_gethook(state);
             let user = if !is_ours(func) {

@@ -23,6 +23,8 @@ mod task;
 mod vm;
 mod watch;
 mod watchdog;
+#[cfg(all(feature = "widen-frame-window", feature = "lua54"))]
+mod widen;
 
 use mlua::{Lua, Table};
 
