@@ -58,8 +58,9 @@ shared.watched, shared.killed = watched, killed
 local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
 
 -- The kill message of the last watch: watches set in a loop at one place
--- share one string instead of a traceback each.
-local last_message
+-- share one string instead of a traceback each. And its record, for the
+-- next watch set alike (see `watch`).
+local last_message, last_record
 
 -- Error levels: a function of this file that takes a `level` raises its
 -- errors as `error(message, level)` called in its caller would, so that
@@ -269,7 +270,17 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
   local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), level + 1)
   if message == last_message then message = last_message end
   last_message = message
-  watched[key] = { kill, warn, cb or false, message, true }
+  cb = cb or false
+  -- Coroutines watched alike (same limits, callback and message: the same
+  -- call site) share one record, which nothing changes but its inherited
+  -- twin, the same for all of them: a watch then costs a slot in `watched`.
+  local record = last_record
+  if not (record and record[1] == kill and record[2] == warn and record[CALLBACK] == cb
+      and record[MESSAGE] == message) then
+    record = { kill, warn, cb, message, true }
+    last_record = record
+  end
+  watched[key] = record
 
   -- Its clock starts now if it is running, else when it is next resumed.
   watch_running(thread, kill or nil, warn or nil)
