@@ -346,8 +346,9 @@ mod luajit {
         /// The user is changing the hook through corowatch's
         /// `debug.sethook` or reading it with `debug.gethook`: the hook in
         /// place may be the user's own, unchained, and must not be touched
-        /// from another thread.
-        user_changing: bool,
+        /// from another thread. A count: a finalizer can change the hook
+        /// inside a change.
+        user_changing: u32,
     }
 
     impl Arming {
@@ -452,7 +453,7 @@ mod luajit {
             if side == Side::Owner {
                 return self.apply(state, Need::Armed);
             }
-            if self.user_changing || ours_fires(state) {
+            if self.user_changing > 0 || ours_fires(state) {
                 // Ours fires by itself (at least every LAZY_COUNT
                 // instructions) and arms itself when it sees the need; the
                 // watchdog comes back if it does not.
@@ -513,13 +514,13 @@ mod luajit {
 
         /// The user is about to change the VM's hook with `debug.sethook`.
         pub fn begin_user_change(&mut self) {
-            self.set_user_changing(true);
+            self.set_user_changing(self.user_changing + 1);
         }
 
-        fn set_user_changing(&mut self, changing: bool) {
-            self.user_changing = changing;
+        fn set_user_changing(&mut self, changes: u32) {
+            self.user_changing = changes;
             if let Some(cell) = self.cell {
-                cell.set_user_changing(changing);
+                cell.set_user_changing(changes > 0);
             }
         }
 
@@ -534,7 +535,7 @@ mod luajit {
         /// # Safety
         /// `state` is the running thread; the caller holds the VM lock.
         pub unsafe fn user_hook_changed(&mut self, state: *mut lua_State) {
-            self.set_user_changing(false);
+            self.set_user_changing(self.user_changing.saturating_sub(1));
             self.apply(state, self.need.unwrap_or(Need::Nothing));
         }
 
@@ -547,7 +548,7 @@ mod luajit {
             if !is_ours(ffi::lua_gethook(state)) {
                 return false;
             }
-            self.set_user_changing(true);
+            self.set_user_changing(self.user_changing + 1);
             match self.user {
                 Some(user) => self.write(state, Some(user.func), user.mask, user.count),
                 None => self.write(state, None, 0, 0),
