@@ -685,24 +685,7 @@ impl Vm {
         }
         let now = Instant::now();
         if inner.chain.needs_hook(now + HOOK_LEAD) {
-            // The top may have returned or yielded unseen (resumed with the
-            // original `resume`): then a thread below it runs. Every thread
-            // from the watched one up is armed, and the hook, where it
-            // fires, drops the stale entries above it.
-            let VmInner {
-                arming,
-                writing_afar,
-                chain,
-                ..
-            } = &mut *inner;
-            for state in chain.watched_and_above() {
-                // SAFETY: the chain's threads are anchored, so alive (module
-                // comment); one that does not run is armed for when it runs
-                // again. We hold the lock.
-                writing_from(Side::Afar, writing_afar, || unsafe {
-                    arming.arm(state.0, Side::Afar)
-                });
-            }
+            inner.arm_chain(Side::Afar);
             // Come back in case the arming is undone before the hook fires.
             let retry = inner.retry;
             inner.retry = (retry * 2).min(MAX_RETRY);
@@ -845,13 +828,27 @@ impl VmInner {
         for id in pending {
             self.arm(id, Side::Owner);
         }
-        if self.chain.needs_hook(Instant::now()) {
-            let VmInner { arming, chain, .. } = self;
-            for state in chain.watched_and_above() {
-                // SAFETY: the chain's threads are anchored, so alive; this
-                // is the VM's own thread, and we hold the lock.
-                unsafe { arming.arm(state.0, Side::Owner) };
-            }
+        if self.chain.needs_hook(Instant::now() + HOOK_LEAD) {
+            self.arm_chain(Side::Owner);
+        }
+    }
+
+    /// Arms the chain's threads for a passed deadline. The top may have
+    /// returned or yielded unseen (resumed with the original `resume`):
+    /// then a thread below it runs. Every thread from the watched one up is
+    /// armed, and the hook, where it fires, drops the stale entries above.
+    fn arm_chain(&mut self, side: Side) {
+        let VmInner {
+            arming,
+            writing_afar,
+            chain,
+            ..
+        } = self;
+        for state in chain.watched_and_above() {
+            // SAFETY: the chain's threads are anchored, so alive (module
+            // comment); one that does not run is armed for when it runs
+            // again. We hold the lock.
+            writing_from(side, writing_afar, || unsafe { arming.arm(state.0, side) });
         }
     }
 
