@@ -103,21 +103,22 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
         return ffi::lua_gettop(state);
     }
-    if ffi::lua_checkstack(state, 4) == 0 {
-        // Let the original resume say what is wrong.
-        return resume_through_original(state, co, None);
-    }
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
-    (*(ffi::lua_touserdata(state, VM) as *const Vm)).note_owner();
+    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
+    // Stack room: Lua gives a C function `LUA_MINSTACK` (20) free slots
+    // above its arguments, and this function and those it calls push at
+    // most 4 before the arguments go to `co` (`finish` checks for the
+    // results).
+    vm.note_owner();
     #[cfg(feature = "luajit")]
-    arm_pending_interrupt(state);
+    arm_pending_interrupt(vm, state);
     let limits = watch_limits(state);
     let narg = ffi::lua_gettop(state) - 1;
-    if !is_suspended(state, co) || ffi::lua_checkstack(co, narg) == 0 {
-        return resume_through_original(state, co, limits);
+    if !is_suspended(state, co) || (narg > 0 && ffi::lua_checkstack(co, narg) == 0) {
+        return resume_through_original(vm, state, co, limits);
     }
     // `co` stays at index 1 throughout: alive while the chain names it.
-    let (outcome, killed) = tracked(state, co, limits, || resume_suspended(state, co));
+    let (outcome, killed) = tracked(vm, state, co, limits, || resume_suspended(state, co));
     finish(state, co, outcome, killed)
 }
 
@@ -127,13 +128,12 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
 /// if the coroutine watched itself meanwhile (`watch(nil)`). Returns what
 /// `resume_co` returned, and whether the coroutine was killed.
 unsafe fn tracked<R>(
+    vm: &Vm,
     state: *mut lua_State,
     co: *mut lua_State,
     limits: Option<Limits>,
     resume_co: impl FnOnce() -> R,
 ) -> (R, bool) {
-    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
-    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
     if limits.is_none() && !vm.is_active() {
         let outcome = resume_co();
         if !vm.is_active() {
@@ -161,9 +161,7 @@ unsafe fn tracked<R>(
 ///
 /// SAFETY (caller): `state` is running `resume`, with two free stack slots.
 #[cfg(feature = "luajit")]
-unsafe fn arm_pending_interrupt(state: *mut lua_State) {
-    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
-    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
+unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
     if !vm.has_pending_interrupts() {
         return;
     }
@@ -267,6 +265,7 @@ unsafe fn push_str(state: *mut lua_State, text: &'static str) {
 /// refusals and errors. No error can leave the chain naming a coroutine
 /// that does not run; one is raised again once the chain is right.
 unsafe fn resume_through_original(
+    vm: &Vm,
     state: *mut lua_State,
     co: *mut lua_State,
     limits: Option<Limits>,
@@ -274,7 +273,7 @@ unsafe fn resume_through_original(
     // Keep `co` below everything: it stays alive while the chain names it.
     ffi::lua_pushvalue(state, 1);
     ffi::lua_insert(state, 1);
-    let (status, killed) = tracked(state, co, limits, || call_original(state));
+    let (status, killed) = tracked(vm, state, co, limits, || call_original(state));
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
@@ -338,12 +337,12 @@ unsafe fn unanchor(state: *mut lua_State, left: Left) {
 ///
 /// (While a killed coroutine runs, the hook raises at its every
 /// instruction, so this check is a second line; it costs a table lookup
-/// only while something watched runs.)
+/// only while a killed coroutine is on the chain.)
 unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
     let vm = &*(ffi::lua_touserdata(state, YIELD_VM) as *const Vm);
     vm.note_owner();
-    if vm.is_active() && ffi::lua_checkstack(state, 1) != 0 {
+    if vm.has_killed() && ffi::lua_checkstack(state, 1) != 0 {
         ffi::lua_pushthread(state);
         ffi::lua_rawget(state, YIELD_KILLED);
         if ffi::lua_isnil(state, -1) == 0 {

@@ -153,6 +153,9 @@ pub struct Vm {
     active: AtomicBool,
     top: std::sync::atomic::AtomicPtr<lua_State>,
     len: AtomicUsize,
+    /// Whether a killed coroutine is on the chain, read the same way by
+    /// the patched yield: only then need it look the running thread up.
+    killed: AtomicBool,
     /// How many of its targets have an interrupt pending (written under the
     /// lock, read without it by LuaJIT's patched resume).
     #[cfg(feature = "luajit")]
@@ -262,6 +265,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
         active: AtomicBool::new(false),
         top: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
         len: AtomicUsize::new(0),
+        killed: AtomicBool::new(false),
         closed: AtomicBool::new(false),
         inner: Mutex::new(VmInner {
             closed: false,
@@ -525,7 +529,6 @@ impl Vm {
             // resume's among them, were let pass above): it runs, so what
             // the chain holds above it has returned or yielded unseen.
             inner.chain.drop_above(state);
-            self.publish(&inner);
         }
         // A watch's event first: an interrupt handler that returns (a
         // sticky one runs at every instruction) must not starve a kill. An
@@ -534,6 +537,7 @@ impl Vm {
             Some((event, depth)) => (Verdict::Watch(event, depth), inner.has_interrupt(state, id)),
             None => inner.take_interrupt(state, id),
         };
+        self.publish(&inner);
         let watch_needs_hook = inner.chain.top().is_some_and(|top| top.0 == state)
             && inner.chain.needs_hook(now + HOOK_LEAD);
         inner.settle_hook(state, interrupt_stays || watch_needs_hook, now);
@@ -552,11 +556,18 @@ impl Vm {
         self.len.store(inner.chain.len(), Ordering::Relaxed);
         self.active
             .store(inner.chain.is_active(), Ordering::Relaxed);
+        self.killed
+            .store(inner.chain.has_killed(), Ordering::Relaxed);
     }
 
     /// Whether anything watched runs in this VM (the chain is active).
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether a killed coroutine may be running in this VM.
+    pub fn has_killed(&self) -> bool {
+        self.killed.load(Ordering::Relaxed)
     }
 
     /// The running thread `resumer` is about to resume a coroutine (with

@@ -99,6 +99,11 @@ pub struct Plan {
 #[derive(Default)]
 pub struct Chain {
     entries: Vec<Entry>,
+    /// The earliest deadline of a watched entry that is not killed, and
+    /// how many entries are killed: kept with every change, so that the
+    /// checks made at every resume do not walk the entries.
+    earliest: Option<Instant>,
+    killed: usize,
 }
 
 impl Chain {
@@ -108,6 +113,22 @@ impl Chain {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Whether a killed coroutine is on the chain (it runs, or is about to
+    /// die): only then can the running thread be a killed one.
+    pub fn has_killed(&self) -> bool {
+        self.killed > 0
+    }
+
+    /// Recomputes `earliest` and `killed` after a change of the entries.
+    fn refresh(&mut self) {
+        self.earliest = None;
+        self.killed = 0;
+        for watch in self.entries.iter().filter_map(|entry| entry.watch.as_ref()) {
+            self.killed += usize::from(watch.killed);
+            self.earliest = earliest(self.earliest, watch.next_deadline());
+        }
     }
 
     /// Whether `state` is on the chain below its top: it is the resumer in
@@ -131,6 +152,7 @@ impl Chain {
             }
             self.entries.pop();
         }
+        self.refresh();
     }
 
     /// The threads from the first watched one up to the top: the one that
@@ -162,6 +184,7 @@ impl Chain {
         if !self.entries.iter().any(|entry| entry.watch.is_some()) {
             self.entries.clear();
         }
+        self.refresh();
         let resumer_depth = (self.top() != Some(resumer)).then_some(self.entries.len() + 1);
         Plan {
             depth: self.entries.len() + 1 + usize::from(resumer_depth.is_some()),
@@ -177,6 +200,9 @@ impl Chain {
                 state: resumer,
                 watch: None,
             });
+        }
+        if let Some(watch) = &watch {
+            self.earliest = earliest(self.earliest, watch.next_deadline());
         }
         self.entries.push(Entry {
             state: resumed,
@@ -198,6 +224,7 @@ impl Chain {
         if !self.entries.iter().any(|entry| entry.watch.is_some()) {
             self.entries.clear();
         }
+        self.refresh();
         Left {
             killed,
             unanchor_from: self.entries.len() + 1,
@@ -244,11 +271,13 @@ impl Chain {
                     watch: None,
                 });
             }
+            self.refresh();
             return true;
         }
         match self.entries.iter().rposition(|entry| entry.state == state) {
             Some(depth) => {
                 self.entries[depth].watch = Some(watch);
+                self.refresh();
                 true
             }
             None => false,
@@ -264,24 +293,18 @@ impl Chain {
         {
             watch.reset(now);
         }
+        self.refresh();
     }
 
     /// The earliest deadline of a watched, running coroutine.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.entries
-            .iter()
-            .filter_map(|entry| entry.watch.as_ref()?.next_deadline())
-            .min()
+        self.earliest
     }
 
     /// Whether the running thread needs the hook now: a deadline passed, or
     /// a killed coroutine is still running (its kill must not be swallowed).
     pub fn needs_hook(&self, now: Instant) -> bool {
-        self.entries.iter().any(|entry| {
-            entry.watch.as_ref().is_some_and(|watch| {
-                watch.killed || watch.next_deadline().is_some_and(|d| d <= now)
-            })
-        })
+        self.killed > 0 || self.earliest.is_some_and(|deadline| deadline <= now)
     }
 
     /// The hook fired on `state`: the event to dispatch, innermost first,
@@ -294,28 +317,43 @@ impl Chain {
         if self.top()?.0 != state {
             return None;
         }
-        for (index, entry) in self.entries.iter_mut().enumerate().rev() {
-            let Some(watch) = entry.watch.as_mut() else {
-                continue;
-            };
-            let found = if watch.killed {
-                Event::Killed
-            } else if watch.kill_at.is_some_and(|kill| kill <= now) {
-                watch.killed = true;
-                Event::Kill
-            } else if watch.warn_at.is_some_and(|warn| warn <= now) {
-                watch.warn_at = None;
-                Event::Warn
-            } else {
-                continue;
-            };
-            return Some((found, index + 1));
+        let found = self
+            .entries
+            .iter_mut()
+            .enumerate()
+            .rev()
+            .find_map(|(index, entry)| {
+                let watch = entry.watch.as_mut()?;
+                let event = if watch.killed {
+                    Event::Killed
+                } else if watch.kill_at.is_some_and(|kill| kill <= now) {
+                    watch.killed = true;
+                    Event::Kill
+                } else if watch.warn_at.is_some_and(|warn| warn <= now) {
+                    watch.warn_at = None;
+                    Event::Warn
+                } else {
+                    return None;
+                };
+                Some((event, index + 1))
+            });
+        if found.is_some() {
+            self.refresh();
         }
-        None
+        found
     }
 
     /// Forgets every entry (the VM is closing).
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.refresh();
+    }
+}
+
+/// The earlier of two optional instants, `None` meaning "never".
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
