@@ -236,6 +236,63 @@ describe("inheritance and nesting", function()
     assert.is_true(elapsed >= 0.2 and elapsed < 1.2, "outer killed after " .. elapsed)
   end)
 
+  -- The hook runs in the innermost coroutine and must hand the dispatcher
+  -- the watched one, wherever it waits: resumed by this resume, resumed by
+  -- one the chain did not see, or watching itself.
+  describe("finds the watched coroutine below the running one", function()
+    -- Spins for at most 3 s: a kill that goes astray fails, not hangs.
+    local function spin_a_while()
+      local deadline = corowatch.gettime() + 3
+      while corowatch.gettime() < deadline do end
+      return "escaped"
+    end
+
+    local function killed_outer(body, resume_outer)
+      local calls = {}
+      local outer = corowatch.watch(cw.create(body), 0.05, nil, function(event)
+        calls[#calls + 1] = event
+      end)
+      local first = { (resume_outer or cw.resume)(outer) }
+      local again = { cw.resume(outer) }
+      return first, again, calls
+    end
+
+    local function assert_killed(first, again, calls)
+      assert.is_false(first[1])
+      assert.is_truthy(tostring(first[2]):find(KILL), tostring(first[2]))
+      assert.are.same({ false, first[2] }, again)
+      assert.are.same({ "kill" }, calls)
+    end
+
+    it("when this resume resumed it", function()
+      assert_killed(killed_outer(function()
+        return "survived", cw.resume(coroutine.create(spin_a_while))
+      end))
+    end)
+
+    it("when it resumed the running one through the original resume", function()
+      assert_killed(killed_outer(function()
+        local helper = coroutine.create(function()
+          return cw.resume(coroutine.create(spin_a_while))
+        end)
+        return "survived", coroutine.resume(helper)
+      end))
+    end)
+
+    it("when it watched itself, resumed through the original resume", function()
+      local calls = {}
+      local outer = coroutine.create(function()
+        corowatch.watch(nil, 0.05, nil, function(event) calls[#calls + 1] = event end)
+        return "survived", cw.resume(coroutine.create(spin_a_while))
+      end)
+      local ok, err = coroutine.resume(outer)
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find(KILL), tostring(err))
+      assert.are.same({ "kill" }, calls)
+      assert.are.same({ false, err }, { cw.resume(outer) })
+    end)
+  end)
+
   it("keeps the watched coroutine's clock running while it resumes others", function()
     local outer = corowatch.watch(cw.create(function()
       while true do

@@ -136,20 +136,31 @@ fn watch_running(
     let co = co.unwrap_or_else(|| lua.current_thread());
     let running = lua.current_thread();
     let vm = state::vm(lua)?;
-    if !vm.is_active() {
-        // The chain will start here: `co` at depth 1, `running` above it if
-        // it is another thread. Anchored first (that may raise), then
-        // watched, so the chain names only anchored threads. Threads
-        // already on a chain are anchored there.
+    let (co_state, running_state) = (state_of(&co), state_of(&running));
+    // SAFETY: as for `watch_running` below.
+    let mut wanted = unsafe { vm.watch_anchors(co_state, running_state) };
+    // Anchored first (that may raise), then watched, so that the chain
+    // names no thread that could stop running unseen without an anchor.
+    // Anchoring runs no Lua code, so the chain asks again for other
+    // anchors only if a finalizer changed it meanwhile: a few rounds.
+    for _ in 0..8 {
         let anchors = anchors(lua)?;
-        anchors.raw_set(1, &co)?;
-        if co != running {
-            anchors.raw_set(2, &running)?;
+        if let Some(depth) = wanted.state_at {
+            anchors.raw_set(depth, &co)?;
+        }
+        if let Some(depth) = wanted.running_at {
+            anchors.raw_set(depth, &running)?;
+        }
+        // SAFETY: `co` is held by this call, so alive, and `running` is the
+        // running thread; both belong to this VM, which this OS thread runs.
+        match unsafe { vm.watch_running(co_state, running_state, watch, wanted) } {
+            Ok(watched) => return Ok(watched),
+            Err(needed) => wanted = needed,
         }
     }
-    // SAFETY: `co` is held by this call, so alive, and `running` is the
-    // running thread; both belong to this VM, which this OS thread runs.
-    Ok(unsafe { vm.watch_running(state_of(&co), state_of(&running), watch) })
+    Err(mlua::Error::runtime(
+        "corowatch.watch: the running coroutines kept changing",
+    ))
 }
 
 /// `reset(depth)`: the warn callback of the coroutine at `depth` asked for

@@ -22,7 +22,7 @@ use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
 use crate::arming;
 use crate::registry::Id;
 use crate::vm;
-use crate::watch::Event;
+use crate::watch::{Event, Locate};
 
 /// Every event the hook can be called for: whichever comes first delivers.
 pub const DELIVERY_MASK: c_int =
@@ -47,8 +47,9 @@ pub enum Verdict {
     Continue,
     /// An mtint interrupt for the thread with this id.
     Deliver(Id),
-    /// A corowatch event for the watched coroutine at this chain depth.
-    Watch(Event, usize),
+    /// A corowatch event for the watched coroutine at this chain depth,
+    /// found there.
+    Watch(Event, usize, Locate),
 }
 
 /// The hook itself. It runs on the OS thread that runs `state`.
@@ -72,20 +73,15 @@ pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) 
                 ffi::lua_error(state);
             }
         }
-        Verdict::Watch(event, depth) => {
+        Verdict::Watch(event, depth, locate) => {
             ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&DISPATCH_KEY));
-            ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&ANCHORS_KEY));
-            if ffi::lua_type(state, -2) == ffi::LUA_TFUNCTION
-                && ffi::lua_type(state, -1) == ffi::LUA_TTABLE
-            {
-                ffi::lua_rawgeti(state, -1, depth as _);
-                ffi::lua_remove(state, -2);
+            if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
                 ffi::lua_pushinteger(state, event as ffi::lua_Integer);
-                ffi::lua_insert(state, -2);
+                push_watched(state, depth, locate);
                 ffi::lua_pushinteger(state, depth as ffi::lua_Integer);
                 ffi::lua_call(state, 3, 0);
             } else {
-                ffi::lua_pop(state, 2);
+                ffi::lua_pop(state, 1);
             }
         }
     }
@@ -93,6 +89,41 @@ pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) 
         // LuaJIT: the user's hook, chained (see `crate::arming`); it gets
         // the event as Lua gave it to us.
         user_hook(state, ar);
+    }
+}
+
+/// Pushes the watched coroutine at `depth` on the chain, found as
+/// `locate` says (nil if its anchor is missing).
+///
+/// # Safety
+/// `state` runs its hook, with the room Lua gives a hook (`LUA_MINSTACK`
+/// slots); `locate` was read from the chain in this same hook call.
+unsafe fn push_watched(state: *mut lua_State, depth: usize, locate: Locate) {
+    match locate {
+        Locate::Running => {
+            ffi::lua_pushthread(state);
+        }
+        Locate::Anchored => {
+            ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&ANCHORS_KEY));
+            if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
+                ffi::lua_rawgeti(state, -1, depth as _);
+                ffi::lua_remove(state, -2);
+            } else {
+                ffi::lua_pop(state, 1);
+                ffi::lua_pushnil(state);
+            }
+        }
+        Locate::OnStackOf(resumer) => {
+            // The resumer waits in the patched resume, whose stack holds
+            // only the coroutine (see `resume::resume_suspended`): take it
+            // off, copy it, put it back. Neither move grows a stack (the
+            // slot put back is the one taken) nor raises, and the resumer,
+            // a thread of this VM with a frame, is alive and runs on this
+            // OS thread, where nothing else touches it meanwhile.
+            ffi::lua_xmove(resumer.0, state, 1);
+            ffi::lua_pushvalue(state, -1);
+            ffi::lua_xmove(state, resumer.0, 1);
+        }
     }
 }
 

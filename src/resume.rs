@@ -5,8 +5,9 @@
 //! resumed with `lua_resume` directly, as `coroutine.resume` does itself;
 //! not watched, while nothing watched runs, that costs one table lookup on
 //! top. Resuming watched code also tells the VM's chain (a lock and a clock
-//! read) before and after, and anchors the coroutine at its depth in a
-//! table, where the hook finds it for the dispatcher.
+//! read) before and after; the coroutine stays alone on this call's stack,
+//! where the hook finds it for the dispatcher (only threads that can stop
+//! running unseen are anchored in a table: see [`crate::watch::Found`]).
 //!
 //! `lua_resume` catches whatever the coroutine raises, so nothing can leave
 //! the chain naming a coroutine that does not run (the watchdog arms the
@@ -118,20 +119,24 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         return resume_through_original(vm, state, co, limits);
     }
     // `co` stays at index 1 throughout: alive while the chain names it.
-    let (outcome, killed) = tracked(vm, state, co, limits, || resume_suspended(state, co));
+    let (outcome, killed) = tracked(vm, state, co, (limits, true), || {
+        resume_suspended(state, co)
+    });
     finish(state, co, outcome, killed)
 }
 
 /// Runs `resume_co`, which resumes the coroutine `co` at index 1 and
 /// catches whatever it raises, with the VM's chain told: entered before
 /// and left after when something watched is involved, or left as its root
-/// if the coroutine watched itself meanwhile (`watch(nil)`). Returns what
-/// `resume_co` returned, and whether the coroutine was killed.
+/// if the coroutine watched itself meanwhile (`watch(nil)`). `direct`:
+/// `resume_co` is [`resume_suspended`], which leaves `co` alone on this
+/// stack while it runs. Returns what `resume_co` returned, and whether the
+/// coroutine was killed.
 unsafe fn tracked<R>(
     vm: &Vm,
     state: *mut lua_State,
     co: *mut lua_State,
-    limits: Option<Limits>,
+    (limits, direct): (Option<Limits>, bool),
     resume_co: impl FnOnce() -> R,
 ) -> (R, bool) {
     if limits.is_none() && !vm.is_active() {
@@ -147,8 +152,8 @@ unsafe fn tracked<R>(
     // before the chain names the coroutine, and none after it does until
     // the chain has let it go: no error leaves the chain half told.
     let plan = plan_enter(vm, state);
-    anchor(state, plan);
-    let depth = enter(vm, state, co, limits);
+    anchor(state, plan, direct);
+    let depth = enter(vm, state, co, limits, (plan, direct));
     let outcome = resume_co();
     let left = leave(vm, state, depth);
     unanchor(state, left);
@@ -205,6 +210,9 @@ extern "C-unwind" {
 unsafe fn resume_suspended(state: *mut lua_State, co: *mut lua_State) -> (c_int, c_int) {
     let narg = ffi::lua_gettop(state) - 1;
     ffi::lua_xmove(state, co, narg);
+    // While `co` runs, it is alone on this stack, where the hook finds it
+    // (`crate::watch::Locate::OnStackOf`).
+    debug_assert_eq!(ffi::lua_gettop(state), 1);
     #[cfg(feature = "lua51")]
     lua_setlevel(state, co);
     let mut nres = 0;
@@ -273,7 +281,7 @@ unsafe fn resume_through_original(
     // Keep `co` below everything: it stays alive while the chain names it.
     ffi::lua_pushvalue(state, 1);
     ffi::lua_insert(state, 1);
-    let (status, killed) = tracked(vm, state, co, limits, || call_original(state));
+    let (status, killed) = tracked(vm, state, co, (limits, false), || call_original(state));
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
@@ -308,16 +316,16 @@ unsafe fn answer(state: *mut lua_State, killed: bool) -> c_int {
     ffi::lua_gettop(state)
 }
 
-/// Anchors, as `plan` says, the coroutine at index 1 at its depth and the
-/// running thread at its own, where the hook (the coroutine) and the chain's
-/// repairs (both) find them alive. May raise (out of memory): call it before
-/// the chain changes.
-unsafe fn anchor(state: *mut lua_State, plan: Plan) {
-    if let Some(depth) = plan.resumer_depth {
+/// Anchors, as `plan` says, the running thread, and the coroutine at index
+/// 1 unless it is resumed `direct`ly (then this stack holds it, where the
+/// hook finds it: see [`crate::watch::Found`]). May raise (out of memory):
+/// call it before the chain changes.
+unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool) {
+    if let Some(depth) = plan.anchor_resumer_at {
         ffi::lua_pushthread(state);
         ffi::lua_rawseti(state, ANCHORS, depth as _);
     }
-    if plan.depth > 0 {
+    if !direct && plan.depth > 0 {
         ffi::lua_pushvalue(state, 1);
         ffi::lua_rawseti(state, ANCHORS, plan.depth as _);
     }
@@ -362,11 +370,17 @@ fn plan_enter(vm: &Vm, resumer: *mut lua_State) -> Plan {
     catch_unwind(AssertUnwindSafe(|| unsafe { vm.plan_enter(resumer) })).unwrap_or_default()
 }
 
-fn enter(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State, limits: Option<Limits>) -> usize {
+fn enter(
+    vm: &Vm,
+    resumer: *mut lua_State,
+    co: *mut lua_State,
+    limits: Option<Limits>,
+    placing: (Plan, bool),
+) -> usize {
     catch_unwind(AssertUnwindSafe(|| {
         let now = Instant::now();
         let watch = limits.map(|(kill, warn)| Watch::start(kill, warn, now));
-        vm.enter(resumer, co, watch, now)
+        vm.enter(resumer, co, watch, now, placing)
     }))
     .unwrap_or(0)
 }

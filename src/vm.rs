@@ -23,12 +23,20 @@
 //! - Coroutine, LuaJIT: interrupts never touch it from another thread.
 //!   Hooks are global to a LuaJIT VM, so they arm the VM through its anchor
 //!   thread, which lives until `lua_close`.
-//! - Threads on corowatch's chain (any version): each is anchored in the
-//!   VM's anchors table before the chain names it, and until after it is
-//!   popped, so the watchdog arms the chain's top on a live state. The top
-//!   is not always the running thread: one that yielded through the
-//!   original resume stays there until the next patched resume repairs
-//!   the chain, and is armed for when it runs again.
+//! - Threads on corowatch's chain (any version): the watchdog arms them
+//!   while the chain names them, so each is alive until popped. A thread
+//!   that runs, or waits in a resume (a "normal" coroutine), is alive:
+//!   Lua requires whoever resumed it to hold it. An entry resumed by the
+//!   patched resume's own `lua_resume` stops running only by returning
+//!   into that call, which pops it first. Every other entry (a root the
+//!   coroutine watched itself into, a resumer the chain did not see being
+//!   resumed, a coroutine resumed through the original resume) can stop
+//!   running unseen, and is anchored in the VM's anchors table before the
+//!   chain names it, until the `leave` after it is popped (see
+//!   [`crate::watch::Found`]). So a thread that yielded through the
+//!   original resume, left on top until the next patched resume or hook
+//!   repairs the chain, is still a live state, armed for when it runs
+//!   again.
 //!
 //! The hook compares the running state with the slot's pointer only on the
 //! running thread itself, where the state is alive by definition.
@@ -46,11 +54,11 @@ use mlua::ffi::{self, lua_Hook, lua_State};
 use crate::arming::{Arming, Need, Side};
 use crate::hook::Verdict;
 use crate::registry::Id;
-use crate::watch::{Chain, Left, Plan, Watch};
+use crate::watch::{Chain, Left, Plan, Watch, WatchAnchors};
 use crate::watchdog;
 
 /// A raw `lua_State` pointer that may cross OS threads.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct StatePtr(pub *mut lua_State);
 
 // SAFETY: the pointer is only dereferenced (through the Lua C API) under the
@@ -534,7 +542,10 @@ impl Vm {
         // sticky one runs at every instruction) must not starve a kill. An
         // interrupt left pending keeps the hook armed, for the next event.
         let (verdict, interrupt_stays) = match inner.chain.event(state, now) {
-            Some((event, depth)) => (Verdict::Watch(event, depth), inner.has_interrupt(state, id)),
+            Some((event, depth, locate)) => (
+                Verdict::Watch(event, depth, locate),
+                inner.has_interrupt(state, id),
+            ),
             None => inner.take_interrupt(state, id),
         };
         self.publish(&inner);
@@ -584,13 +595,13 @@ impl Vm {
         if len == 0 {
             return Plan {
                 depth: 2,
-                resumer_depth: Some(1),
+                anchor_resumer_at: None,
             };
         }
         if self.top.load(Ordering::Relaxed) == resumer {
             return Plan {
                 depth: len + 1,
-                resumer_depth: None,
+                anchor_resumer_at: None,
             };
         }
         let mut inner = self.lock();
@@ -604,20 +615,22 @@ impl Vm {
     }
 
     /// The running thread `resumer` is about to resume `resumed`, watched
-    /// if `watch` is given, as `plan_enter` said just before. Returns the
-    /// depth of `resumed` in the chain. `now` is when the watch started
-    /// (the caller read the clock once).
+    /// if `watch` is given, as `plan_enter` said just before (see
+    /// [`Chain::enter`] for `direct`). Returns the depth of `resumed` in
+    /// the chain. `now` is when the watch started (the caller read the
+    /// clock once).
     pub fn enter(
         &self,
         resumer: *mut lua_State,
         resumed: *mut lua_State,
         watch: Option<Watch>,
         now: Instant,
+        (plan, direct): (Plan, bool),
     ) -> usize {
         let mut inner = self.lock();
         let depth = inner
             .chain
-            .enter(StatePtr(resumer), StatePtr(resumed), watch);
+            .enter(StatePtr(resumer), StatePtr(resumed), watch, plan, direct);
         self.publish(&inner);
         self.after_chain_change(&mut inner, now);
         depth
@@ -650,10 +663,30 @@ impl Vm {
         left
     }
 
+    /// What to anchor before [`Vm::watch_running`] watches `state`, which
+    /// is `running` or a thread that may have resumed it.
+    ///
+    /// # Safety
+    /// As for [`Vm::watch_running`].
+    pub unsafe fn watch_anchors(
+        &self,
+        state: *mut lua_State,
+        running: *mut lua_State,
+    ) -> WatchAnchors {
+        // SAFETY: `state` is alive, of the VM this OS thread runs (caller).
+        self.lock()
+            .chain
+            .watch_anchors(StatePtr(state), StatePtr(running), |state| unsafe {
+                !has_stopped(state)
+            })
+    }
+
     /// Watches `state` from now on if it runs: it is the running thread
     /// `running`, or on the chain, or (with nothing watched yet) a thread
-    /// that resumed `running`. Returns false if it does not run (its watch
-    /// starts when it is next resumed).
+    /// that resumed `running`. `anchored`: what the caller anchored, as
+    /// `watch_anchors` said. Returns `Ok(false)` if it does not run (its
+    /// watch starts when it is next resumed), `Err` with what to anchor if
+    /// the chain changed since.
     ///
     /// # Safety
     /// `state` is alive and `running` is the running thread, both of the
@@ -663,7 +696,8 @@ impl Vm {
         state: *mut lua_State,
         running: *mut lua_State,
         watch: Watch,
-    ) -> bool {
+        anchored: WatchAnchors,
+    ) -> Result<bool, WatchAnchors> {
         let mut inner = self.lock();
         // SAFETY: `state` is alive, of the VM this OS thread runs (caller).
         let watched = inner.chain.watch_running(
@@ -671,8 +705,9 @@ impl Vm {
             StatePtr(running),
             |state| unsafe { !has_stopped(state) },
             watch,
+            anchored,
         );
-        if watched {
+        if watched == Ok(true) {
             self.publish(&inner);
             self.set_alarm(&mut inner);
         }

@@ -25,6 +25,7 @@ pub enum Event {
 }
 
 /// The limits of a watched coroutine and, while it runs, its deadlines.
+#[derive(Clone, Copy)]
 pub struct Watch {
     kill: Option<Duration>,
     warn: Option<Duration>,
@@ -63,13 +64,46 @@ impl Watch {
     }
 }
 
+/// Where the hook finds the Lua value of an entry's thread, to hand it to
+/// the dispatcher; also what keeps the thread alive while the chain names
+/// it (see the lifetime argument in [`crate::vm`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Found {
+    /// In the anchors table at the entry's depth, which keeps it alive: a
+    /// thread that may stop running unseen (a root the coroutine watched
+    /// itself into, a resumer the chain did not see being resumed, or a
+    /// coroutine resumed through the original resume).
+    Anchored,
+    /// On top of the stack of the entry below, which resumed it with the
+    /// patched resume and waits in that call until the entry is popped.
+    OnResumerStack,
+    /// Nowhere: a resumer pushed under the first entry of an empty chain.
+    /// It waits in the patched resume that pushed it, and the chain ends
+    /// when that resume returns, unless it is watched meanwhile; being
+    /// watched anchors it first.
+    Unanchored,
+}
+
+/// Where the hook finds the coroutine an event is about.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Locate {
+    /// It is the running thread.
+    Running,
+    /// In the anchors table at its depth.
+    Anchored,
+    /// The one value on top of this thread's stack: the thread waits in
+    /// the patched resume that resumed the coroutine.
+    OnStackOf(StatePtr),
+}
+
 struct Entry {
     state: StatePtr,
     watch: Option<Watch>,
+    found: Found,
 }
 
 /// What `leave` popped: whether it was killed, and the depths whose
-/// anchors are now stale (`unanchor_from..=unanchor_to`).
+/// anchors are now stale (`unanchor_from..=unanchor_to`, often empty).
 #[derive(Clone, Copy, Default)]
 pub struct Left {
     pub killed: bool,
@@ -77,14 +111,23 @@ pub struct Left {
     pub unanchor_to: usize,
 }
 
-/// Where `enter` will put the resumed coroutine: its depth, and the depth
-/// of an entry for the resumer, if one is pushed under it (the chain's new
-/// root, or a resumer the chain did not see being resumed). Both are to be
-/// anchored before the chain changes.
+/// Where `enter` will put the resumed coroutine (its depth), and where the
+/// caller anchors the resumer first, if it goes on a chain that has
+/// entries (one it did not see being resumed). The resumed coroutine is
+/// anchored at `depth` unless it is resumed directly (see [`Found`]).
 #[derive(Clone, Copy, Default)]
 pub struct Plan {
     pub depth: usize,
-    pub resumer_depth: Option<usize>,
+    pub anchor_resumer_at: Option<usize>,
+}
+
+/// Which depths to anchor before `watch_running` watches a thread that is
+/// already running: the thread's, and the running thread's if it goes on
+/// the chain too.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct WatchAnchors {
+    pub state_at: Option<usize>,
+    pub running_at: Option<usize>,
 }
 
 /// The coroutines running in one VM, outermost first; empty while nothing
@@ -104,6 +147,9 @@ pub struct Chain {
     /// checks made at every resume do not walk the entries.
     earliest: Option<Instant>,
     killed: usize,
+    /// No anchor above this depth holds a thread (anchors of popped entries
+    /// are cleared by the next `leave`).
+    anchored_max: usize,
 }
 
 impl Chain {
@@ -185,36 +231,75 @@ impl Chain {
             self.entries.clear();
         }
         self.refresh();
-        let resumer_depth = (self.top() != Some(resumer)).then_some(self.entries.len() + 1);
-        Plan {
-            depth: self.entries.len() + 1 + usize::from(resumer_depth.is_some()),
-            resumer_depth,
+        let len = self.entries.len();
+        match self.top() {
+            Some(top) if top == resumer => Plan {
+                depth: len + 1,
+                anchor_resumer_at: None,
+            },
+            Some(_) => Plan {
+                depth: len + 2,
+                anchor_resumer_at: Some(len + 1),
+            },
+            None => Plan {
+                depth: 2,
+                anchor_resumer_at: None,
+            },
         }
     }
 
-    /// `resumer` resumes `resumed` (watched if `watch` is given), as
-    /// `plan` said just before. Returns the depth of `resumed` (1-based).
-    pub fn enter(&mut self, resumer: StatePtr, resumed: StatePtr, watch: Option<Watch>) -> usize {
+    /// `resumer` resumes `resumed` (watched if `watch` is given), as `plan`
+    /// said just before, and the caller anchored what it said; `direct`:
+    /// through the patched resume's own `lua_resume`, which keeps `resumed`
+    /// on top of the resumer's stack. Returns the depth of `resumed`
+    /// (1-based).
+    ///
+    /// Nothing runs Lua code between `plan` and `enter` (anchoring only
+    /// allocates, and an emergency collection runs no finalizer), so the
+    /// chain is still as `plan` left it.
+    pub fn enter(
+        &mut self,
+        resumer: StatePtr,
+        resumed: StatePtr,
+        watch: Option<Watch>,
+        plan: Plan,
+        direct: bool,
+    ) -> usize {
         if self.top() != Some(resumer) {
-            self.entries.push(Entry {
-                state: resumer,
-                watch: None,
-            });
+            let found = if plan.anchor_resumer_at.is_some() {
+                Found::Anchored
+            } else {
+                Found::Unanchored
+            };
+            self.push(resumer, None, found);
         }
+        debug_assert_eq!(self.entries.len() + 1, plan.depth);
         if let Some(watch) = &watch {
             self.earliest = earliest(self.earliest, watch.next_deadline());
         }
-        self.entries.push(Entry {
-            state: resumed,
-            watch,
-        });
+        let found = if direct {
+            Found::OnResumerStack
+        } else {
+            Found::Anchored
+        };
+        self.push(resumed, watch, found);
         self.entries.len()
+    }
+
+    fn push(&mut self, state: StatePtr, watch: Option<Watch>, found: Found) {
+        self.entries.push(Entry {
+            state,
+            watch,
+            found,
+        });
+        if found == Found::Anchored {
+            self.anchored_max = self.anchored_max.max(self.entries.len());
+        }
     }
 
     /// The resume that entered at `depth` returned: that entry and any
     /// left above it go.
     pub fn leave(&mut self, depth: usize) -> Left {
-        let before = self.entries.len();
         let killed = self
             .entries
             .get(depth.wrapping_sub(1))
@@ -225,11 +310,14 @@ impl Chain {
             self.entries.clear();
         }
         self.refresh();
-        Left {
+        let len = self.entries.len();
+        let left = Left {
             killed,
-            unanchor_from: self.entries.len() + 1,
-            unanchor_to: before,
-        }
+            unanchor_from: len + 1,
+            unanchor_to: self.anchored_max,
+        };
+        self.anchored_max = self.anchored_max.min(len);
+        left
     }
 
     /// Like `leave`, if `state` is the top: a coroutine that watched itself
@@ -242,45 +330,84 @@ impl Chain {
         }
     }
 
+    /// The depths to anchor before [`Chain::watch_running`] watches
+    /// `state`, which is `running` or (if anything, `is_normal`) a thread
+    /// that resumed it: with an empty chain, `state` goes at depth 1 and
+    /// `running`, if another thread, at depth 2; on the chain, an entry
+    /// that nothing anchors is anchored at its depth.
+    pub fn watch_anchors(
+        &self,
+        state: StatePtr,
+        running: StatePtr,
+        is_normal: impl Fn(StatePtr) -> bool,
+    ) -> WatchAnchors {
+        if self.entries.is_empty() {
+            if state != running && !is_normal(state) {
+                return WatchAnchors::default();
+            }
+            return WatchAnchors {
+                state_at: Some(1),
+                running_at: (state != running).then_some(2),
+            };
+        }
+        let unanchored = self
+            .entries
+            .iter()
+            .rposition(|entry| entry.state == state)
+            .filter(|&index| self.entries[index].found == Found::Unanchored);
+        WatchAnchors {
+            state_at: unanchored.map(|index| index + 1),
+            running_at: None,
+        }
+    }
+
     /// Watches `state` from `now` on, if it is running: on the chain, or,
     /// with an empty chain, `running` itself or a thread that resumed it
-    /// (`is_normal`). With an empty chain, `state` goes at depth 1 and
-    /// `running`, if another thread, at depth 2: the caller anchored them
-    /// there. Returns whether it watches `state`.
+    /// (`is_normal`). The caller anchored what `watch_anchors` said, as
+    /// `anchored`; if the chain asks for other anchors now, nothing is
+    /// watched and the answer is `Err` with them. Otherwise returns whether
+    /// it watches `state`.
     pub fn watch_running(
         &mut self,
         state: StatePtr,
         running: StatePtr,
         is_normal: impl Fn(StatePtr) -> bool,
         watch: Watch,
-    ) -> bool {
+        anchored: WatchAnchors,
+    ) -> Result<bool, WatchAnchors> {
+        // What the caller anchored is cleared by the next `leave`, used or not.
+        let written = anchored.state_at.max(anchored.running_at).unwrap_or(0);
+        self.anchored_max = self.anchored_max.max(written);
+        let needed = self.watch_anchors(state, running, &is_normal);
+        if needed != anchored && needed != WatchAnchors::default() {
+            return Err(needed);
+        }
         if self.entries.is_empty() {
             if state != running && !is_normal(state) {
-                return false;
+                return Ok(false);
             }
-            self.entries.push(Entry {
-                state,
-                watch: Some(watch),
-            });
+            self.push(state, Some(watch), Found::Anchored);
             if state != running {
                 // It resumed `running`, maybe through coroutines unseen
                 // here: a kill lands in whichever runs, as for any
                 // coroutine it resumed.
-                self.entries.push(Entry {
-                    state: running,
-                    watch: None,
-                });
+                self.push(running, None, Found::Anchored);
             }
             self.refresh();
-            return true;
+            return Ok(true);
         }
         match self.entries.iter().rposition(|entry| entry.state == state) {
-            Some(depth) => {
-                self.entries[depth].watch = Some(watch);
+            Some(index) => {
+                let entry = &mut self.entries[index];
+                entry.watch = Some(watch);
+                if entry.found == Found::Unanchored {
+                    entry.found = Found::Anchored;
+                    self.anchored_max = self.anchored_max.max(index + 1);
+                }
                 self.refresh();
-                true
+                Ok(true)
             }
-            None => false,
+            None => Ok(false),
         }
     }
 
@@ -308,12 +435,12 @@ impl Chain {
     }
 
     /// The hook fired on `state`: the event to dispatch, innermost first,
-    /// with the depth of the coroutine it concerns.
+    /// with the depth of the coroutine it concerns and where to find it.
     pub fn event(
         &mut self,
         state: *mut mlua::ffi::lua_State,
         now: Instant,
-    ) -> Option<(Event, usize)> {
+    ) -> Option<(Event, usize, Locate)> {
         if self.top()?.0 != state {
             return None;
         }
@@ -337,10 +464,19 @@ impl Chain {
                 };
                 Some((event, index + 1))
             });
-        if found.is_some() {
-            self.refresh();
-        }
-        found
+        let (event, depth) = found?;
+        self.refresh();
+        let locate = if depth == self.entries.len() {
+            Locate::Running
+        } else {
+            match self.entries[depth - 1].found {
+                // An entry resumed directly sits right above its resumer.
+                Found::OnResumerStack => Locate::OnStackOf(self.entries[depth - 2].state),
+                // A watched entry is never unanchored (`watch_running`).
+                Found::Anchored | Found::Unanchored => Locate::Anchored,
+            }
+        };
+        Some((event, depth, locate))
     }
 
     /// Forgets every entry (the VM is closing).
