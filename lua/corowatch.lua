@@ -274,6 +274,8 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
   -- Coroutines watched alike (same limits, callback and message: the same
   -- call site) share one record, which nothing changes but its inherited
   -- twin, the same for all of them: a watch then costs a slot in `watched`.
+  -- (The native resume keeps the limits of the record it read last: a
+  -- record's limits must never change.)
   local record = last_record
   if not (record and record[1] == kill and record[2] == warn and record[CALLBACK] == cb
       and record[MESSAGE] == message) then

@@ -31,25 +31,46 @@ use crate::watch::{Left, Plan, Watch};
 
 // Upvalues of `resume`.
 const ORIGINAL_RESUME: c_int = ffi::lua_upvalueindex(1);
-const VM: c_int = ffi::lua_upvalueindex(2);
+/// A userdata holding [`ResumeState`].
+const STATE: c_int = ffi::lua_upvalueindex(2);
 const WATCHED: c_int = ffi::lua_upvalueindex(3);
 const KILLED: c_int = ffi::lua_upvalueindex(4);
 const ANCHORS: c_int = ffi::lua_upvalueindex(5);
+/// The settings record read last (its limits are in [`ResumeState`]).
+const LAST_RECORD: c_int = ffi::lua_upvalueindex(6);
 // Upvalues of `yield`.
 const YIELD_KILLED: c_int = ffi::lua_upvalueindex(1);
 const YIELD_VM: c_int = ffi::lua_upvalueindex(2);
 
-/// Pushes `resume` closed over: the original resume, the VM (a pointer the
-/// caller keeps alive for the life of the process), the `co -> settings`
-/// table, the `co -> kill message` table and the `depth -> co` anchors
-/// table, all on the stack in this order except the VM.
+/// What `resume` reads at every call, in one userdata upvalue: the VM (a
+/// pointer the caller keeps alive for the life of the process) and the
+/// limits of the settings record it read last. Coroutines watched alike
+/// share one record, whose limits never change: a round trip reads them
+/// once.
+struct ResumeState {
+    vm: *const Vm,
+    last_limits: Limits,
+}
+
+/// Pushes `resume` closed over: the original resume, its [`ResumeState`],
+/// the `co -> settings` table, the `co -> kill message` table and the
+/// `depth -> co` anchors table, all on the stack in this order except the
+/// state.
 ///
 /// # Safety
-/// The stack of `state` holds the four Lua values on top.
+/// The stack of `state` holds the four Lua values on top; may raise (out
+/// of memory): call it protected.
 pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm) {
-    ffi::lua_pushlightuserdata(state, vm as *mut c_void);
+    let size = std::mem::size_of::<ResumeState>();
+    let resume_state = ffi::lua_newuserdata(state, size) as *mut ResumeState;
+    // SAFETY: a fresh block of that size, aligned for any type by Lua.
+    resume_state.write(ResumeState {
+        vm,
+        last_limits: (None, None),
+    });
     ffi::lua_insert(state, -4);
-    ffi::lua_pushcclosure(state, resume, 5);
+    ffi::lua_pushnil(state);
+    ffi::lua_pushcclosure(state, resume, 6);
 }
 
 /// Pushes `yield` closed over the `co -> kill message` table on the stack
@@ -76,12 +97,17 @@ unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Option<Du
 }
 
 /// The watch of the coroutine at index 1, if it is watched.
-unsafe fn watch_limits(state: *mut lua_State) -> Option<Limits> {
+unsafe fn watch_limits(state: *mut lua_State, resume_state: &mut ResumeState) -> Option<Limits> {
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, WATCHED);
     let limits = if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
-        let record = ffi::lua_gettop(state);
-        Some((limit(state, record, 1), limit(state, record, 2)))
+        if ffi::lua_rawequal(state, -1, LAST_RECORD) == 0 {
+            let record = ffi::lua_gettop(state);
+            resume_state.last_limits = (limit(state, record, 1), limit(state, record, 2));
+            ffi::lua_pushvalue(state, record);
+            ffi::lua_replace(state, LAST_RECORD);
+        }
+        Some(resume_state.last_limits)
     } else {
         None
     };
@@ -104,8 +130,10 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
         return ffi::lua_gettop(state);
     }
-    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
-    let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
+    // SAFETY: the upvalue is the `ResumeState` that `push_resume` made; its
+    // `vm` is kept alive for the process's life.
+    let resume_state = ffi::lua_touserdata(state, STATE) as *mut ResumeState;
+    let vm = &*(*resume_state).vm;
     // Stack room: Lua gives a C function `LUA_MINSTACK` (20) free slots
     // above its arguments, and this function and those it calls push at
     // most 4 before the arguments go to `co` (`finish` checks for the
@@ -113,7 +141,9 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
     vm.note_owner();
     #[cfg(feature = "luajit")]
     arm_pending_interrupt(vm, state);
-    let limits = watch_limits(state);
+    // SAFETY: borrowed only for this call, which runs no Lua code (so no
+    // nested `resume` borrows it meanwhile).
+    let limits = watch_limits(state, &mut *resume_state);
     let narg = ffi::lua_gettop(state) - 1;
     if !is_suspended(state, co) || (narg > 0 && ffi::lua_checkstack(co, narg) == 0) {
         return resume_through_original(vm, state, co, limits);

@@ -148,7 +148,19 @@ const HOOK_LEAD: Duration = if cfg!(feature = "luajit") {
 
 /// When the hook must be on for a deadline.
 fn hook_time(deadline: Instant) -> Instant {
+    if HOOK_LEAD.is_zero() {
+        return deadline; // PUC Lua: no clock arithmetic at every resume
+    }
     deadline.checked_sub(HOOK_LEAD).unwrap_or(deadline)
+}
+
+/// The deadlines that need the hook on at `now`: those up to `now` plus
+/// the hook's lead.
+fn hook_horizon(now: Instant) -> Instant {
+    if HOOK_LEAD.is_zero() {
+        return now;
+    }
+    now + HOOK_LEAD
 }
 
 /// One Lua VM (a main state and all its coroutines).
@@ -550,7 +562,7 @@ impl Vm {
         };
         self.publish(&inner);
         let watch_needs_hook = inner.chain.top().is_some_and(|top| top.0 == state)
-            && inner.chain.needs_hook(now + HOOK_LEAD);
+            && inner.chain.needs_hook(hook_horizon(now));
         inner.settle_hook(state, interrupt_stays || watch_needs_hook, now);
         self.set_alarm(&mut inner);
         (verdict, forward)
@@ -730,7 +742,7 @@ impl Vm {
             return None;
         }
         let now = Instant::now();
-        if inner.chain.needs_hook(now + HOOK_LEAD) {
+        if inner.chain.needs_hook(hook_horizon(now)) {
             inner.arm_chain(Side::Afar);
             // Come back in case the arming is undone before the hook fires.
             let retry = inner.retry;
@@ -779,7 +791,7 @@ impl Vm {
     /// the hook at once, and keep the watchdog's alarm right.
     fn after_chain_change(&self, inner: &mut VmInner, now: Instant) {
         if let Some(top) = inner.chain.top() {
-            if inner.chain.needs_hook(now + HOOK_LEAD) {
+            if inner.chain.needs_hook(hook_horizon(now)) {
                 // SAFETY: the top is the running thread, or the coroutine it
                 // is resuming (held on its stack); this is its OS thread.
                 unsafe { inner.arming.arm(top.0, Side::Owner) };
@@ -874,7 +886,7 @@ impl VmInner {
         for id in pending {
             self.arm(id, Side::Owner);
         }
-        if self.chain.needs_hook(Instant::now() + HOOK_LEAD) {
+        if self.chain.needs_hook(hook_horizon(Instant::now())) {
             self.arm_chain(Side::Owner);
         }
     }
@@ -936,7 +948,7 @@ impl VmInner {
             (
                 self.anchor.0,
                 self.pending.load(Ordering::Relaxed) > 0
-                    || self.chain.needs_hook(Instant::now() + HOOK_LEAD),
+                    || self.chain.needs_hook(hook_horizon(Instant::now())),
             )
         };
         if !needed && self.arming.is_armed(state) {
@@ -954,7 +966,8 @@ impl VmInner {
         let need = if needed {
             Need::Armed
         } else if cfg!(feature = "luajit")
-            && (self.pending.load(Ordering::Relaxed) > 0 || self.chain.needs_hook(now + HOOK_LEAD))
+            && (self.pending.load(Ordering::Relaxed) > 0
+                || self.chain.needs_hook(hook_horizon(now)))
         {
             // The hook is global: someone else (a suspended target, or the
             // chain's top when it runs again) still needs it.
