@@ -36,7 +36,8 @@ const STATE: c_int = ffi::lua_upvalueindex(2);
 const WATCHED: c_int = ffi::lua_upvalueindex(3);
 const KILLED: c_int = ffi::lua_upvalueindex(4);
 const ANCHORS: c_int = ffi::lua_upvalueindex(5);
-/// The settings record read last (its limits are in [`ResumeState`]).
+/// The settings record read last, held here so that its address, kept in
+/// [`ResumeState`] with its limits, names no other table meanwhile.
 const LAST_RECORD: c_int = ffi::lua_upvalueindex(6);
 // Upvalues of `yield`.
 const YIELD_KILLED: c_int = ffi::lua_upvalueindex(1);
@@ -49,6 +50,7 @@ const YIELD_VM: c_int = ffi::lua_upvalueindex(2);
 /// once.
 struct ResumeState {
     vm: *const Vm,
+    last_record: *const c_void,
     last_limits: Limits,
 }
 
@@ -66,6 +68,7 @@ pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm) {
     // SAFETY: a fresh block of that size, aligned for any type by Lua.
     resume_state.write(ResumeState {
         vm,
+        last_record: std::ptr::null(),
         last_limits: (None, None),
     });
     ffi::lua_insert(state, -4);
@@ -101,10 +104,12 @@ unsafe fn watch_limits(state: *mut lua_State, resume_state: &mut ResumeState) ->
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, WATCHED);
     let limits = if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
-        if ffi::lua_rawequal(state, -1, LAST_RECORD) == 0 {
-            let record = ffi::lua_gettop(state);
-            resume_state.last_limits = (limit(state, record, 1), limit(state, record, 2));
-            ffi::lua_pushvalue(state, record);
+        let record = ffi::lua_topointer(state, -1);
+        if record != resume_state.last_record {
+            let index = ffi::lua_gettop(state);
+            resume_state.last_limits = (limit(state, index, 1), limit(state, index, 2));
+            resume_state.last_record = record;
+            ffi::lua_pushvalue(state, index);
             ffi::lua_replace(state, LAST_RECORD);
         }
         Some(resume_state.last_limits)
