@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use mlua::ffi::{self, lua_Hook, lua_State};
 
-use crate::arming::{Arming, Need, Side};
+use crate::arming::{Arming, HookArming, Need, Side};
 use crate::hook::Verdict;
 use crate::registry::Id;
 use crate::watch::{Chain, Left, Plan, Watch, WatchAnchors};
