@@ -327,9 +327,14 @@ describe("corowatch.task cancel", function()
     spin(0.1) -- past every grace period
     local co = corowatch.watch(corowatch.create(function()
       busy()
-      return (debug.gethook())
+      return debug.gethook()
     end), 5)
-    assert.are.same({ true }, { corowatch.resume(co) })
+    -- The mask and count, not the function: Lua 5.1's debug.gethook can
+    -- name the function of a dead thread that had this one's address (its
+    -- table of hooks is keyed by address; seen once in CI). 5.4 gives
+    -- neither without a hook.
+    local ok, _, mask, count = corowatch.resume(co)
+    assert.are.same({ true, "", 0 }, { ok, mask or "", count or 0 })
   end)
 
   it("ends a task whose xpcall handler swallows the cancel", function()

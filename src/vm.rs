@@ -548,7 +548,15 @@ impl Vm {
             // A Lua event in `state` (those at C functions, the patched
             // resume's among them, were let pass above): it runs, so what
             // the chain holds above it has returned or yielded unseen.
-            inner.chain.drop_above(state);
+            let VmInner {
+                chain,
+                arming,
+                slots,
+                ..
+            } = &mut *inner;
+            // SAFETY: the threads the chain drops are alive (module
+            // comment); this is their VM's thread.
+            chain.drop_above(state, |gone| unsafe { release(arming, slots, gone) });
         }
         // A watch's event first: an interrupt handler that returns (a
         // sticky one runs at every instruction) must not starve a kill. An
@@ -619,9 +627,18 @@ impl Vm {
         let mut inner = self.lock();
         // SAFETY: the chain's threads are alive and belong to this VM, which
         // the calling OS thread runs (caller's contract).
-        let plan = inner
-            .chain
-            .plan(StatePtr(resumer), |state| unsafe { has_stopped(state) });
+        let VmInner {
+            chain,
+            arming,
+            slots,
+            ..
+        } = &mut *inner;
+        let plan = chain.plan(
+            StatePtr(resumer),
+            |state| unsafe { has_stopped(state) },
+            // SAFETY: as above.
+            |gone| unsafe { release(arming, slots, gone) },
+        );
         self.publish(&inner);
         plan
     }
@@ -652,7 +669,15 @@ impl Vm {
     /// (now running again).
     pub fn leave(&self, resumer: *mut lua_State, depth: usize) -> Left {
         let mut inner = self.lock();
-        let left = inner.chain.leave(depth);
+        let VmInner {
+            chain,
+            arming,
+            slots,
+            ..
+        } = &mut *inner;
+        // SAFETY: the threads the chain pops are alive (module comment);
+        // this is their VM's thread (the caller's resume returned here).
+        let left = chain.leave(depth, |gone| unsafe { release(arming, slots, gone) });
         // With nothing watched left the chain is empty; otherwise the
         // resumer's own deadlines may have passed meanwhile.
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
@@ -666,7 +691,14 @@ impl Vm {
     /// returned to `resumer`, which resumed it unwatched.
     pub fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> Left {
         let mut inner = self.lock();
-        let left = inner.chain.leave_root(StatePtr(co));
+        let VmInner {
+            chain,
+            arming,
+            slots,
+            ..
+        } = &mut *inner;
+        // SAFETY: as in `leave`.
+        let left = chain.leave_root(StatePtr(co), |gone| unsafe { release(arming, slots, gone) });
         // The resumer may be watched itself, and killed meanwhile.
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
             self.after_chain_change(&mut inner, Instant::now());
@@ -979,6 +1011,20 @@ impl VmInner {
         // hold the VM lock.
         unsafe { self.arming.settle(state, need) };
     }
+}
+
+/// A thread left the chain: our hook comes off it unless an interrupt
+/// waits there (see [`HookArming::release`]).
+///
+/// # Safety
+/// `state` is alive, of the VM the calling OS thread runs, which holds the
+/// VM lock.
+unsafe fn release(arming: &mut Arming, slots: &HashMap<Id, Slot>, state: StatePtr) {
+    arming.release(state.0, || {
+        slots
+            .values()
+            .any(|slot| slot.state == state && slot.pending != Pending::None)
+    });
 }
 
 /// Runs `write`, a `lua_sethook` by `side`; from another OS thread, with

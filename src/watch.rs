@@ -189,16 +189,36 @@ impl Chain {
 
     /// `state` runs Lua code while the chain has entries above it: they
     /// returned or yielded unseen (resumed with the original `resume`, or
-    /// from C). They go, and `state` is the top again. Their anchors stay
-    /// until their depths are used again.
-    pub fn drop_above(&mut self, state: *mut mlua::ffi::lua_State) {
+    /// from C). They go, each told to `gone`, and `state` is the top again.
+    /// Their anchors stay until the next `leave`.
+    pub fn drop_above(&mut self, state: *mut mlua::ffi::lua_State, mut gone: impl FnMut(StatePtr)) {
         while let Some(top) = self.top() {
             if top.0 == state {
                 break;
             }
-            self.entries.pop();
+            self.pop(&mut gone);
         }
         self.refresh();
+    }
+
+    /// Pops the top entry, told to `gone`.
+    fn pop(&mut self, gone: &mut impl FnMut(StatePtr)) {
+        if let Some(entry) = self.entries.pop() {
+            gone(entry.state);
+        }
+    }
+
+    /// Pops every entry above `len`, and all of them if nothing watched
+    /// is left, each told to `gone`.
+    fn shrink_to(&mut self, len: usize, gone: &mut impl FnMut(StatePtr)) {
+        while self.entries.len() > len {
+            self.pop(gone);
+        }
+        if !self.entries.iter().any(|entry| entry.watch.is_some()) {
+            while !self.entries.is_empty() {
+                self.pop(gone);
+            }
+        }
     }
 
     /// The threads from the first watched one up to the top: the one that
@@ -219,17 +239,21 @@ impl Chain {
 
     /// The running thread `resumer` is about to resume a coroutine: drops
     /// the entries on top that no longer run (`is_stale`: they yielded or
-    /// died unseen) and says where the resumed coroutine will go.
-    pub fn plan(&mut self, resumer: StatePtr, is_stale: impl Fn(StatePtr) -> bool) -> Plan {
+    /// died unseen; each popped entry is told to `gone`) and says where the
+    /// resumed coroutine will go.
+    pub fn plan(
+        &mut self,
+        resumer: StatePtr,
+        is_stale: impl Fn(StatePtr) -> bool,
+        mut gone: impl FnMut(StatePtr),
+    ) -> Plan {
         while let Some(top) = self.top() {
             if top == resumer || !is_stale(top) {
                 break;
             }
-            self.entries.pop();
+            self.pop(&mut gone);
         }
-        if !self.entries.iter().any(|entry| entry.watch.is_some()) {
-            self.entries.clear();
-        }
+        self.shrink_to(self.entries.len(), &mut gone);
         self.refresh();
         let len = self.entries.len();
         match self.top() {
@@ -298,17 +322,14 @@ impl Chain {
     }
 
     /// The resume that entered at `depth` returned: that entry and any
-    /// left above it go.
-    pub fn leave(&mut self, depth: usize) -> Left {
+    /// left above it go, each told to `gone`.
+    pub fn leave(&mut self, depth: usize, mut gone: impl FnMut(StatePtr)) -> Left {
         let killed = self
             .entries
             .get(depth.wrapping_sub(1))
             .and_then(|entry| entry.watch.as_ref())
             .is_some_and(|watch| watch.killed);
-        self.entries.truncate(depth.saturating_sub(1));
-        if !self.entries.iter().any(|entry| entry.watch.is_some()) {
-            self.entries.clear();
-        }
+        self.shrink_to(depth.saturating_sub(1), &mut gone);
         self.refresh();
         let len = self.entries.len();
         let left = Left {
@@ -322,9 +343,9 @@ impl Chain {
 
     /// Like `leave`, if `state` is the top: a coroutine that watched itself
     /// (and so became the chain's root) returned to an unwatched resumer.
-    pub fn leave_root(&mut self, state: StatePtr) -> Left {
+    pub fn leave_root(&mut self, state: StatePtr, gone: impl FnMut(StatePtr)) -> Left {
         if self.top() == Some(state) {
-            self.leave(self.entries.len())
+            self.leave(self.entries.len(), gone)
         } else {
             Left::default()
         }

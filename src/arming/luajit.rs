@@ -283,4 +283,7 @@ impl HookArming for LuajitArming {
 
     /// Nothing is kept per coroutine on LuaJIT.
     fn forget(&mut self, _: *mut lua_State) {}
+
+    /// The VM's hook settles itself when it fires.
+    unsafe fn release(&mut self, _: *mut lua_State, _: impl FnOnce() -> bool) {}
 }

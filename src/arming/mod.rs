@@ -164,6 +164,18 @@ pub trait HookArming {
     /// `state` is gone: forget what was kept for its address.
     fn forget(&mut self, state: *mut lua_State);
 
+    /// `state` left corowatch's chain (it returned, yielded or died): take
+    /// our hook off it if it is there, unless `still_needed()` (an
+    /// interrupt waits there). PUC Lua keeps the hook ours replaced by
+    /// thread address: a coroutine that died with our hook on (killed, say)
+    /// left it to the next coroutine at that address, which inherits our
+    /// hook from its creator when that one is armed. LuaJIT's hook is the
+    /// VM's, and settles itself.
+    ///
+    /// # Safety
+    /// `state` is alive, of the VM the calling OS thread runs.
+    unsafe fn release(&mut self, state: *mut lua_State, still_needed: impl FnOnce() -> bool);
+
     /// The user is about to change a hook with `debug.sethook`.
     fn begin_user_change(&mut self);
 

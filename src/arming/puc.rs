@@ -120,7 +120,7 @@ impl HookArming for PucArming {
 
     /// Whether our hook is on `state`.
     fn is_armed(&self, state: *mut lua_State) -> bool {
-        self.states.contains_key(&(state as usize))
+        !self.states.is_empty() && self.states.contains_key(&(state as usize))
     }
 
     /// The user is about to change a hook with `debug.sethook`.
@@ -182,6 +182,12 @@ impl HookArming for PucArming {
     }
 
     /// `state` is gone: forget what was saved for its address.
+    unsafe fn release(&mut self, state: *mut lua_State, still_needed: impl FnOnce() -> bool) {
+        if self.is_armed(state) && !still_needed() {
+            self.disarm(state, Side::Owner);
+        }
+    }
+
     fn forget(&mut self, state: *mut lua_State) {
         self.states.remove(&(state as usize));
     }
