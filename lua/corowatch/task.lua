@@ -1021,16 +1021,19 @@ end
 -- @return `fn`'s results
 -- @raise a cancellation error of kind `task.error.timeout`
 function M.timeout(s, fn, ...)
+  -- The clock starts at the call: the setup below (its first run is all
+  -- cache misses) would otherwise add to every timeout.
+  local started = gettime()
   check_seconds(1, "timeout", s)
   if type(fn) ~= "function" then argerror(2, "timeout", "function", fn) end
   local t = the_task("timeout")
   t._scoped = true
   enter_critical()
   local scopes = t._scopes
-  local scope = { task = t, at = gettime() + s, closed = false, fired = false,
+  local scope = { task = t, at = started + s, closed = false, fired = false,
     outer = scopes[#scopes], shield = t._shield }
   scope.err = new_error(M.error.timeout, t, nil, s)
-  scope.deadline = native.deadline(cell, s, false, t._grace)
+  scope.deadline = native.deadline(cell, math.max(0, scope.at - gettime()), false, t._grace)
   scopes[#scopes + 1] = scope
   local timer = timer_push({ at = scope.at, scope = scope })
   -- The critical section ends inside the protected call, so a deadline
