@@ -426,6 +426,25 @@ local function landed_in_library()
   end
 end
 
+-- How long before a timeout's deadline its interrupt may come (the
+-- native deadline's lead, with room to spare).
+local LEAD = 0.001
+
+-- Whether a timeout scope of `t` that is open and not shielded expires
+-- within LEAD: its deadline's lead fired.
+local function expires_soon(t)
+  local scopes, shield = t._scopes, t._shield
+  if #scopes == 0 then return false end
+  local soon = gettime() + LEAD
+  for i = 1, #scopes do
+    local scope = scopes[i]
+    if not scope.closed and not scope.fired and scope.shield >= shield and scope.at <= soon then
+      return true
+    end
+  end
+  return false
+end
+
 -- The mtint interrupt handler of every task's threads: runs on the
 -- interrupted thread, at the instruction where the interrupt landed.
 -- Errors are raised only in the user's code: an interrupt landing in this
@@ -445,12 +464,37 @@ local function on_interrupt()
   poll()
   local err = due(t, true)
   if err then
-    if not t._sticky and hard_error(t) then
-      t._sticky = true
-      mtint_interrupt(mtint_id(), true)
+    t._warm = nil
+    if not t._sticky then
+      if hard_error(t) then
+        t._sticky = true
+        mtint_interrupt(mtint_id(), true)
+      else
+        -- Sticky only for a timeout's lead (or once, and taken): off, so
+        -- that the unwinding runs without the handler. A cancel that
+        -- another thread sent meanwhile had its interrupt cleared too,
+        -- and comes first.
+        mtint_interrupt(mtint_id(), false)
+        poll()
+        err = due(t, true) or err
+      end
     end
     error(err, 0)
   end
+  if not t._sticky and expires_soon(t) then
+    -- A timeout's deadline fired its lead: the interrupt stays sticky, and
+    -- this handler raises at the deadline itself. Its first run after a
+    -- CPU-bound stretch pays the cache misses; the raise's own steps (the
+    -- traceback, the interrupt's path) are taken once now, so that they
+    -- are warm at the deadline.
+    if not t._warm then
+      t._warm = true
+      stack_traceback()
+      mtint_interrupt(mtint_id(), true)
+    end
+    return
+  end
+  t._warm = nil
   if t._sticky or t._delivered or #t._scopes > 0 then
     -- Nothing due here now (a scope closed, a shield defers), and a grace
     -- deadline may have made the interrupt sticky: it would only slow this
@@ -1033,7 +1077,9 @@ function M.timeout(s, fn, ...)
   local scope = { task = t, at = started + s, closed = false, fired = false,
     outer = scopes[#scopes], shield = t._shield }
   scope.err = new_error(M.error.timeout, t, nil, s)
-  scope.deadline = native.deadline(cell, math.max(0, scope.at - gettime()), false, t._grace)
+  -- With a lead: it fires a little early, sticky, and the handler raises
+  -- at the deadline itself (see `on_interrupt`).
+  scope.deadline = native.deadline(cell, math.max(0, scope.at - gettime()), false, t._grace, true)
   scopes[#scopes + 1] = scope
   local timer = timer_push({ at = scope.at, scope = scope })
   -- The critical section ends inside the protected call, so a deadline

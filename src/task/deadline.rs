@@ -9,6 +9,13 @@
 //! A timeout's deadline can have a grace period: fired once, it comes back
 //! that much later, sticky. The raise of a timeout then schedules nothing
 //! (scheduling a grace deadline there was a tenth of its overshoot).
+//!
+//! And a lead: it fires [`LEAD`] before its time, sticky, so that the
+//! handler runs at every instruction for the last stretch and raises at
+//! the deadline itself. The handler's first run after a CPU-bound stretch
+//! is all cache misses (tens of µs here); fired at the deadline, that was
+//! most of a timeout's overshoot. The same idea as the hook's lead for
+//! kills on LuaJIT (`crate::vm`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -21,9 +28,19 @@ use crate::arming::Side;
 use crate::vm::Request;
 use crate::watchdog::{self, Timer};
 
+/// How long before its time a deadline with a lead fires: the handler's
+/// cold first run, and on LuaJIT the signal's delivery (How it works).
+const LEAD: Duration = if cfg!(feature = "luajit") {
+    Duration::from_micros(300)
+} else {
+    Duration::from_micros(150)
+};
+
 struct Job {
     cell: Arc<Cell>,
     request: Request,
+    /// The deadline itself (the first firing may come [`LEAD`] earlier).
+    due: Instant,
     cancelled: AtomicBool,
     /// After the first firing, fire again this much later, sticky.
     grace: Option<Duration>,
@@ -49,7 +66,7 @@ impl Timer for Job {
         let (Some(grace), Some(me)) = (self.grace, self.me.upgrade()) else {
             return;
         };
-        let token = watchdog::schedule_timer(me, Instant::now() + grace);
+        let token = watchdog::schedule_timer(me, self.due.max(Instant::now()) + grace);
         self.grace_token.store(token, Ordering::SeqCst);
         // `cancel` may have run between our check and the store, and then
         // did not see the token: take the timer out ourselves.
@@ -67,23 +84,36 @@ pub struct Deadline {
 
 impl Deadline {
     /// Schedules an interrupt of `cell`'s thread in `seconds` (finite, >= 0),
-    /// and a sticky one `grace` after it fired, if given.
-    pub fn new(cell: Arc<Cell>, seconds: f64, sticky: bool, grace: Option<Duration>) -> Deadline {
+    /// and a sticky one `grace` after it, if given; with a `lead`, the
+    /// first comes [`LEAD`] early, sticky.
+    pub fn new(
+        cell: Arc<Cell>,
+        seconds: f64,
+        sticky: bool,
+        grace: Option<Duration>,
+        lead: bool,
+    ) -> Deadline {
+        let due = Instant::now() + Duration::from_secs_f64(seconds);
         let job = Arc::new_cyclic(|me| Job {
             cell,
-            request: if sticky {
+            request: if sticky || lead {
                 Request::Sticky
             } else {
                 Request::Once
             },
+            due,
             cancelled: AtomicBool::new(false),
             grace,
             me: me.clone(),
             fired: AtomicBool::new(false),
             grace_token: AtomicU64::new(0),
         });
-        let due = Instant::now() + Duration::from_secs_f64(seconds);
-        let token = watchdog::schedule_timer(job.clone(), due);
+        let first = if lead {
+            due.checked_sub(LEAD).unwrap_or(due)
+        } else {
+            due
+        };
+        let token = watchdog::schedule_timer(job.clone(), first);
         Deadline { job, token }
     }
 
@@ -93,6 +123,7 @@ impl Deadline {
         let job = Arc::new_cyclic(|me| Job {
             cell,
             request: Request::Once,
+            due: Instant::now(),
             cancelled: AtomicBool::new(true),
             grace: None,
             me: me.clone(),

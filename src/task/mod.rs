@@ -119,18 +119,31 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             },
         )?,
     )?;
-    // deadline(cell, seconds, sticky, [grace])
+    // deadline(cell, seconds, sticky, [grace], [lead])
     task.set(
         "deadline",
         lua.create_function(
-            |_, (cell, seconds, sticky, grace): (UserDataRef<CellHandle>, f64, bool, Option<f64>)| {
+            |_,
+             (cell, seconds, sticky, grace, lead): (
+                UserDataRef<CellHandle>,
+                f64,
+                bool,
+                Option<f64>,
+                Option<bool>,
+            )| {
                 let seconds = if seconds.is_finite() {
                     seconds.max(0.0)
                 } else {
                     0.0
                 };
                 let grace = grace.and_then(|grace| Duration::try_from_secs_f64(grace).ok());
-                Ok(Deadline::new(cell.0.clone(), seconds, sticky, grace))
+                Ok(Deadline::new(
+                    cell.0.clone(),
+                    seconds,
+                    sticky,
+                    grace,
+                    lead.unwrap_or(false),
+                ))
             },
         )?,
     )?;
