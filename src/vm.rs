@@ -548,15 +548,7 @@ impl Vm {
             // A Lua event in `state` (those at C functions, the patched
             // resume's among them, were let pass above): it runs, so what
             // the chain holds above it has returned or yielded unseen.
-            let VmInner {
-                chain,
-                arming,
-                slots,
-                ..
-            } = &mut *inner;
-            // SAFETY: the threads the chain drops are alive (module
-            // comment); this is their VM's thread.
-            chain.drop_above(state, |gone| unsafe { release(arming, slots, gone) });
+            inner.change_chain(|chain, gone| chain.drop_above(state, gone));
         }
         // A watch's event first: an interrupt handler that returns (a
         // sticky one runs at every instruction) must not starve a kill. An
@@ -627,18 +619,13 @@ impl Vm {
         let mut inner = self.lock();
         // SAFETY: the chain's threads are alive and belong to this VM, which
         // the calling OS thread runs (caller's contract).
-        let VmInner {
-            chain,
-            arming,
-            slots,
-            ..
-        } = &mut *inner;
-        let plan = chain.plan(
-            StatePtr(resumer),
-            |state| unsafe { has_stopped(state) },
-            // SAFETY: as above.
-            |gone| unsafe { release(arming, slots, gone) },
-        );
+        let plan = inner.change_chain(|chain, gone| {
+            chain.plan(
+                StatePtr(resumer),
+                |state| unsafe { has_stopped(state) },
+                gone,
+            )
+        });
         self.publish(&inner);
         plan
     }
@@ -669,15 +656,7 @@ impl Vm {
     /// (now running again).
     pub fn leave(&self, resumer: *mut lua_State, depth: usize) -> Left {
         let mut inner = self.lock();
-        let VmInner {
-            chain,
-            arming,
-            slots,
-            ..
-        } = &mut *inner;
-        // SAFETY: the threads the chain pops are alive (module comment);
-        // this is their VM's thread (the caller's resume returned here).
-        let left = chain.leave(depth, |gone| unsafe { release(arming, slots, gone) });
+        let left = inner.change_chain(|chain, gone| chain.leave(depth, gone));
         // With nothing watched left the chain is empty; otherwise the
         // resumer's own deadlines may have passed meanwhile.
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
@@ -691,14 +670,7 @@ impl Vm {
     /// returned to `resumer`, which resumed it unwatched.
     pub fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> Left {
         let mut inner = self.lock();
-        let VmInner {
-            chain,
-            arming,
-            slots,
-            ..
-        } = &mut *inner;
-        // SAFETY: as in `leave`.
-        let left = chain.leave_root(StatePtr(co), |gone| unsafe { release(arming, slots, gone) });
+        let left = inner.change_chain(|chain, gone| chain.leave_root(StatePtr(co), gone));
         // The resumer may be watched itself, and killed meanwhile.
         if inner.chain.top().is_some_and(|top| top.0 == resumer) {
             self.after_chain_change(&mut inner, Instant::now());
@@ -847,6 +819,25 @@ impl Vm {
 }
 
 impl VmInner {
+    /// Runs `change` on the chain; each thread it pops is handed to `gone`,
+    /// which takes our hook off it (see [`release`]). Called on the VM's
+    /// own OS thread (the patched resume, the hook).
+    fn change_chain<R>(
+        &mut self,
+        change: impl FnOnce(&mut Chain, &mut dyn FnMut(StatePtr)) -> R,
+    ) -> R {
+        let VmInner {
+            chain,
+            arming,
+            slots,
+            ..
+        } = self;
+        // SAFETY: the threads the chain pops are alive (module comment)
+        // and of this VM, whose OS thread runs this; we hold the VM lock.
+        let mut gone = |state: StatePtr| unsafe { release(arming, slots, state) };
+        change(chain, &mut gone)
+    }
+
     /// The slot of a live target, if any.
     fn live_slot(&mut self, id: Id) -> Option<&mut Slot> {
         if self.closed {
