@@ -471,6 +471,24 @@ describe("corowatch.task.timeout", function()
     end)
   end)
 
+  -- The lead's sticky interrupt goes to whichever task runs then: here a
+  -- CPU-bound sibling, while the timeout's own task sleeps. It must not
+  -- stay on that sibling (its handler finds nothing due for it).
+  it("leaves no hook on a sibling that ran when the timeout's deadline came", function()
+    task.run(function()
+      local sibling = task.spawn(function()
+        local started = gettime()
+        while gettime() - started < 0.1 do end
+        local _, mask, count = debug.gethook()
+        return mask or "", count or 0
+      end)
+      local ok, err = task.pcall(task.timeout, 0.02, task.sleep, 1)
+      assert.is_false(ok)
+      assert.are.equal(task.error.timeout, kind_of(err))
+      assert.are.same({ "", 0 }, { sibling:await() })
+    end)
+  end)
+
   it("returns fn's results when it finishes in time, and leaves no timer behind", function()
     task.run(function()
       assert.are.same({ 1, 2 }, { task.timeout(0.05, function(a) return a, 2 end, 1) })

@@ -430,19 +430,12 @@ end
 -- native deadline's lead, with room to spare).
 local LEAD = 0.001
 
--- Whether a timeout scope of `t` that is open and not shielded expires
--- within LEAD: its deadline's lead fired.
-local function expires_soon(t)
-  local scopes, shield = t._scopes, t._shield
-  if #scopes == 0 then return false end
-  local soon = gettime() + LEAD
-  for i = 1, #scopes do
-    local scope = scopes[i]
-    if not scope.closed and not scope.fired and scope.shield >= shield and scope.at <= soon then
-      return true
-    end
-  end
-  return false
+-- Whether a timer comes due within LEAD: a timeout's deadline fired its
+-- lead. The scope may be another task's (an ancestor's, whose expiry
+-- cancels the running task, or one whose task waits): whichever task runs
+-- keeps the handler warm until the timer is taken.
+local function expires_soon()
+  return heap_n > 0 and heap[1].at <= gettime() + LEAD
 end
 
 -- The mtint interrupt handler of every task's threads: runs on the
@@ -481,7 +474,7 @@ local function on_interrupt()
     end
     error(err, 0)
   end
-  if not t._sticky and expires_soon(t) then
+  if not t._sticky and expires_soon() then
     -- A timeout's deadline fired its lead: the interrupt stays sticky, and
     -- this handler raises at the deadline itself. Its first run after a
     -- CPU-bound stretch pays the cache misses; the raise's own steps (the
@@ -495,17 +488,16 @@ local function on_interrupt()
     return
   end
   t._warm = nil
-  if t._sticky or t._delivered or #t._scopes > 0 then
-    -- Nothing due here now (a scope closed, a shield defers), and a grace
-    -- deadline may have made the interrupt sticky: it would only slow this
-    -- thread down. A cancel that another thread sent meanwhile had its
-    -- interrupt cleared too, so look at the mailbox once more.
-    t._sticky = false
-    mtint_interrupt(mtint_id(), false)
-    poll()
-    err = due(t, true)
-    if err then error(err, 0) end
-  end
+  -- Nothing due here now (a scope closed, a shield defers, or the interrupt
+  -- was another task's: a timeout's lead goes to whichever task runs), and
+  -- the interrupt may be sticky (a grace deadline, a lead): it would only
+  -- slow this thread down. A cancel that another thread sent meanwhile had
+  -- its interrupt cleared too, so look at the mailbox once more.
+  t._sticky = false
+  mtint_interrupt(mtint_id(), false)
+  poll()
+  err = due(t, true)
+  if err then error(err, 0) end
 end
 
 -- Before a task waits, and after it woke: raise what is due.
