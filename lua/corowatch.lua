@@ -10,6 +10,7 @@ local core = require("corowatch.core")
 local native = core.corowatch
 local watch_running, reset = native.watch_running, native.reset
 local set_user_hook, get_user_hook = native.set_user_hook, native.get_user_hook
+local set_hooks = native.set_hooks
 
 local raw_create, raw_resume = coroutine.create, coroutine.resume
 local raw_status, raw_running = coroutine.status, coroutine.running
@@ -96,7 +97,13 @@ local function dispatch(event, co, depth)
   local settings = watched[co]
   if not settings then return end
   if event == WARN then
-    if settings[CALLBACK]("warn") then reset(depth) end
+    -- The thread's hooks on (PUC Lua), the kill reaches a callback that
+    -- runs past it; they go off again before the hook returns, as Lua
+    -- expects. An error leaves them on: Lua restores them itself then.
+    set_hooks(true)
+    local again = settings[CALLBACK]("warn")
+    set_hooks(false)
+    if again then reset(depth) end
   elseif event == KILL then
     killed[co] = settings[MESSAGE]
     if settings[CALLBACK] then settings[CALLBACK]("kill") end
@@ -130,6 +137,19 @@ native.set_dispatcher(dispatch)
 -- @raise the kill message, in a killed coroutine (it cannot yield)
 M.resume, M.yield = native.make_functions(raw_resume, watched, killed)
 local resume = M.resume
+
+if raw_close then
+  --- Lua 5.4's `coroutine.close`, with the coroutine's watch in force
+  -- (from the call on) while its pending `<close>` handlers run: one that
+  -- runs past the kill limit is killed, and those still pending get the
+  -- kill at their first instruction. A killed coroutine answers `false`
+  -- and the kill message.
+  -- @function close
+  -- @tparam thread co a suspended or dead coroutine
+  -- @treturn boolean true if no error (nor kill) is left
+  -- @return the error or the kill message
+  M.close = native.make_close(raw_close, watched, killed)
+end
 
 if jit then
   -- LuaJIT treats a C function that yields while any hook runs (the hook
@@ -365,6 +385,7 @@ end
 
 local exported = { "create", "resume", "yield", "status", "wrap", "running",
   "watch", "wrapf", "gettime" }
+if M.close then exported[#exported + 1] = "close" end
 
 --- Exports the coroutine functions. Given a global environment (a table
 -- with a `coroutine` table), patches its `coroutine` and `debug` tables and

@@ -546,3 +546,113 @@ print(coroutine.resume(co))
     assert.are.equal("true\tfinished\n", output)
   end)
 end)
+
+describe("code that Lua runs with the thread's hooks off", function()
+  -- Lua turns a thread's hooks off while a hook runs, and a kill raised
+  -- from the hook leaves them off in the coroutine it ends. A warn
+  -- callback (called from the hook) and, on 5.4, the `<close>` handlers
+  -- that `coroutine.close` runs for a killed coroutine ran forever.
+  local KILLED = "Coroutine exceeded its allowed running time of 0.1 seconds, without yielding"
+  local PUC_ONLY = "LuaJIT's hooks are off in every coroutine while any hook runs"
+
+  -- Runs `code` with `line(...)`, which prints its arguments with kill
+  -- messages cut to their first line (their traceback follows).
+  local function in_child(code)
+    return child.run([[
+if jit then jit.off() end
+function line(...)
+  local values = table.pack and table.pack(...) or { n = select("#", ...), ... }
+  for i = 1, values.n do values[i] = (tostring(values[i]):gsub("\n.*", "")) end
+  print((table.unpack or unpack)(values, 1, values.n))
+end
+]] .. code, "timeout 30 ")
+  end
+
+  it("kills a warn callback that runs past the kill limit", function()
+    if jit then pending(PUC_ONLY) return end
+    local output = in_child([[
+local cw = require("corowatch")
+local warned = 0
+local co = cw.watch(cw.create(function() while true do end end), 0.1, 0.02,
+  function(what) if what == "warn" then warned = warned + 1 while true do end end end)
+local ok, err = cw.resume(co)
+line(ok, err, cw.status(co), warned)
+]])
+    assert.are.equal("false\t" .. KILLED .. "\tdead\t1\n", output)
+  end)
+
+  it("lets a warn callback that returns in time run to its end", function()
+    local output = in_child([[
+local cw = require("corowatch")
+local steps = 0
+local co = cw.watch(cw.create(function() while true do end end), 0.1, 0.02,
+  function(what)
+    if what == "warn" then for _ = 1, 1000 do steps = steps + 1 end end
+  end)
+line(cw.resume(co))
+print(steps)
+]])
+    assert.are.equal("false\t" .. KILLED .. "\n1000\n", output)
+  end)
+
+  local CLOSING = [[
+local cw = require("corowatch")
+cw.export(_G)
+local cleaned = 0
+local function guard(loops)
+  return setmetatable({}, { __close = function()
+    cleaned = cleaned + 1
+    while loops do end
+  end })
+end
+]]
+
+  it("5.4: kills a looping <close> handler of a killed coroutine, and those still pending", function()
+    if not coroutine.close then pending("coroutine.close is Lua 5.4's") return end
+    local output = in_child(CLOSING .. [[
+local co = coroutine.create(function()
+  local outer <close> = guard(false)
+  local inner <close> = guard(true)
+  while true do end
+end)
+corowatch.watch(co, 0.1)
+line(coroutine.resume(co))
+line(coroutine.close(co))
+print(cleaned, coroutine.status(co))
+]])
+    -- `inner` is killed at the limit; `outer`, pending, at its first
+    -- instruction: it never counts.
+    assert.are.equal(("false\t%s\nfalse\t%s\n1\tdead\n"):format(KILLED, KILLED), output)
+  end)
+
+  it("5.4: runs the <close> handlers of a killed coroutine to their end", function()
+    if not coroutine.close then pending("coroutine.close is Lua 5.4's") return end
+    local output = in_child(CLOSING .. [[
+local co = coroutine.create(function()
+  local a <close> = guard(false)
+  local b <close> = guard(false)
+  while true do end
+end)
+corowatch.watch(co, 0.1)
+coroutine.resume(co)
+line(coroutine.close(co))
+print(cleaned)
+]])
+    assert.are.equal(("false\t%s\n2\n"):format(KILLED), output)
+  end)
+
+  it("5.4: kills a looping <close> handler of a suspended watched coroutine", function()
+    if not coroutine.close then pending("coroutine.close is Lua 5.4's") return end
+    local output = in_child(CLOSING .. [[
+local co = coroutine.create(function()
+  local inner <close> = guard(true)
+  coroutine.yield("waiting")
+end)
+corowatch.watch(co, 0.1)
+line(coroutine.resume(co))
+line(coroutine.close(co))
+print(cleaned, coroutine.status(co))
+]])
+    assert.are.equal(("true\twaiting\nfalse\t%s\n1\tdead\n"):format(KILLED), output)
+  end)
+end)

@@ -624,6 +624,29 @@ describe("done", function()
     assert.are.same({ "closed", "closed", "closed" }, closed)
   end)
 
+  it("kills a killed actor's <close> handler that loops, on Lua 5.4, and goes on", function()
+    if not coroutine.close then
+      pending("Lua 5.4 only: no <close> before it")
+      return
+    end
+    -- In a child: before corowatch's close kept the watch, this hung.
+    local output = require("spec.helpers.child").run([[
+local supervisor = require("corowatch.supervisor")
+local sup = supervisor.new{ limit = 0.05, log = function() end }
+sup:introduce{ name = "a", restart = "temporary", fn = function()
+  local guard <close> = setmetatable({}, { __close = function() while true do end end })
+  coroutine.yield("waitfor", "go")
+  while true do end
+end }
+sup:introduce("b", function()
+  while true do print("b got", select(2, coroutine.yield("waitfor", "go"))) end
+end)
+sup:signal("go", 1)
+print(#sup:status())
+]], "timeout 30 ")
+    assert.are.equal("b got\t1\n1\n", output)
+  end)
+
   it("logs a <close> handler that fails on Lua 5.4", function()
     if not coroutine.close then
       pending("Lua 5.4 only: no <close> before it")

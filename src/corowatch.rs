@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use mlua::{ffi, Function, Lua, MultiValue, Table, Thread, Value};
 
+use crate::allowhook;
 use crate::gate::{self, WhenClosed};
 use crate::hook::{self, ANCHORS_KEY, DISPATCH_KEY};
 use crate::resume;
@@ -21,6 +22,7 @@ const CLOSING: &str = "corowatch: the Lua state is closing";
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let corowatch = lua.create_table()?;
     let vm = state::vm(lua)?;
+    allowhook::calibrate(lua)?;
     let raise = WhenClosed::Raise(CLOSING);
     let nothing = WhenClosed::Nothing;
     gate::set_all(
@@ -33,6 +35,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 lua.create_function(make_functions)?,
                 raise,
             ),
+            ("make_close", lua.create_function(make_close)?, raise),
             ("watch_running", lua.create_function(watch_running)?, raise),
             ("reset", lua.create_function(reset)?, nothing),
             (
@@ -56,6 +59,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     for (name, function) in [
         ("gettime", lua_gettime as ffi::lua_CFunction),
         ("running_thread", lua_running_thread),
+        ("set_hooks", lua_set_hooks),
     ] {
         // SAFETY: pushes one C function for mlua to take.
         let function = unsafe {
@@ -102,6 +106,25 @@ fn make_functions(
             resume::push_yield(state, vm as *const _)
         })?;
         lua.pack_multi((resume, yield_))
+    }
+}
+
+/// `make_close(close, watched, killed)` -> close
+///
+/// The patched `coroutine.close` of Lua 5.4 (see [`crate::resume`]), over
+/// the original close and the same tables as `make_functions`.
+fn make_close(
+    lua: &Lua,
+    (original, watched, killed): (Function, Table, Table),
+) -> mlua::Result<Function> {
+    // Leaked on purpose, as in `make_functions`.
+    let vm = Arc::into_raw(state::vm(lua)?) as usize;
+    let anchors = anchors(lua)?;
+    // SAFETY: as in `make_functions`.
+    unsafe {
+        lua.exec_raw::<Function>((original, watched, killed, anchors), move |state| {
+            resume::push_close(state, vm as *const _)
+        })
     }
 }
 
@@ -175,6 +198,21 @@ fn reset(lua: &Lua, depth: usize) -> mlua::Result<()> {
 unsafe extern "C-unwind" fn lua_running_thread(state: *mut ffi::lua_State) -> std::ffi::c_int {
     // SAFETY: Lua guarantees a C function room for one result.
     ffi::lua_pushthread(state);
+    1
+}
+
+/// `set_hooks(on)`: turns the running thread's hooks on or off (see
+/// [`crate::allowhook`]); returns whether it could (PUC Lua only).
+unsafe extern "C-unwind" fn lua_set_hooks(state: *mut ffi::lua_State) -> std::ffi::c_int {
+    let on = ffi::lua_toboolean(state, 1) != 0;
+    // SAFETY: `state` is the running thread, on its OS thread. Called from
+    // the dispatcher, inside the hook, hooks turned on let the hook nest:
+    // the hook's frame holds nothing to drop and no lock while it calls
+    // the dispatcher (see `crate::hook::hook`), so a nested hook may raise
+    // through it.
+    let done = allowhook::set(state, on);
+    // SAFETY: Lua guarantees a C function room for one result.
+    ffi::lua_pushboolean(state, c_int::from(done));
     1
 }
 

@@ -5,6 +5,7 @@
 
 #[cfg(not(feature = "luajit"))]
 mod allocator;
+mod allowhook;
 mod arming;
 #[cfg(feature = "lua51")]
 mod collector;

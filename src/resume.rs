@@ -1,4 +1,6 @@
-//! corowatch's `coroutine.resume` and `coroutine.yield`, as C functions.
+//! corowatch's `coroutine.resume` and `coroutine.yield`, as C functions,
+//! and Lua 5.4's `coroutine.close`, which resumes a coroutine's `<close>`
+//! handlers.
 //!
 //! They are the hot path: a Lua wrapper alone costs more than the resume it
 //! wraps. A coroutine that yielded (or, on PUC Lua, has not started) is
@@ -24,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use mlua::ffi::{self, lua_State};
 
+use crate::allowhook;
 #[cfg(feature = "luajit")]
 use crate::hook;
 use crate::vm::Vm;
 use crate::watch::{Left, Plan, Watch};
 
-// Upvalues of `resume`.
-const ORIGINAL_RESUME: c_int = ffi::lua_upvalueindex(1);
+// Upvalues of `resume` (and `close`, with the original close first).
+const ORIGINAL: c_int = ffi::lua_upvalueindex(1);
 /// A userdata holding [`ResumeState`].
 const STATE: c_int = ffi::lua_upvalueindex(2);
 const WATCHED: c_int = ffi::lua_upvalueindex(3);
@@ -63,6 +66,20 @@ struct ResumeState {
 /// The stack of `state` holds the four Lua values on top; may raise (out
 /// of memory): call it protected.
 pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm) {
+    push_tracking(state, vm, resume);
+}
+
+/// Pushes `close`, closed over the same values as `resume` (the original
+/// close in place of the original resume).
+///
+/// # Safety
+/// As for [`push_resume`].
+pub unsafe fn push_close(state: *mut lua_State, vm: *const Vm) {
+    push_tracking(state, vm, close);
+}
+
+/// Pushes `function` closed over what [`push_resume`] says.
+unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua_CFunction) {
     let size = std::mem::size_of::<ResumeState>();
     let resume_state = ffi::lua_newuserdata(state, size) as *mut ResumeState;
     // SAFETY: a fresh block of that size, aligned for any type by Lua.
@@ -73,7 +90,7 @@ pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm) {
     });
     ffi::lua_insert(state, -4);
     ffi::lua_pushnil(state);
-    ffi::lua_pushcclosure(state, resume, 6);
+    ffi::lua_pushcclosure(state, function, 6);
 }
 
 /// Pushes `yield` closed over the `co -> kill message` table on the stack
@@ -129,11 +146,7 @@ unsafe fn watch_limits(state: *mut lua_State, resume_state: &mut ResumeState) ->
 unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
     let co = ffi::lua_tothread(state, 1);
     if co.is_null() {
-        // Not a coroutine: let the original raise its usual error.
-        ffi::lua_pushvalue(state, ORIGINAL_RESUME);
-        ffi::lua_insert(state, 1);
-        ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
-        return ffi::lua_gettop(state);
+        return call_original_unprotected(state);
     }
     // SAFETY: the upvalue is the `ResumeState` that `push_resume` made; its
     // `vm` is kept alive for the process's life.
@@ -158,6 +171,54 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         resume_suspended(state, co)
     });
     finish(state, co, outcome, killed)
+}
+
+/// `close(co)`: Lua 5.4's `coroutine.close`, with `co`'s watch in force
+/// while its pending to-be-closed variables run, from the call on, as a
+/// resume puts it in force: a `<close>` handler that runs past the kill
+/// limit is killed, and the handlers still pending get the kill at their
+/// first instruction. A killed coroutine answers `false, message`.
+///
+/// A coroutine that the kill ended keeps its hooks off for good (the kill
+/// was raised from the hook and no `pcall` in it caught it): they are
+/// turned back on first, or its handlers would run out of the watch's
+/// reach (see [`crate::allowhook`]).
+unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
+    let co = ffi::lua_tothread(state, 1);
+    if co.is_null() {
+        return call_original_unprotected(state);
+    }
+    // SAFETY: as in `resume`.
+    let resume_state = ffi::lua_touserdata(state, STATE) as *mut ResumeState;
+    let vm = &*(*resume_state).vm;
+    vm.note_owner();
+    let limits = watch_limits(state, &mut *resume_state);
+    if ffi::lua_status(co) > ffi::LUA_YIELD && is_killed(state) {
+        // SAFETY: `co` is dead (its status is an error), so it does not
+        // run; it is a thread of this VM (it came as an argument), whose
+        // OS thread this is.
+        allowhook::set(co, true);
+    }
+    resume_through_original(vm, state, co, limits)
+}
+
+/// Whether the coroutine at index 1 was killed. Needs one free stack slot.
+unsafe fn is_killed(state: *mut lua_State) -> bool {
+    ffi::lua_pushvalue(state, 1);
+    ffi::lua_rawget(state, KILLED);
+    let killed = ffi::lua_isnil(state, -1) == 0;
+    ffi::lua_pop(state, 1);
+    killed
+}
+
+/// Calls the original function (resume or close) with this call's
+/// arguments, unprotected: for arguments that are not coroutines, which it
+/// refuses with its usual error.
+unsafe fn call_original_unprotected(state: *mut lua_State) -> c_int {
+    ffi::lua_pushvalue(state, ORIGINAL);
+    ffi::lua_insert(state, 1);
+    ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
+    ffi::lua_gettop(state)
 }
 
 /// Runs `resume_co`, which resumes the coroutine `co` at index 1 and
@@ -326,7 +387,7 @@ unsafe fn resume_through_original(
 /// Calls the original resume on the stack `[co, co, args...]` (the first
 /// `co` stays, keeping the coroutine alive). Returns the pcall status.
 unsafe fn call_original(state: *mut lua_State) -> c_int {
-    ffi::lua_pushvalue(state, ORIGINAL_RESUME);
+    ffi::lua_pushvalue(state, ORIGINAL);
     ffi::lua_insert(state, 2);
     ffi::lua_pcall(state, ffi::lua_gettop(state) - 2, ffi::LUA_MULTRET, 0)
 }

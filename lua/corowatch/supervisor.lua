@@ -24,9 +24,10 @@ local date, io = os.date, io
 
 -- Compatibility: `unpack` moved into `table` in 5.2; `coroutine.close`
 -- (which runs a suspended or failed coroutine's pending `<close>` handlers)
--- exists only on 5.4.
+-- exists only on 5.4, and corowatch's keeps the actor's watch while they
+-- run (a killed actor's would otherwise run out of any watch's reach).
 local unpack = table.unpack or unpack -- luacheck: ignore 143
-local coclose = coroutine.close -- luacheck: ignore 143
+local coclose = cw.close
 
 local M = {
   _VERSION = cw._VERSION,
