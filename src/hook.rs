@@ -62,6 +62,7 @@ pub enum Verdict {
 pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) {
     // SAFETY: Lua passes the hook a valid `lua_Debug` for this call.
     let event = (*ar).event;
+    // SAFETY: Lua calls the hook on the running thread, on its OS thread.
     let (verdict, user_hook) = decide(state, ar, event);
     match verdict {
         Verdict::Continue => {}
@@ -129,16 +130,25 @@ unsafe fn push_watched(state: *mut lua_State, depth: usize, locate: Locate) {
 
 /// The Rust half of the hook: everything that takes locks or may panic.
 /// A panic here must not cross into C, so it is caught and the hook carries on.
-fn decide(state: *mut lua_State, ar: *mut lua_Debug, event: c_int) -> (Verdict, Option<lua_Hook>) {
-    catch_unwind(AssertUnwindSafe(|| match vm::of_state(state) {
-        Some(vm) => vm.on_hook(
-            state,
-            // SAFETY: we are in `state`'s hook, on its thread.
-            || unsafe { id_of_thread(state, None) },
-            // SAFETY: as above, and `ar` is this call's `lua_Debug`.
-            || unsafe { at_c_function(state, ar, event) },
-            event,
-        ),
+///
+/// # Safety
+/// `state` is the running thread, inside its hook, on its OS thread; `ar`
+/// is this hook call's `lua_Debug`.
+unsafe fn decide(
+    state: *mut lua_State,
+    ar: *mut lua_Debug,
+    event: c_int,
+) -> (Verdict, Option<lua_Hook>) {
+    // SAFETY (all the calls below): as the caller promised.
+    catch_unwind(AssertUnwindSafe(|| match unsafe { vm::of_state(state) } {
+        Some(vm) => unsafe {
+            vm.on_hook(
+                state,
+                || id_of_thread(state, None),
+                || at_c_function(state, ar, event),
+                event,
+            )
+        },
         None => {
             // SAFETY: we are on `state`'s own thread, inside its hook; the VM
             // is closing or unknown, so nobody else arms this state.

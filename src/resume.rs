@@ -30,7 +30,7 @@ use crate::allowhook;
 #[cfg(feature = "luajit")]
 use crate::hook;
 use crate::vm::Vm;
-use crate::watch::{Left, Plan, Watch};
+use crate::watch::{LeftChain, Plan, Watch};
 
 // Upvalues of `resume` (and `close`, with the original close first).
 const ORIGINAL: c_int = ffi::lua_upvalueindex(1);
@@ -154,7 +154,7 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
     let vm = &*(*resume_state).vm;
     // Stack room: Lua gives a C function `LUA_MINSTACK` (20) free slots
     // above its arguments, and this function and those it calls push at
-    // most 4 before the arguments go to `co` (`finish` checks for the
+    // most 4 before the arguments go to `co` (`answer_direct` checks for the
     // results).
     vm.note_owner();
     #[cfg(feature = "luajit")]
@@ -170,7 +170,7 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
     let (outcome, killed) = tracked(vm, state, co, (limits, true), || {
         resume_suspended(state, co)
     });
-    finish(state, co, outcome, killed)
+    answer_direct(state, co, outcome, killed)
 }
 
 /// `close(co)`: Lua 5.4's `coroutine.close`, with `co`'s watch in force
@@ -316,10 +316,12 @@ unsafe fn resume_suspended(state: *mut lua_State, co: *mut lua_State) -> (c_int,
     (status, nres)
 }
 
-/// Moves the outcome of `co`'s resume to `state` as `coroutine.resume`
-/// returns it: `true, values...`, or `false, error`. A killed coroutine
-/// answers `false, message`. Returns the result count.
-unsafe fn finish(
+/// The answer of a direct resume ([`resume_suspended`]): moves the outcome
+/// left on `co`'s stack to `state` as `coroutine.resume` returns it: `true,
+/// values...`, or `false, error`. A killed coroutine answers `false,
+/// message`. Returns the result count. [`answer_original`] is the same
+/// answer for the results of the original function.
+unsafe fn answer_direct(
     state: *mut lua_State,
     co: *mut lua_State,
     (status, nres): (c_int, c_int),
@@ -381,7 +383,7 @@ unsafe fn resume_through_original(
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
-    answer(state, killed)
+    answer_original(state, killed)
 }
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
@@ -392,9 +394,11 @@ unsafe fn call_original(state: *mut lua_State) -> c_int {
     ffi::lua_pcall(state, ffi::lua_gettop(state) - 2, ffi::LUA_MULTRET, 0)
 }
 
-/// If the coroutine at index 1 was killed, replaces the results of its
-/// resume (above index 1) by `false, message`. Returns the result count.
-unsafe fn answer(state: *mut lua_State, killed: bool) -> c_int {
+/// The answer of a resume (or close) through the original function, whose
+/// results are on this stack above index 1: left as they are, unless the
+/// coroutine at index 1 was killed, then `false, message`. Returns the
+/// result count.
+unsafe fn answer_original(state: *mut lua_State, killed: bool) -> c_int {
     let failed = ffi::lua_type(state, 2) == ffi::LUA_TBOOLEAN && ffi::lua_toboolean(state, 2) == 0;
     if killed || failed {
         ffi::lua_pushvalue(state, 1);
@@ -430,7 +434,7 @@ unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool) {
 /// Clears the anchors the chain no longer needs (false, not nil: a slot set
 /// to nil and back costs Lua a rehash). The slots exist, so this allocates
 /// nothing and cannot raise.
-unsafe fn unanchor(state: *mut lua_State, left: Left) {
+unsafe fn unanchor(state: *mut lua_State, left: LeftChain) {
     for depth in left.unanchor_from.max(1)..=left.unanchor_to {
         ffi::lua_pushboolean(state, 0);
         ffi::lua_rawseti(state, ANCHORS, depth as _);
@@ -458,15 +462,15 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 }
 
 // The calls into the VM, in frames of their own (they lock), with panics
-// kept out of C.
+// kept out of C. Each has the safety contract of the `Vm` method it calls:
+// `resumer` is the running thread (this is its resume, on its OS thread),
+// and every thread on the chain is held alive (anchored, or on a stack).
 
-fn plan_enter(vm: &Vm, resumer: *mut lua_State) -> Plan {
-    // SAFETY: `resumer` is the running thread (this is its resume), and
-    // every thread on the chain is anchored.
+unsafe fn plan_enter(vm: &Vm, resumer: *mut lua_State) -> Plan {
     catch_unwind(AssertUnwindSafe(|| unsafe { vm.plan_enter(resumer) })).unwrap_or_default()
 }
 
-fn enter(
+unsafe fn enter(
     vm: &Vm,
     resumer: *mut lua_State,
     co: *mut lua_State,
@@ -476,15 +480,15 @@ fn enter(
     catch_unwind(AssertUnwindSafe(|| {
         let now = Instant::now();
         let watch = limits.map(|(kill, warn)| Watch::start(kill, warn, now));
-        vm.enter(resumer, co, watch, now, placing)
+        unsafe { vm.enter(resumer, co, watch, now, placing) }
     }))
     .unwrap_or(0)
 }
 
-fn leave(vm: &Vm, resumer: *mut lua_State, depth: usize) -> Left {
-    catch_unwind(AssertUnwindSafe(|| vm.leave(resumer, depth))).unwrap_or_default()
+unsafe fn leave(vm: &Vm, resumer: *mut lua_State, depth: usize) -> LeftChain {
+    catch_unwind(AssertUnwindSafe(|| unsafe { vm.leave(resumer, depth) })).unwrap_or_default()
 }
 
-fn leave_root(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State) -> Left {
-    catch_unwind(AssertUnwindSafe(|| vm.leave_root(resumer, co))).unwrap_or_default()
+unsafe fn leave_root(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State) -> LeftChain {
+    catch_unwind(AssertUnwindSafe(|| unsafe { vm.leave_root(resumer, co) })).unwrap_or_default()
 }

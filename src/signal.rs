@@ -266,7 +266,11 @@ fn handler_in_place() -> bool {
 
 /// Takes a cell for a new VM with this anchor, run by the calling thread;
 /// `None` if all are taken.
-pub fn claim(anchor: *mut lua_State) -> Option<&'static Cell> {
+///
+/// # Safety
+/// As for [`crate::vm::create`]: the handler installs the hook on
+/// `anchor`'s VM through it until the cell is released.
+pub unsafe fn claim(anchor: *mut lua_State) -> Option<&'static Cell> {
     install();
     let cell = TABLE.iter().find(|cell| {
         cell.state

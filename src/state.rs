@@ -52,7 +52,10 @@ pub fn vm(lua: &Lua) -> mlua::Result<Arc<Vm>> {
 fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
     let anchor = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
     lua.set_named_registry_value(ANCHOR, &anchor)?;
-    let vm = vm::create(key, anchor.to_pointer() as *mut ffi::lua_State);
+    // SAFETY: the anchor is a thread of this VM (whose key this is), made
+    // on the OS thread that runs it, and the registry holds it until the
+    // VM's guard closes the Vm.
+    let vm = unsafe { vm::create(key, anchor.to_pointer() as *mut ffi::lua_State) };
     lua.set_named_registry_value(VM_GUARD, VmGuard(vm.clone()))?;
     warm_up_metatable(lua, &vm, ThreadGuard)?;
 
@@ -129,9 +132,13 @@ pub fn id_of(lua: &Lua, thread: &Thread) -> mlua::Result<Result<Id, String>> {
     };
     let id = target.id;
     let state = thread.to_pointer() as *mut ffi::lua_State;
-    vm.add(id, state);
+    // SAFETY: `thread` is alive (we hold it) and of this VM; the guard made
+    // below reports its death (on 5.1 with its block's free, watched next;
+    // the main thread dies with the VM).
+    unsafe { vm.add(id, state) };
     #[cfg(feature = "lua51")]
-    if !vm.watch_block(id, state) && !is_running_main(lua, state)? {
+    // SAFETY: as above.
+    if !unsafe { vm.watch_block(id, state) } && !is_running_main(lua, state)? {
         return Ok(Err(format!(
             "{}: cannot follow the lifetime of coroutines in this Lua state",
             errors::NOT_SUPPORTED

@@ -54,8 +54,8 @@ use mlua::ffi::{self, lua_Hook, lua_State};
 use crate::arming::{Arming, HookArming, Need, Side};
 use crate::hook::Verdict;
 use crate::registry::Id;
-use crate::watch::{Chain, Left, Plan, Watch, WatchAnchors};
-use crate::watchdog;
+use crate::watch::{Chain, LeftChain, Plan, Watch, WatchAnchors};
+use crate::watchdog::{self, Backoff};
 
 /// A raw `lua_State` pointer that may cross OS threads.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -118,10 +118,10 @@ struct VmInner {
     /// When the watchdog will next look at the chain's deadlines.
     alarm: Option<Instant>,
     /// While the chain needs the hook, the watchdog arms it again after
-    /// this delay, doubling: the running thread can undo an arming (LuaJIT
-    /// restores its hook mask after running a finalizer; 5.4 can clear the
-    /// trap just set), and a kill must not wait forever.
-    retry: Duration,
+    /// the watchdog's backoff: the running thread can undo an arming
+    /// (LuaJIT restores its hook mask after running a finalizer; 5.4 can
+    /// clear the trap just set), and a kill must not wait forever.
+    retry: Backoff,
     /// Lua 5.1: memory block of each watched coroutine -> its id.
     #[cfg(feature = "lua51")]
     blocks: HashMap<usize, Id>,
@@ -130,9 +130,6 @@ struct VmInner {
     #[cfg(feature = "lua51")]
     block_offset: Option<usize>,
 }
-
-const FIRST_RETRY: Duration = Duration::from_millis(1);
-const MAX_RETRY: Duration = Duration::from_millis(50);
 
 /// How long before a watch's deadline the hook goes on (LuaJIT). There
 /// another OS thread asks for it with a signal (see [`crate::signal`]),
@@ -236,9 +233,11 @@ pub unsafe fn registry_key(state: *mut lua_State) -> usize {
 }
 
 /// The VM of a running state, if it has one.
-pub fn of_state(state: *mut lua_State) -> Option<Arc<Vm>> {
-    // SAFETY: called from the hook, on the state's own thread.
-    let key = unsafe { registry_key(state) };
+///
+/// # Safety
+/// As for [`registry_key`].
+pub unsafe fn of_state(state: *mut lua_State) -> Option<Arc<Vm>> {
+    let key = registry_key(state);
     of_key(key)
 }
 
@@ -261,8 +260,13 @@ unsafe fn has_stopped(state: StatePtr) -> bool {
     ffi::lua_getstack(state.0, 0, ar.as_mut_ptr()) == 0
 }
 
-/// Registers a new VM. `anchor` must stay alive until [`Vm::close`].
-pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
+/// Registers a new VM.
+///
+/// # Safety
+/// `anchor` is a thread of the VM with this `key`, run by the calling OS
+/// thread, and stays alive until [`Vm::close`]: the watchdog and other
+/// threads arm it from afar.
+pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
     let pending = Arc::new(AtomicUsize::new(0));
     let writing_afar = Arc::new(AtomicBool::new(false));
     #[allow(unused_mut)]
@@ -296,7 +300,7 @@ pub fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             arming,
             chain: Chain::default(),
             alarm: None,
-            retry: FIRST_RETRY,
+            retry: Backoff::first(),
             #[cfg(feature = "lua51")]
             blocks: HashMap::new(),
             #[cfg(feature = "lua51")]
@@ -363,7 +367,12 @@ impl Vm {
     }
 
     /// Starts tracking a target whose thread is `state`.
-    pub fn add(&self, id: Id, state: *mut lua_State) {
+    ///
+    /// # Safety
+    /// `state` is a live thread of this VM whose death will be reported
+    /// (its guard's finalizer, or on 5.1 its block's free) before its memory
+    /// is reused: until then other threads arm it.
+    pub unsafe fn add(&self, id: Id, state: *mut lua_State) {
         let mut inner = self.lock();
         inner.slots.insert(
             id,
@@ -384,8 +393,12 @@ impl Vm {
 
     /// Lua 5.1: remembers the memory block of a coroutine's state. Returns
     /// false if thread frees cannot be seen in this VM.
+    ///
+    /// # Safety
+    /// `state` is a live coroutine of this VM (its block is where the
+    /// allocator will free it).
     #[cfg(feature = "lua51")]
-    pub fn watch_block(&self, id: Id, state: *mut lua_State) -> bool {
+    pub unsafe fn watch_block(&self, id: Id, state: *mut lua_State) -> bool {
         let mut inner = self.lock();
         let Some(offset) = inner.block_offset else {
             return false;
@@ -402,7 +415,7 @@ impl Vm {
     pub fn block_freed(&self, block: usize) {
         let mut inner = self.lock();
         if let Some(id) = inner.blocks.remove(&block) {
-            inner.kill(id);
+            inner.mark_dead(id);
         }
     }
 
@@ -435,7 +448,7 @@ impl Vm {
     /// The target's thread is being collected.
     pub fn target_died(&self, id: Id) {
         let mut inner = self.lock();
-        inner.kill(id);
+        inner.mark_dead(id);
         #[cfg(feature = "lua51")]
         inner.blocks.retain(|_, slot_id| *slot_id != id);
     }
@@ -443,7 +456,7 @@ impl Vm {
     /// The target itself is gone (no guard, no interruptible object).
     pub fn forget(&self, id: Id) {
         let mut inner = self.lock();
-        inner.kill(id);
+        inner.mark_dead(id);
         inner.slots.remove(&id);
     }
 
@@ -525,7 +538,10 @@ impl Vm {
     /// `state`, if any. Decides what to deliver, and leaves the hook armed
     /// only while something needs it. Also returns the user's chained hook,
     /// if this event is one the user asked for.
-    pub fn on_hook(
+    ///
+    /// # Safety
+    /// `state` is the running thread, inside its hook, on its OS thread.
+    pub unsafe fn on_hook(
         &self,
         state: *mut lua_State,
         id_of_state: impl FnOnce() -> Option<Id>,
@@ -635,7 +651,12 @@ impl Vm {
     /// [`Chain::enter`] for `direct`). Returns the depth of `resumed` in
     /// the chain. `now` is when the watch started (the caller read the
     /// clock once).
-    pub fn enter(
+    ///
+    /// # Safety
+    /// `resumer` is the running thread, on its OS thread; `resumed` is a
+    /// coroutine of this VM that the caller keeps alive (on its stack or
+    /// anchored, as `plan` says) until the matching `leave`.
+    pub unsafe fn enter(
         &self,
         resumer: *mut lua_State,
         resumed: *mut lua_State,
@@ -654,7 +675,11 @@ impl Vm {
 
     /// The resume that `enter` announced at `depth` returned, on `resumer`
     /// (now running again).
-    pub fn leave(&self, resumer: *mut lua_State, depth: usize) -> Left {
+    ///
+    /// # Safety
+    /// `resumer` is the running thread, on its OS thread, and every thread
+    /// on the chain is still held alive (the one leaving included).
+    pub unsafe fn leave(&self, resumer: *mut lua_State, depth: usize) -> LeftChain {
         let mut inner = self.lock();
         let left = inner.change_chain(|chain, gone| chain.leave(depth, gone));
         // With nothing watched left the chain is empty; otherwise the
@@ -668,7 +693,10 @@ impl Vm {
 
     /// A coroutine that watched itself (or a thread that resumed it)
     /// returned to `resumer`, which resumed it unwatched.
-    pub fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> Left {
+    ///
+    /// # Safety
+    /// As for [`Vm::leave`].
+    pub unsafe fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> LeftChain {
         let mut inner = self.lock();
         let left = inner.change_chain(|chain, gone| chain.leave_root(StatePtr(co), gone));
         // The resumer may be watched itself, and killed meanwhile.
@@ -749,12 +777,10 @@ impl Vm {
         if inner.chain.needs_hook(hook_horizon(now)) {
             inner.arm_chain(Side::Afar);
             // Come back in case the arming is undone before the hook fires.
-            let retry = inner.retry;
-            inner.retry = (retry * 2).min(MAX_RETRY);
-            inner.alarm = Some(now + retry);
+            inner.alarm = Some(now + inner.retry.step());
             return inner.alarm;
         }
-        inner.retry = FIRST_RETRY;
+        inner.retry = Backoff::first();
         inner.alarm = inner.chain.next_deadline().map(hook_time);
         inner.alarm
     }
@@ -855,7 +881,7 @@ impl VmInner {
     }
 
     /// Marks a target dead: nothing may touch its thread any more.
-    fn kill(&mut self, id: Id) {
+    fn mark_dead(&mut self, id: Id) {
         if let Some(slot) = self.slots.get_mut(&id) {
             let before = slot.pending;
             let state = slot.state;
@@ -985,7 +1011,10 @@ impl VmInner {
 
     /// After the hook ran on `state` (the running thread): keep it armed if
     /// `needed` there, else relax or remove it.
-    fn settle_hook(&mut self, state: *mut lua_State, needed: bool, now: Instant) {
+    ///
+    /// # Safety
+    /// `state` is the running thread, inside its hook, on its OS thread.
+    unsafe fn settle_hook(&mut self, state: *mut lua_State, needed: bool, now: Instant) {
         let need = if needed {
             Need::Armed
         } else if cfg!(feature = "luajit")

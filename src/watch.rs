@@ -102,10 +102,11 @@ struct Entry {
     found: Found,
 }
 
-/// What `leave` popped: whether it was killed, and the depths whose
+/// What leaving the chain (`leave`, `leave_root`) left for the caller:
+/// whether the coroutine that left was killed, and the depths whose
 /// anchors are now stale (`unanchor_from..=unanchor_to`, often empty).
 #[derive(Clone, Copy, Default)]
-pub struct Left {
+pub struct LeftChain {
     pub killed: bool,
     pub unanchor_from: usize,
     pub unanchor_to: usize,
@@ -323,7 +324,7 @@ impl Chain {
 
     /// The resume that entered at `depth` returned: that entry and any
     /// left above it go, each told to `gone`.
-    pub fn leave(&mut self, depth: usize, mut gone: impl FnMut(StatePtr)) -> Left {
+    pub fn leave(&mut self, depth: usize, mut gone: impl FnMut(StatePtr)) -> LeftChain {
         let killed = self
             .entries
             .get(depth.wrapping_sub(1))
@@ -332,7 +333,7 @@ impl Chain {
         self.shrink_to(depth.saturating_sub(1), &mut gone);
         self.refresh();
         let len = self.entries.len();
-        let left = Left {
+        let left = LeftChain {
             killed,
             unanchor_from: len + 1,
             unanchor_to: self.anchored_max,
@@ -343,11 +344,11 @@ impl Chain {
 
     /// Like `leave`, if `state` is the top: a coroutine that watched itself
     /// (and so became the chain's root) returned to an unwatched resumer.
-    pub fn leave_root(&mut self, state: StatePtr, gone: impl FnMut(StatePtr)) -> Left {
+    pub fn leave_root(&mut self, state: StatePtr, gone: impl FnMut(StatePtr)) -> LeftChain {
         if self.top() == Some(state) {
             self.leave(self.entries.len(), gone)
         } else {
-            Left::default()
+            LeftChain::default()
         }
     }
 

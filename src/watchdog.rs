@@ -28,15 +28,34 @@ use std::time::{Duration, Instant};
 use crate::registry::Target;
 use crate::vm::Vm;
 
-const FIRST_DELAY: Duration = Duration::from_millis(1);
-const MAX_DELAY: Duration = Duration::from_millis(50);
+/// The watchdog's retry policy, for whatever it must do again until the
+/// VM's thread has answered (a pending interrupt's re-arm, an alarm whose
+/// arming the running thread can undo): 1 ms, doubling up to 50 ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(1);
+    const MAX: Duration = Duration::from_millis(50);
+
+    pub const fn first() -> Self {
+        Backoff(Self::FIRST)
+    }
+
+    /// The delay to wait now; the next one doubles it.
+    pub fn step(&mut self) -> Duration {
+        let delay = self.0;
+        self.0 = (delay * 2).min(Self::MAX);
+        delay
+    }
+}
 
 enum Job {
     /// Re-arm a pending interrupt, at doubling intervals.
     Rearm {
         /// Weak, so that a queued re-arm does not keep an id known.
         target: Weak<Target>,
-        delay: Duration,
+        backoff: Backoff,
     },
     /// A VM's corowatch alarm.
     Alarm(Weak<Vm>),
@@ -53,13 +72,14 @@ pub trait Timer: Send + Sync {
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
-struct Rearm {
+/// A job in the queue, and when it is due.
+struct Scheduled {
     job: Job,
     due: Instant,
 }
 
 struct Queue {
-    entries: Mutex<Vec<Rearm>>,
+    entries: Mutex<Vec<Scheduled>>,
     wake: Condvar,
 }
 
@@ -71,12 +91,14 @@ static START: Once = Once::new();
 
 /// Asks the watchdog to re-arm `target` until its interrupt is delivered.
 pub fn schedule_rearm(target: &Arc<Target>) {
-    push(Rearm {
+    let mut backoff = Backoff::first();
+    let due = Instant::now() + backoff.step();
+    push(Scheduled {
         job: Job::Rearm {
             target: Arc::downgrade(target),
-            delay: FIRST_DELAY,
+            backoff,
         },
-        due: Instant::now() + FIRST_DELAY,
+        due,
     });
 }
 
@@ -88,7 +110,7 @@ const EARLY: Duration = Duration::from_micros(200);
 /// Asks the watchdog to call `vm.on_alarm()` at `due` (or earlier, if it
 /// already has an alarm of that VM due earlier: one per VM, at most).
 pub fn schedule_alarm(vm: Weak<Vm>, due: Instant) {
-    push(Rearm {
+    push(Scheduled {
         job: Job::Alarm(vm),
         due: early(due),
     });
@@ -109,7 +131,7 @@ pub fn queued_jobs() -> usize {
 /// that [`cancel_timer`] takes.
 pub fn schedule_timer(timer: Arc<dyn Timer>, due: Instant) -> u64 {
     let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-    push(Rearm {
+    push(Scheduled {
         job: Job::Timer(timer, token, due),
         due: early(due),
     });
@@ -119,7 +141,7 @@ pub fn schedule_timer(timer: Arc<dyn Timer>, due: Instant) -> u64 {
 /// Takes the timer with this token out of the queue, if it is still there
 /// (it may be firing right now: a timer's `fire` must tolerate that).
 pub fn cancel_timer(token: u64) {
-    let removed: Vec<Rearm> = {
+    let removed: Vec<Scheduled> = {
         let mut entries = lock(&QUEUE.entries);
         let (removed, kept) = entries
             .drain(..)
@@ -139,7 +161,7 @@ pub fn queued_timers() -> usize {
         .count()
 }
 
-fn push(entry: Rearm) {
+fn push(entry: Scheduled) {
     START.call_once(|| {
         // Without the thread, interrupts are still armed once, as the
         // original mtint does; there is nothing better to do than go on.
@@ -159,7 +181,7 @@ fn push(entry: Rearm) {
 /// any, at the earlier of the two times. So the queue holds one alarm per
 /// VM whatever the number of watches that moved it, and `on_alarm` (which
 /// works out the next time from the VM's chain) is called once per time.
-fn enqueue(entries: &mut Vec<Rearm>, entry: Rearm) {
+fn enqueue(entries: &mut Vec<Scheduled>, entry: Scheduled) {
     if let Job::Alarm(vm) = &entry.job {
         let queued = entries.iter_mut().find(|queued| match &queued.job {
             Job::Alarm(other) => Weak::ptr_eq(vm, other),
@@ -191,15 +213,18 @@ fn run() {
         let mut again = Vec::new();
         for entry in due {
             match entry.job {
-                Job::Rearm { target, delay } => {
+                Job::Rearm {
+                    target,
+                    mut backoff,
+                } => {
                     let Some(strong) = target.upgrade() else {
                         continue;
                     };
                     if strong.vm.rearm(strong.id) {
-                        let delay = (delay * 2).min(MAX_DELAY);
-                        again.push(Rearm {
-                            job: Job::Rearm { target, delay },
-                            due: Instant::now() + delay,
+                        let due = Instant::now() + backoff.step();
+                        again.push(Scheduled {
+                            job: Job::Rearm { target, backoff },
+                            due,
                         });
                     }
                     // `strong` is dropped here, outside every lock: dropping
@@ -223,7 +248,7 @@ fn run() {
                         next = strong.on_alarm();
                     }
                     if let Some(next) = next {
-                        again.push(Rearm {
+                        again.push(Scheduled {
                             job: Job::Alarm(vm),
                             due: early(next),
                         });
@@ -249,7 +274,7 @@ fn spin_until(due: Instant) {
 }
 
 /// Waits until at least one entry is due and takes the due ones out.
-fn take_due() -> Vec<Rearm> {
+fn take_due() -> Vec<Scheduled> {
     let mut entries = lock(&QUEUE.entries);
     loop {
         let now = Instant::now();
