@@ -208,7 +208,7 @@ unsafe extern "C-unwind" fn lua_set_hooks(state: *mut ffi::lua_State) -> std::ff
     // SAFETY: `state` is the running thread, on its OS thread. Called from
     // the dispatcher, inside the hook, hooks turned on let the hook nest:
     // the hook's frame holds nothing to drop and no lock while it calls
-    // the dispatcher (see `crate::hook::hook`), so a nested hook may raise
+    // the dispatcher (see `crate::hook::handle`), so a nested hook may raise
     // through it.
     let done = allowhook::set(state, on);
     // SAFETY: Lua guarantees a C function room for one result.

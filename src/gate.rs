@@ -4,7 +4,7 @@
 //! when it finalizes mlua's own guard. Finalizers run in the reverse order
 //! their objects were marked, so every object given a finalizer before our
 //! module was loaded is finalized after that: a `__gc` there calling an mlua
-//! function would read freed memory. Our [`VmGuard`](crate::vm::VmGuard) is
+//! function would read freed memory. Our [`VmGuard`](crate::state::VmGuard) is
 //! marked after mlua's data and so is finalized before it; it closes the
 //! VM. A gate is a plain C closure that looks at the VM first: once it is
 //! closed, the gate answers by itself (raises a clean Lua error, or does

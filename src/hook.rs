@@ -1,4 +1,6 @@
-//! The one debug hook, and how it delivers.
+//! What the one debug hook does: decides (through [`crate::vm`]) and
+//! delivers. Lua calls [`crate::entry::hook`], which passes every call to
+//! [`handle`].
 //!
 //! While nothing is pending no hook of ours is installed (on LuaJIT, none
 //! but the one that chains the user's: see [`crate::arming`]): an interrupt
@@ -20,13 +22,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
 
 use crate::arming;
-use crate::registry::Id;
-use crate::vm;
-use crate::watch::{Event, Locate};
-
-/// Every event the hook can be called for: whichever comes first delivers.
-pub const DELIVERY_MASK: c_int =
-    ffi::LUA_MASKCALL | ffi::LUA_MASKRET | ffi::LUA_MASKLINE | ffi::LUA_MASKCOUNT;
+use crate::vm::{self, Id, Verdict};
+use crate::watch::Locate;
 
 /// Registry keys (light userdata) under which the hook finds, without
 /// allocating, the per-VM tables `thread -> id` and `thread -> handler`.
@@ -41,25 +38,15 @@ pub fn key(key: &'static u8) -> *const c_void {
     key as *const u8 as *const c_void
 }
 
-/// What the hook does once it has looked at the pending interrupts.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Continue,
-    /// An mtint interrupt for the thread with this id.
-    Deliver(Id),
-    /// A corowatch event for the watched coroutine at this chain depth,
-    /// found there.
-    Watch(Event, usize, Locate),
-}
-
-/// The hook itself. It runs on the OS thread that runs `state`.
+/// The hook's work, called by [`crate::entry::hook`] for every event. It
+/// runs on the OS thread that runs `state`.
 ///
 /// Nothing with a destructor lives in this frame and no lock is held past
 /// `decide`: the delivery below ends in `lua_error`, or in `lua_call` of a
 /// handler or of corowatch's dispatcher, and the user's chained hook may
 /// raise too; all leave this frame by longjmp (PUC Lua) or by a foreign
 /// unwind (LuaJIT).
-pub unsafe extern "C-unwind" fn hook(state: *mut lua_State, ar: *mut lua_Debug) {
+pub unsafe extern "C-unwind" fn handle(state: *mut lua_State, ar: *mut lua_Debug) {
     // SAFETY: Lua passes the hook a valid `lua_Debug` for this call.
     let event = (*ar).event;
     // SAFETY: Lua calls the hook on the running thread, on its OS thread.

@@ -10,6 +10,7 @@ mod arming;
 #[cfg(feature = "lua51")]
 mod collector;
 mod corowatch;
+mod entry;
 mod errors;
 mod gate;
 mod hook;
@@ -20,6 +21,7 @@ mod resume;
 #[cfg(feature = "luajit")]
 mod signal;
 mod state;
+mod state_ptr;
 mod task;
 mod vm;
 mod watch;
@@ -33,6 +35,7 @@ use mlua::{Lua, Table};
 #[mlua::lua_module]
 fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     image::pin();
+    entry::set_handler(hook::handle);
     let core = lua.create_table()?;
     let vm = state::vm(lua)?;
     let closing = gate::WhenClosed::Raise("corowatch: the Lua state is closing");

@@ -10,10 +10,9 @@ use std::sync::{Arc, LazyLock, Weak};
 
 use dashmap::DashMap;
 
+pub use crate::vm::Id;
 use crate::vm::Vm;
-
-/// An interruptible id. Never reused within a process.
-pub type Id = u64;
+use crate::watchdog::Rearm;
 
 /// Ids start at 2^40 so that they are not mistaken for ordinary small
 /// integers, and stay below 10^14 so that every Lua version, including those
@@ -41,6 +40,12 @@ impl Drop for Target {
         self.vm.forget(self.id);
         // Ids are never reused, so this can only remove our own dead entry.
         TARGETS.remove_if(&self.id, |_, weak| weak.strong_count() == 0);
+    }
+}
+
+impl Rearm for Target {
+    fn rearm(&self) -> bool {
+        self.vm.rearm(self.id)
     }
 }
 

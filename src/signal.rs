@@ -76,8 +76,7 @@ use std::time::{Duration, Instant};
 
 use mlua::ffi::{self, lua_Hook, lua_State};
 
-use crate::arming::ours_fires;
-use crate::hook::{hook, DELIVERY_MASK};
+use crate::entry::{hook, ours_fires, DELIVERY_MASK};
 
 /// The signal: ignored by default, rarely used by hosts (Go's runtime uses
 /// it to preempt goroutines, and chains it).

@@ -9,7 +9,7 @@ use mlua::{ffi, AnyUserData, LightUserData, Lua, Table, Thread, UserData};
 use crate::errors;
 use crate::hook::{self, HANDLERS_KEY, IDS_KEY};
 use crate::registry::{self, Id, Target};
-use crate::vm::{self, Vm, VmGuard};
+use crate::vm::{self, Vm};
 
 const VM_GUARD: &str = "corowatch.vm";
 const ANCHOR: &str = "corowatch.anchor";
@@ -190,3 +190,20 @@ pub fn shared_table(lua: &Lua, name: String) -> mlua::Result<Table> {
     lua.set_named_registry_value(&key, &table)?;
     Ok(table)
 }
+
+/// Guard kept in the Lua registry: finalized by `lua_close`, it closes the VM.
+pub struct VmGuard(pub Arc<Vm>);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        #[cfg(not(feature = "luajit"))]
+        if let Some(anchor) = self.0.anchor() {
+            // SAFETY: lua_close runs finalizers before freeing any state, so
+            // the anchor is alive; this runs on the closing thread.
+            unsafe { crate::allocator::uninstall(anchor) };
+        }
+        self.0.close();
+    }
+}
+
+impl mlua::UserData for VmGuard {}

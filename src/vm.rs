@@ -10,7 +10,8 @@
 //! same lock) before the memory goes:
 //!
 //! - Main state: `lua_close` runs all finalizers before freeing anything. The
-//!   [`VmGuard`] in the Lua registry is finalized there and closes the VM.
+//!   VM's guard in the Lua registry (`crate::state`) is finalized there
+//!   and closes the VM.
 //! - Coroutine, Lua 5.2–5.4: its guard (in a weak-keyed table) has the thread
 //!   as its user value. That is an ephemeron: the guard is collected with the
 //!   thread, and because a value reachable from an object being finalized is
@@ -52,25 +53,23 @@ use dashmap::DashMap;
 use mlua::ffi::{self, lua_Hook, lua_State};
 
 use crate::arming::{Arming, HookArming, Need, Side};
-use crate::hook::Verdict;
-use crate::registry::Id;
-use crate::watch::{Chain, LeftChain, Plan, Watch, WatchAnchors};
-use crate::watchdog::{self, Backoff};
+use crate::state_ptr::StatePtr;
+use crate::watch::{Chain, Event, LeftChain, Locate, Plan, Watch, WatchAnchors};
+use crate::watchdog::{self, Alarm, Backoff};
 
-/// A raw `lua_State` pointer that may cross OS threads.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct StatePtr(pub *mut lua_State);
+/// An interruptible id. Never reused within a process (see
+/// [`crate::registry`], which hands them out).
+pub type Id = u64;
 
-// SAFETY: the pointer is only dereferenced (through the Lua C API) under the
-// VM lock while the slot says the state is alive; see the module comment.
-unsafe impl Send for StatePtr {}
-
-impl StatePtr {
-    pub const DEAD: StatePtr = StatePtr(std::ptr::null_mut());
-
-    pub fn is_alive(self) -> bool {
-        !self.0.is_null()
-    }
+/// What the hook does once it has looked at the pending interrupts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// An mtint interrupt for the thread with this id.
+    Deliver(Id),
+    /// A corowatch event for the watched coroutine at this chain depth,
+    /// found there.
+    Watch(Event, usize, Locate),
 }
 
 /// What an interrupt asks for.
@@ -767,7 +766,7 @@ impl Vm {
 
     /// Called by the watchdog when the alarm set by `set_alarm` goes off.
     /// Returns the next alarm, if the watchdog should wait for it.
-    pub fn on_alarm(&self) -> Option<Instant> {
+    fn alarm_went_off(&self) -> Option<Instant> {
         let mut inner = self.lock();
         inner.alarm = None;
         if inner.closed {
@@ -1060,19 +1059,8 @@ fn writing_from(side: Side, writing_afar: &AtomicBool, write: impl FnOnce()) {
     writing_afar.store(false, Ordering::Release);
 }
 
-/// Guard kept in the Lua registry: finalized by `lua_close`, it closes the VM.
-pub struct VmGuard(pub Arc<Vm>);
-
-impl Drop for VmGuard {
-    fn drop(&mut self) {
-        #[cfg(not(feature = "luajit"))]
-        if let Some(anchor) = self.0.anchor() {
-            // SAFETY: lua_close runs finalizers before freeing any state, so
-            // the anchor is alive; this runs on the closing thread.
-            unsafe { crate::allocator::uninstall(anchor) };
-        }
-        self.0.close();
+impl Alarm for Vm {
+    fn on_alarm(&self) -> Option<Instant> {
+        self.alarm_went_off()
     }
 }
-
-impl mlua::UserData for VmGuard {}

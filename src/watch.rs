@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::vm::StatePtr;
+use crate::state_ptr::StatePtr;
 
 /// What the hook asks the Lua side (the dispatcher) to do.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

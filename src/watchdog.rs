@@ -25,9 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
-use crate::registry::Target;
-use crate::vm::Vm;
-
 /// The watchdog's retry policy, for whatever it must do again until the
 /// VM's thread has answered (a pending interrupt's re-arm, an alarm whose
 /// arming the running thread can undo): 1 ms, doubling up to 50 ms.
@@ -54,14 +51,28 @@ enum Job {
     /// Re-arm a pending interrupt, at doubling intervals.
     Rearm {
         /// Weak, so that a queued re-arm does not keep an id known.
-        target: Weak<Target>,
+        target: Weak<dyn Rearm>,
         backoff: Backoff,
     },
     /// A VM's corowatch alarm.
-    Alarm(Weak<Vm>),
+    Alarm(Weak<dyn Alarm>),
     /// A one-shot timer, with the token that cancels it and the time it is
     /// due (it is queued [`EARLY`], like an alarm).
     Timer(Arc<dyn Timer>, u64, Instant),
+}
+
+/// A target whose pending interrupt the watchdog arms again until it is
+/// delivered (an mtint target: see `crate::registry`).
+pub trait Rearm: Send + Sync {
+    /// Arms again if still pending; returns whether to come back later.
+    fn rearm(&self) -> bool;
+}
+
+/// A VM whose corowatch deadlines the watchdog wakes for (see `crate::vm`).
+pub trait Alarm: Send + Sync {
+    /// The alarm went off: arm what is due; returns when to come back, if
+    /// the watchdog should.
+    fn on_alarm(&self) -> Option<Instant>;
 }
 
 /// Something to do once, on the watchdog thread, at a given time. `fire`
@@ -90,14 +101,13 @@ static QUEUE: LazyLock<Queue> = LazyLock::new(|| Queue {
 static START: Once = Once::new();
 
 /// Asks the watchdog to re-arm `target` until its interrupt is delivered.
-pub fn schedule_rearm(target: &Arc<Target>) {
+pub fn schedule_rearm<T: Rearm + 'static>(target: &Arc<T>) {
+    let weak: Weak<T> = Arc::downgrade(target);
+    let target: Weak<dyn Rearm> = weak;
     let mut backoff = Backoff::first();
     let due = Instant::now() + backoff.step();
     push(Scheduled {
-        job: Job::Rearm {
-            target: Arc::downgrade(target),
-            backoff,
-        },
+        job: Job::Rearm { target, backoff },
         due,
     });
 }
@@ -109,7 +119,7 @@ const EARLY: Duration = Duration::from_micros(200);
 
 /// Asks the watchdog to call `vm.on_alarm()` at `due` (or earlier, if it
 /// already has an alarm of that VM due earlier: one per VM, at most).
-pub fn schedule_alarm(vm: Weak<Vm>, due: Instant) {
+pub fn schedule_alarm(vm: Weak<dyn Alarm>, due: Instant) {
     push(Scheduled {
         job: Job::Alarm(vm),
         due: early(due),
@@ -220,7 +230,7 @@ fn run() {
                     let Some(strong) = target.upgrade() else {
                         continue;
                     };
-                    if strong.vm.rearm(strong.id) {
+                    if strong.rearm() {
                         let due = Instant::now() + backoff.step();
                         again.push(Scheduled {
                             job: Job::Rearm { target, backoff },

@@ -18,7 +18,9 @@ use std::ffi::c_int;
 
 use mlua::ffi::{self, lua_Hook, lua_State};
 
-use crate::hook::{hook, DELIVERY_MASK};
+#[cfg(feature = "luajit")]
+pub use crate::entry::ours_fires;
+use crate::entry::{hook, is_ours, DELIVERY_MASK};
 
 /// Who asks for the hook: the thread running the VM, or another OS thread.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -45,26 +47,6 @@ pub struct SavedHook {
     func: lua_Hook,
     mask: c_int,
     count: c_int,
-}
-
-fn is_ours(func: Option<lua_Hook>) -> bool {
-    func.is_some_and(|f| f as *const () == hook as *const ())
-}
-
-/// Whether our hook is installed on the VM of `state` and fires (LuaJIT).
-///
-/// LuaJIT's own read-modify-writes of the mask byte (around finalizers:
-/// `hook_entergc`, `hook_restore`; `hook_leave` on some targets) can write
-/// back a mask read before a `lua_sethook` from the signal handler: our
-/// function is then in place with no events, or with a user's mask it
-/// replaced (say call events only), and a call-free loop never runs it.
-/// Every mask we install has the count event: only that makes it ours.
-///
-/// # Safety
-/// `state` must be alive.
-#[cfg(feature = "luajit")]
-pub unsafe fn ours_fires(state: *mut lua_State) -> bool {
-    is_ours(ffi::lua_gethook(state)) && ffi::lua_gethookmask(state) & ffi::LUA_MASKCOUNT != 0
 }
 
 /// `lua_sethook` returns `int` up to 5.2 and nothing from 5.3 on.

@@ -1,0 +1,84 @@
+-- The native core's files form a one-way graph: each depends only on files
+-- below it (ARCHITECTURE.md lists them in that order), so a newcomer can
+-- read them bottom up. A file names another by `crate::<module>` (in code,
+-- not in comments); `src/x/*.rs` is the module `x`.
+
+local function source_files()
+  local pipe = io.popen("ls src/*.rs src/*/*.rs 2>/dev/null")
+  local files = {}
+  for file in pipe:read("*a"):gmatch("[^\n]+") do files[#files + 1] = file end
+  pipe:close()
+  return files
+end
+
+local function module_of(file)
+  return file:match("^src/([%w_]+)/") or file:match("^src/([%w_]+)%.rs$")
+end
+
+-- module -> set of the modules its code names.
+local function dependencies(files)
+  local graph = {}
+  for _, file in ipairs(files) do
+    local from = module_of(file)
+    graph[from] = graph[from] or {}
+    for line in io.lines(file) do
+      if not line:match("^%s*//") then
+        for to in line:gmatch("crate::([%w_]+)") do
+          if to ~= from then graph[from][to] = true end
+        end
+      end
+    end
+  end
+  return graph
+end
+
+-- A cycle in `graph` as a list of modules (first repeated last), or nil.
+local function find_cycle(graph)
+  local state, path = {}, {}
+  local function visit(node)
+    state[node] = "open"
+    path[#path + 1] = node
+    local targets = {}
+    for to in pairs(graph[node] or {}) do targets[#targets + 1] = to end
+    table.sort(targets)
+    for _, to in ipairs(targets) do
+      if state[to] == "open" then
+        local cycle, start = {}, nil
+        for i, name in ipairs(path) do if name == to then start = i end end
+        for i = start, #path do cycle[#cycle + 1] = path[i] end
+        cycle[#cycle + 1] = to
+        return cycle
+      elseif not state[to] then
+        local cycle = visit(to)
+        if cycle then return cycle end
+      end
+    end
+    path[#path] = nil
+    state[node] = "done"
+  end
+  local nodes = {}
+  for node in pairs(graph) do nodes[#nodes + 1] = node end
+  table.sort(nodes)
+  for _, node in ipairs(nodes) do
+    if not state[node] then
+      local cycle = visit(node)
+      if cycle then return cycle end
+    end
+  end
+end
+
+describe("the native core's files", function()
+  local files = source_files()
+
+  it("form a one-way graph", function()
+    if #files == 0 then pending("no src/ here (an installed rock)") return end
+    local cycle = find_cycle(dependencies(files))
+    assert.is_nil(cycle, cycle and "cycle: " .. table.concat(cycle, " -> "))
+  end)
+
+  it("are checked by a test that sees a cycle", function()
+    local cycle = find_cycle({ a = { b = true }, b = { c = true }, c = { a = true }, d = { a = true } })
+    assert.are.same({ "a", "b", "c", "a" }, cycle)
+    assert.is_nil(find_cycle({ a = { b = true }, b = {}, c = { a = true, b = true } }))
+  end)
+end)
