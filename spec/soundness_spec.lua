@@ -103,13 +103,25 @@ print("survived", boom > 0)
   -- Lua 5.4 turns finalizer errors into warnings: nothing reaches pcall.
   local expected = _VERSION == "Lua 5.4" and "survived\tfalse\n" or "survived\ttrue\n"
 
-  -- With the JIT on, LuaJIT itself still crashes in this loop now and then
-  -- (README, Limitations). Lua 5.2 raises some finalizer errors around a
-  -- call rather than in it, outside any pcall of this loop: Lua's own way,
-  -- which this spec cannot tell from ours there.
+  -- Lua 5.2 raises some finalizer errors around a call rather than in it,
+  -- outside any pcall of this loop: Lua's own way, which this spec cannot
+  -- tell from ours there.
   local caught_spec = _VERSION == "Lua 5.2" and pending or it
   caught_spec("is caught by pcall", function()
     local output, ok = child.run(SCRIPT:format("if jit then jit.off() end"))
+    assert.is_true(ok, output)
+    assert.are.equal(expected, output)
+  end)
+
+  -- With the JIT on, LuaJIT runs a GC step at a trace exit unprotected,
+  -- and a finalizer's error raised there crashes its unwinder (LuaJIT's
+  -- own bug, fixed upstream: README, Limitations). The gates restarted
+  -- the collector with a step due at once, after every call: at the
+  -- caller's next check, often a trace exit. This loop crashed 26 runs of
+  -- 30 that way; with the collector's own pace kept, none of 90.
+  it("does not bring LuaJIT's unprotected GC step forward, with the JIT on", function()
+    if not jit then pending("LuaJIT only: traces and their exits") return end
+    local output, ok = child.run(SCRIPT:format(""))
     assert.is_true(ok, output)
     assert.are.equal(expected, output)
   end)

@@ -30,11 +30,15 @@
 //!   allocation can run a step) that aborts the process, since Rust cannot
 //!   catch foreign exceptions.
 //!
-//! Holding keeps the user's collector state: a collector the user stopped
-//! stays stopped. LuaJIT says whether it runs (`LUA_GCISRUNNING`); 5.1
-//! cannot, and there the gate saves and restores the collector's threshold
-//! itself ([`crate::collector`]), on a VM whose layout was checked at load;
-//! elsewhere it does not hold the collector.
+//! Holding keeps the user's collector state and pace: the gate saves the
+//! collector's threshold, sets it out of reach, and puts it back
+//! ([`crate::collector`]), on a VM whose layout was checked at load; a
+//! collector the user stopped stays stopped, and no GC step comes due
+//! because of the call. Where the layout is not recognised, 5.1 does not
+//! hold the collector, and LuaJIT stops and restarts it (a step is then due
+//! at the caller's next allocation check: with the JIT on, often a trace
+//! exit, where a finalizer's error crashes LuaJIT 2.1 before its fix; see
+//! the README's Limitations).
 
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
@@ -56,10 +60,23 @@ pub enum WhenClosed {
 const CALLBACK: c_int = ffi::lua_upvalueindex(1);
 const VM: c_int = ffi::lua_upvalueindex(2);
 const MESSAGE: c_int = ffi::lua_upvalueindex(3);
-/// Whether the gate holds the collector during the call (false on
+/// How the gate holds the collector during the call, a [`Hold`] (none on
 /// 5.2–5.4, where nothing reads it).
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 const HOLD: c_int = ffi::lua_upvalueindex(4);
+
+/// How a gate holds the collector.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(any(feature = "lua51", feature = "luajit")), allow(dead_code))]
+enum Hold {
+    /// Not at all.
+    None = 0,
+    /// Through its threshold, saved and put back ([`crate::collector`]).
+    Threshold = 1,
+    /// LuaJIT, where the threshold's layout was not recognised: STOP, and
+    /// RESTART if it was running.
+    StopRestart = 2,
+}
 
 /// `callback` behind a gate of the VM `vm`.
 pub fn gate(
@@ -72,7 +89,7 @@ pub fn gate(
     // after the VM's guard is gone (that is its point), and a closed Vm is
     // inert. A few hundred bytes per VM and module load.
     let vm = Arc::into_raw(vm.clone()) as usize;
-    let hold = holds_collector(lua);
+    let hold = hold_of(lua);
     // SAFETY: the closure consumes the function mlua pushed for it and leaves
     // the gate on the stack for mlua to take; it pushes at most three values,
     // within the stack space mlua reserves for `exec_raw`.
@@ -83,39 +100,41 @@ pub fn gate(
                 WhenClosed::Raise(message) => push_str(state, message),
                 WhenClosed::Nothing => ffi::lua_pushnil(state),
             }
-            ffi::lua_pushboolean(state, hold as c_int);
+            ffi::lua_pushinteger(state, hold as ffi::lua_Integer);
             ffi::lua_pushcclosure(state, call_through_gate, 4);
         })
     }
 }
 
-/// LuaJIT: the gates hold the collector.
-#[cfg(feature = "luajit")]
-fn holds_collector(_: &Lua) -> bool {
-    true
-}
-
-/// Lua 5.1: the gates hold the collector if the VM's layout is the one
-/// [`crate::collector`] knows; checked once per VM.
-#[cfg(feature = "lua51")]
-fn holds_collector(lua: &Lua) -> bool {
+/// Lua 5.1 and LuaJIT: the gates hold the collector through its threshold
+/// if the VM's layout is the one [`crate::collector`] knows (checked once
+/// per VM); otherwise not at all on 5.1, by STOP and RESTART on LuaJIT.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+fn hold_of(lua: &Lua) -> Hold {
     struct Checked(bool);
-    if let Some(checked) = lua.app_data_ref::<Checked>() {
-        return checked.0;
+    let verified = match lua.app_data_ref::<Checked>() {
+        Some(checked) => checked.0,
+        None => {
+            let state = lua.current_thread().to_pointer() as *mut lua_State;
+            // SAFETY: `state` is the running thread, kept alive by the
+            // running call, and this OS thread runs its VM.
+            let verified = unsafe { crate::collector::verify(state) };
+            lua.set_app_data(Checked(verified));
+            verified
+        }
+    };
+    match verified {
+        true => Hold::Threshold,
+        false if cfg!(feature = "luajit") => Hold::StopRestart,
+        false => Hold::None,
     }
-    let state = lua.current_thread().to_pointer() as *mut lua_State;
-    // SAFETY: `state` is the running thread, kept alive by the running call,
-    // and this OS thread runs its VM.
-    let verified = unsafe { crate::collector::verify(state) };
-    lua.set_app_data(Checked(verified));
-    verified
 }
 
 /// Lua 5.2–5.4: the gates leave the collector alone (see the module
 /// comment).
 #[cfg(not(any(feature = "lua51", feature = "luajit")))]
-fn holds_collector(_: &Lua) -> bool {
-    false
+fn hold_of(_: &Lua) -> Hold {
+    Hold::None
 }
 
 /// Builds a module table's functions from `(name, callback, when_closed)`.
@@ -192,51 +211,51 @@ unsafe fn call(state: *mut lua_State, nargs: c_int) {
 /// comment), an error being raised again once the collector is released.
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe fn call(state: *mut lua_State, nargs: c_int) {
-    if ffi::lua_toboolean(state, HOLD) == 0 {
+    let hold = match ffi::lua_tointeger(state, HOLD) {
+        1 => Hold::Threshold,
+        2 => Hold::StopRestart,
+        _ => Hold::None,
+    };
+    if hold == Hold::None {
         ffi::lua_call(state, nargs, ffi::LUA_MULTRET);
         return;
     }
-    let held = hold(state);
+    let held = match hold {
+        // SAFETY: the gate holds this way only on a VM `collector::verify`
+        // accepted, and `state` is its running thread, on this OS thread.
+        Hold::Threshold => unsafe { crate::collector::hold(state) },
+        _ => stop(state),
+    };
     let status = ffi::lua_pcall(state, nargs, ffi::LUA_MULTRET, 0);
-    release(state, held);
+    match hold {
+        // SAFETY: as above.
+        Hold::Threshold => unsafe { crate::collector::release(state, held) },
+        _ => restart(state, held),
+    }
     if status != 0 {
         ffi::lua_error(state);
     }
 }
 
-/// LuaJIT: stops the collector if it runs; returns whether it did.
-#[cfg(feature = "luajit")]
-unsafe fn hold(state: *mut lua_State) -> bool {
+/// LuaJIT, layout not recognised: stops the collector if it runs; returns
+/// 1 if it did.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+unsafe fn stop(state: *mut lua_State) -> usize {
     const LUA_GCISRUNNING: c_int = 9;
-    let was_running = ffi::lua_gc(state, LUA_GCISRUNNING, 0) != 0;
+    let was_running = cfg!(feature = "luajit") && ffi::lua_gc(state, LUA_GCISRUNNING, 0) != 0;
     if was_running {
         ffi::lua_gc(state, ffi::LUA_GCSTOP, 0);
     }
-    was_running
+    usize::from(was_running)
 }
 
-/// LuaJIT: restarts the collector if [`hold`] stopped it.
-#[cfg(feature = "luajit")]
-unsafe fn release(state: *mut lua_State, was_running: bool) {
-    if was_running {
+/// Restarts the collector if [`stop`] stopped it.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
+unsafe fn restart(state: *mut lua_State, was_running: usize) {
+    if was_running == 1 {
         // 0: a step at the next allocation, as if the collector had never
         // stopped (-1 would push its next cycle out at every call: a loop
         // of calls would never collect).
         ffi::lua_gc(state, ffi::LUA_GCRESTART, 0);
     }
-}
-
-/// Lua 5.1: holds the collector through its threshold.
-#[cfg(feature = "lua51")]
-unsafe fn hold(state: *mut lua_State) -> usize {
-    // SAFETY: the gate holds only on a VM `collector::verify` accepted, and
-    // `state` is its running thread, on this OS thread.
-    unsafe { crate::collector::hold(state) }
-}
-
-/// Lua 5.1: puts the threshold [`hold`] saved back.
-#[cfg(feature = "lua51")]
-unsafe fn release(state: *mut lua_State, saved: usize) {
-    // SAFETY: as in `hold`.
-    unsafe { crate::collector::release(state, saved) }
 }

@@ -7,7 +7,7 @@
 mod allocator;
 mod allowhook;
 mod arming;
-#[cfg(feature = "lua51")]
+#[cfg(any(feature = "lua51", feature = "luajit"))]
 mod collector;
 mod corowatch;
 mod entry;
