@@ -58,10 +58,13 @@ shared.watched, shared.killed = watched, killed
 -- Fields of a settings record.
 local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
 
--- The kill message of the last watch: watches set in a loop at one place
--- share one string instead of a traceback each. And its record, for the
--- next watch set alike (see `watch`).
-local last_message, last_record
+-- The kill message of the last watch, with the signature of the stack it
+-- was built on and its limit: watches set in a loop at one place share
+-- one string, built once. And its record, for the next watch set alike
+-- (see `watch`).
+local last_message, last_signature, last_limit, last_limit_type, last_record
+local stack_signature = native.stack_signature
+local math_type = math.type or function() return "number" end
 
 -- Error levels: a function of this file that takes a `level` raises its
 -- errors as `error(message, level)` called in its caller would, so that
@@ -287,9 +290,13 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
   if co == nil then key = running_key(); thread = nil end
   local current = watched[key]
   if current and current[EXPLICIT] then refuse(level + 1, name, "this coroutine is already watched") end
-  local message = traceback(KILL_MESSAGE:format(tostring(killlimit)), level + 1)
-  if message == last_message then message = last_message end
-  last_message = message
+  -- The message names the limit as given (1 and 1.0 print apart on 5.3+).
+  local signature, limit_type = stack_signature(level + 1), math_type(killlimit)
+  if not (signature == last_signature and killlimit == last_limit and limit_type == last_limit_type) then
+    last_message = traceback(KILL_MESSAGE:format(tostring(killlimit)), level + 1)
+    last_signature, last_limit, last_limit_type = signature, killlimit, limit_type
+  end
+  local message = last_message
   cb = cb or false
   -- Coroutines watched alike (same limits, callback and message: the same
   -- call site) share one record, which nothing changes but its inherited

@@ -44,6 +44,39 @@ describe("corowatch.watch", function()
     assert.are.same({ false, err }, { cw.resume(co) })
   end)
 
+  it("names in each kill message its own limit and where its watch was set", function()
+    -- Watches set alike share one message, built once (a traceback per
+    -- watch was a few hundred bytes of garbage each): alternating places
+    -- and limits must still give each watch its own.
+    -- (Not tail calls: the traceback starts in these functions.)
+    local function watch_here(limit)
+      local co = corowatch.watch(cw.create(spin), limit)
+      return co
+    end
+    local function watch_there(limit)
+      local co = corowatch.watch(cw.create(spin), limit)
+      return co
+    end
+    local cos = {}
+    for _ = 1, 2 do
+      cos[#cos + 1] = watch_here(0.02)
+      cos[#cos + 1] = watch_there(0.02)
+      cos[#cos + 1] = watch_there(0.03)
+    end
+    local heads, places = {}, {}
+    for i, co in ipairs(cos) do
+      local _, err = cw.resume(co)
+      heads[i] = err:match("^[^\n]*")
+      places[i] = err:match("stack traceback:\n\t[^\n]-:(%d+):")
+    end
+    assert.are.same({ heads[1], heads[2], heads[3] }, { heads[4], heads[5], heads[6] })
+    assert.are.same({ places[1], places[2], places[3] }, { places[4], places[5], places[6] })
+    assert.is_truthy(heads[2]:find("0.02 seconds", 1, true))
+    assert.is_truthy(heads[3]:find("0.03 seconds", 1, true))
+    assert.are_not.equal(places[1], places[2])
+    assert.are.equal(places[2], places[3])
+  end)
+
   it("restarts the clock at every resume: only running without yielding counts", function()
     -- Six slices of 50 ms add up to more than the limit; each stays far
     -- below it, even on a loaded machine.
