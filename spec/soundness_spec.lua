@@ -198,6 +198,24 @@ print("running", not fell, running_growth < 3 * stopped_growth,
     assert.is_true(ok, output)
     assert.matches("^stopped\ttrue\ttrue\ttrue\nrunning\ttrue\ttrue\t%d+ KB stopped, %d+ KB running\n$", output)
   end)
+
+  -- The calls allocate while the collector is held (5.1, LuaJIT); a loop
+  -- that allocates nothing else reached no collection check outside a
+  -- call, and nothing was ever collected (hundreds of MB).
+  it("collects in a loop that allocates only inside library calls", function()
+    local output, ok = child.run([[
+local mtint = require("mtint")
+collectgarbage()
+local start = collectgarbage("count")
+for _ = 1, 300000 do mtint.id() end
+print(("%.0f"):format(collectgarbage("count") - start))
+]], "timeout 120 ")
+    assert.is_true(ok, output)
+    local growth = tonumber(output:match("^(%-?%d+)\n$"))
+    assert.is_truthy(growth, output)
+    -- A few MB at most; uncollected, 300 000 calls leave about 40 MB.
+    assert.is_true(growth < 8000, output .. " KB more")
+  end)
 end)
 
 -- In-process specs: the module's own functions, no global patched.
@@ -651,6 +669,53 @@ line(coroutine.close(co))
 print(cleaned)
 ]])
     assert.are.equal(("false\t%s\n2\n"):format(KILLED), output)
+  end)
+
+  it("5.4: kills a looping <close> handler of a coroutine that another's kill ended", function()
+    if not coroutine.close then pending("coroutine.close is Lua 5.4's") return end
+    -- A's kill lands in B, which A resumed: B dies from an error raised in
+    -- a hook (not its own kill), and its hooks stayed off.
+    local output = in_child(CLOSING .. [[
+local B = corowatch.watch(coroutine.create(function()
+  local inner <close> = guard(true)
+  while true do end
+end), 0.5)
+local A = corowatch.watch(coroutine.create(function() coroutine.resume(B) end), 0.1)
+line(coroutine.resume(A))
+line(coroutine.close(B))
+print(cleaned)
+]])
+    -- A is killed too (the kill lands in B, then in A); B's own watch
+    -- kills its handler.
+    local killed_b = KILLED:gsub("0%.1 ", "0.5 ")
+    assert.are.equal(("false\t%s\nfalse\t%s\n1\n"):format(KILLED, killed_b), output)
+  end)
+
+  it("5.4: kills a looping <close> handler of a coroutine an interrupt ended", function()
+    if not coroutine.close then pending("coroutine.close is Lua 5.4's") return end
+    local output = in_child(CLOSING .. [[
+local mtint = require("mtint")
+local co = corowatch.watch(coroutine.create(function()
+  local inner <close> = guard(true)
+  mtint.interrupt(mtint.id())
+  while true do end
+end), 0.1)
+local ok, err = coroutine.resume(co)
+print(ok, (tostring(err):match("^mtint%.error%.interrupted")))
+line(coroutine.close(co))
+]])
+    assert.are.equal(("false\tmtint.error.interrupted\nfalse\t%s\n"):format(KILLED), output)
+  end)
+
+  it("5.4: answers false and the kill message to every close of a killed coroutine", function()
+    if not coroutine.close then pending("coroutine.close is Lua 5.4's") return end
+    local output = in_child(CLOSING .. [[
+local co = corowatch.watch(coroutine.create(function() while true do end end), 0.1)
+coroutine.resume(co)
+line(coroutine.close(co))
+line(coroutine.close(co))
+]])
+    assert.are.equal(("false\t%s\nfalse\t%s\n"):format(KILLED, KILLED), output)
   end)
 
   it("5.4: kills a looping <close> handler of a suspended watched coroutine", function()

@@ -228,15 +228,29 @@ pub unsafe fn hold(state: *mut lua_State) -> usize {
 /// Releases the hold taken by [`hold`], which returned `saved`: the
 /// threshold is the user's again, unless something set it meanwhile (a
 /// `collectgarbage` call from Lua code run by the call), which is kept.
+/// If the call's allocations made a step due and `step` is true (the call
+/// succeeded: its error, if any, is raised first), it runs here: a loop that
+/// allocates only inside our calls reaches no collection check outside
+/// them, and would never collect. The step may run finalizers and raise
+/// their errors (from this C frame, where `pcall` catches them as from
+/// any allocation, on LuaJIT too: see the module comment).
 ///
 /// # Safety
-/// As for [`hold`].
-pub unsafe fn release(state: *mut lua_State, saved: usize) {
+/// As for [`hold`]; the call the hold was for has returned (a finalizer
+/// may call into mlua again), and the caller's frame may be left by a
+/// Lua error.
+pub unsafe fn release(state: *mut lua_State, saved: usize, step: bool) {
     // SAFETY: per the contract, the layout is the mirrored one.
-    unsafe {
+    let due = unsafe {
         let g = global(state);
         if (*g).gc_threshold == HELD {
             (*g).gc_threshold = saved;
         }
+        (*g).totalbytes >= (*g).gc_threshold
+    };
+    if due && step {
+        // SAFETY: `state` runs on this OS thread; the step is what the
+        // next collection check would take, with data 0 (no extra work).
+        unsafe { ffi::lua_gc(state, ffi::LUA_GCSTEP, 0) };
     }
 }

@@ -176,7 +176,8 @@ unsafe fn push_str(state: *mut lua_State, text: &str) {
 }
 
 /// The gate. Nothing with a destructor lives in this frame: it ends in
-/// `lua_error` when closed, and errors of the callback pass through it.
+/// `lua_error` when closed, errors of the callback pass through it, and
+/// so may a finalizer's, from the GC step the call made due.
 unsafe extern "C-unwind" fn call_through_gate(state: *mut lua_State) -> c_int {
     // SAFETY: the upvalue is a `Vm` leaked by `gate`, alive for the process.
     let vm = &*(ffi::lua_touserdata(state, VM) as *const Vm);
@@ -229,7 +230,9 @@ unsafe fn call(state: *mut lua_State, nargs: c_int) {
     let status = ffi::lua_pcall(state, nargs, ffi::LUA_MULTRET, 0);
     match hold {
         // SAFETY: as above.
-        Hold::Threshold => unsafe { crate::collector::release(state, held) },
+        // A step the call made due runs now if it succeeded (it may raise
+        // a finalizer's error), else at the next collection check.
+        Hold::Threshold => unsafe { crate::collector::release(state, held, status == 0) },
         _ => restart(state, held),
     }
     if status != 0 {

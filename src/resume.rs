@@ -164,7 +164,7 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
     let limits = watch_limits(state, &mut *resume_state);
     let narg = ffi::lua_gettop(state) - 1;
     if !is_suspended(state, co) || (narg > 0 && ffi::lua_checkstack(co, narg) == 0) {
-        return resume_through_original(vm, state, co, limits);
+        return resume_through_original(vm, state, co, limits, false);
     }
     // `co` stays at index 1 throughout: alive while the chain names it.
     let (outcome, killed) = tracked(vm, state, co, (limits, true), || {
@@ -177,12 +177,15 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
 /// while its pending to-be-closed variables run, from the call on, as a
 /// resume puts it in force: a `<close>` handler that runs past the kill
 /// limit is killed, and the handlers still pending get the kill at their
-/// first instruction. A killed coroutine answers `false, message`.
+/// first instruction. A killed coroutine answers `false, message`, at
+/// every close.
 ///
-/// A coroutine that the kill ended keeps its hooks off for good (the kill
-/// was raised from the hook and no `pcall` in it caught it): they are
-/// turned back on first, or its handlers would run out of the watch's
-/// reach (see [`crate::allowhook`]).
+/// A coroutine that died from an error raised in a hook (its kill, the
+/// kill of one that resumed it, an interrupt, a user's hook) keeps its
+/// hooks off for good: no `pcall` in it caught the error, which is when
+/// Lua turns them back on. They are turned back on first, or its handlers
+/// would run out of every watch's reach (see [`crate::allowhook`]); for a
+/// coroutine that died otherwise they are on already.
 unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
     let co = ffi::lua_tothread(state, 1);
     if co.is_null() {
@@ -193,13 +196,14 @@ unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
     let vm = &*(*resume_state).vm;
     vm.note_owner();
     let limits = watch_limits(state, &mut *resume_state);
-    if ffi::lua_status(co) > ffi::LUA_YIELD && is_killed(state) {
+    if ffi::lua_status(co) > ffi::LUA_YIELD {
         // SAFETY: `co` is dead (its status is an error), so it does not
         // run; it is a thread of this VM (it came as an argument), whose
         // OS thread this is.
         allowhook::set(co, true);
     }
-    resume_through_original(vm, state, co, limits)
+    let killed_before = is_killed(state);
+    resume_through_original(vm, state, co, limits, killed_before)
 }
 
 /// Whether the coroutine at index 1 was killed. Needs one free stack slot.
@@ -370,11 +374,14 @@ unsafe fn push_str(state: *mut lua_State, text: &'static str) {
 /// everything but a plainly suspended coroutine: the original gives its own
 /// refusals and errors. No error can leave the chain naming a coroutine
 /// that does not run; one is raised again once the chain is right.
+/// `killed_before`: the coroutine was killed before this call (a close
+/// answers for a killed coroutine whatever the original says).
 unsafe fn resume_through_original(
     vm: &Vm,
     state: *mut lua_State,
     co: *mut lua_State,
     limits: Option<Limits>,
+    killed_before: bool,
 ) -> c_int {
     // Keep `co` below everything: it stays alive while the chain names it.
     ffi::lua_pushvalue(state, 1);
@@ -383,7 +390,7 @@ unsafe fn resume_through_original(
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
-    answer_original(state, killed)
+    answer_original(state, killed || killed_before)
 }
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
