@@ -144,24 +144,16 @@ unsafe fn watch_limits(state: *mut lua_State, resume_state: &mut ResumeState) ->
 /// here: it may end in `lua_error`, and the Rust calls that lock run in
 /// their own frames.
 unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
-    let co = ffi::lua_tothread(state, 1);
-    if co.is_null() {
-        return call_original_unprotected(state);
-    }
-    // SAFETY: the upvalue is the `ResumeState` that `push_resume` made; its
-    // `vm` is kept alive for the process's life.
-    let resume_state = ffi::lua_touserdata(state, STATE) as *mut ResumeState;
-    let vm = &*(*resume_state).vm;
     // Stack room: Lua gives a C function `LUA_MINSTACK` (20) free slots
     // above its arguments, and this function and those it calls push at
     // most 4 before the arguments go to `co` (`answer_direct` checks for the
     // results).
-    vm.note_owner();
+    let (co, vm, limits) = match begin(state) {
+        Ok(begun) => begun,
+        Err(results) => return results,
+    };
     #[cfg(feature = "luajit")]
     arm_pending_interrupt(vm, state);
-    // SAFETY: borrowed only for this call, which runs no Lua code (so no
-    // nested `resume` borrows it meanwhile).
-    let limits = watch_limits(state, &mut *resume_state);
     let narg = ffi::lua_gettop(state) - 1;
     if !is_suspended(state, co) || (narg > 0 && ffi::lua_checkstack(co, narg) == 0) {
         return resume_through_original(vm, state, co, limits, false);
@@ -187,15 +179,10 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
 /// would run out of every watch's reach (see [`crate::allowhook`]); for a
 /// coroutine that died otherwise they are on already.
 unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
-    let co = ffi::lua_tothread(state, 1);
-    if co.is_null() {
-        return call_original_unprotected(state);
-    }
-    // SAFETY: as in `resume`.
-    let resume_state = ffi::lua_touserdata(state, STATE) as *mut ResumeState;
-    let vm = &*(*resume_state).vm;
-    vm.note_owner();
-    let limits = watch_limits(state, &mut *resume_state);
+    let (co, vm, limits) = match begin(state) {
+        Ok(begun) => begun,
+        Err(results) => return results,
+    };
     if ffi::lua_status(co) > ffi::LUA_YIELD {
         // SAFETY: `co` is dead (its status is an error), so it does not
         // run; it is a thread of this VM (it came as an argument), whose
@@ -204,6 +191,31 @@ unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
     }
     let killed_before = is_killed(state);
     resume_through_original(vm, state, co, limits, killed_before)
+}
+
+/// What `resume` and `close` begin with: the coroutine at index 1, the VM
+/// and the coroutine's watch limits; or, if the argument is not a
+/// coroutine, the result count of the original function, which refused it.
+///
+/// # Safety
+/// `state` is running `resume` or `close` (their upvalues are in place).
+#[inline(always)]
+unsafe fn begin<'vm>(
+    state: *mut lua_State,
+) -> Result<(*mut lua_State, &'vm Vm, Option<Limits>), c_int> {
+    let co = ffi::lua_tothread(state, 1);
+    if co.is_null() {
+        return Err(call_original_unprotected(state));
+    }
+    // SAFETY: the upvalue is the `ResumeState` that `push_tracking` made;
+    // its `vm` is kept alive for the process's life.
+    let resume_state = ffi::lua_touserdata(state, STATE) as *mut ResumeState;
+    let vm = &*(*resume_state).vm;
+    vm.note_owner();
+    // SAFETY: borrowed only for this call, which runs no Lua code (so no
+    // nested `resume` borrows it meanwhile).
+    let limits = watch_limits(state, &mut *resume_state);
+    Ok((co, vm, limits))
 }
 
 /// Whether the coroutine at index 1 was killed. Needs one free stack slot.
