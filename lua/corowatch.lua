@@ -138,21 +138,18 @@ native.set_dispatcher(dispatch)
 -- @param ... values returned by the `resume` that resumed the coroutine
 -- @return the values passed to the next `resume`
 -- @raise the kill message, in a killed coroutine (it cannot yield)
-M.resume, M.yield = native.make_functions(raw_resume, watched, killed)
-local resume = M.resume
 
-if raw_close then
-  --- Lua 5.4's `coroutine.close`, with the coroutine's watch in force
-  -- (from the call on) while its pending `<close>` handlers run: one that
-  -- runs past the kill limit is killed, and those still pending get the
-  -- kill at their first instruction. A killed coroutine answers `false`
-  -- and the kill message.
-  -- @function close
-  -- @tparam thread co a suspended or dead coroutine
-  -- @treturn boolean true if no error (nor kill) is left
-  -- @return the error or the kill message
-  M.close = native.make_close(raw_close, watched, killed)
-end
+--- Lua 5.4's `coroutine.close`, with the coroutine's watch in force (from
+-- the call on) while its pending `<close>` handlers run: one that runs past
+-- the kill limit is killed, and those still pending get the kill at their
+-- first instruction. A killed coroutine answers `false` and the kill
+-- message. Nil before 5.4.
+-- @function close
+-- @tparam thread co a suspended or dead coroutine
+-- @treturn boolean true if no error (nor kill) is left
+-- @return the error or the kill message
+M.resume, M.yield, M.close = native.make_functions(raw_resume, watched, killed, raw_close)
+local resume = M.resume
 
 if jit then
   -- LuaJIT treats a C function that yields while any hook runs (the hook
@@ -218,10 +215,10 @@ end
 local function unwrap(co, ok, ...)
   if ok then return ... end
   local err = ...
-  if raw_close and raw_status(co) == "dead" then
-    -- A patched close, if this module has one, keeps a killed coroutine's
-    -- watch while its to-be-closed variables run.
-    local closed, close_err = (M.close or raw_close)(co)
+  if M.close and raw_status(co) == "dead" then
+    -- The patched close keeps the coroutine's watch while its
+    -- to-be-closed variables run.
+    local closed, close_err = M.close(co)
     if not closed then err = close_err end
   end
   if killed[co] then error((...), 0) end

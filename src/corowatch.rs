@@ -35,7 +35,6 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 lua.create_function(make_functions)?,
                 raise,
             ),
-            ("make_close", lua.create_function(make_close)?, raise),
             ("watch_running", lua.create_function(watch_running)?, raise),
             ("reset", lua.create_function(reset)?, nothing),
             (
@@ -82,16 +81,18 @@ fn seconds(value: f64, what: &str) -> mlua::Result<Duration> {
         .ok_or_else(|| mlua::Error::runtime(format!("{what} must be a positive number of seconds")))
 }
 
-/// `make_functions(resume, watched, killed)` -> resume, yield
+/// `make_functions(resume, watched, killed, close)` -> resume, yield, close
 ///
 /// The patched `coroutine.resume` and `coroutine.yield` (see
 /// [`crate::resume`]), over the original resume, the `co -> settings` table
-/// and the `co -> kill message` table.
+/// and the `co -> kill message` table; and, given Lua 5.4's original
+/// `coroutine.close`, the patched close over it and the same tables (nil
+/// without one).
 fn make_functions(
     lua: &Lua,
-    (original, watched, killed): (Function, Table, Table),
+    (original, watched, killed, original_close): (Function, Table, Table, Option<Function>),
 ) -> mlua::Result<MultiValue> {
-    // The closure holds the VM as a raw pointer: this reference is leaked on
+    // The closures hold the VM as a raw pointer: this reference is leaked on
     // purpose, so the Vm outlives every closure (they may run during
     // `lua_close`, after the VM's guard is gone; a closed Vm is inert).
     let vm = Arc::into_raw(state::vm(lua)?) as usize;
@@ -99,6 +100,18 @@ fn make_functions(
     // SAFETY: the closures consume exactly the values mlua pushed for them
     // and leave the function they make on the stack for mlua to take.
     unsafe {
+        let close = match original_close {
+            Some(original_close) => Some(lua.exec_raw::<Function>(
+                (
+                    original_close,
+                    watched.clone(),
+                    killed.clone(),
+                    anchors.clone(),
+                ),
+                move |state| resume::push_close(state, vm as *const _),
+            )?),
+            None => None,
+        };
         let resume = lua
             .exec_raw::<Function>((original, watched, killed.clone(), anchors), move |state| {
                 resume::push_resume(state, vm as *const _)
@@ -106,26 +119,7 @@ fn make_functions(
         let yield_ = lua.exec_raw::<Function>(killed, move |state| {
             resume::push_yield(state, vm as *const _)
         })?;
-        lua.pack_multi((resume, yield_))
-    }
-}
-
-/// `make_close(close, watched, killed)` -> close
-///
-/// The patched `coroutine.close` of Lua 5.4 (see [`crate::resume`]), over
-/// the original close and the same tables as `make_functions`.
-fn make_close(
-    lua: &Lua,
-    (original, watched, killed): (Function, Table, Table),
-) -> mlua::Result<Function> {
-    // Leaked on purpose, as in `make_functions`.
-    let vm = Arc::into_raw(state::vm(lua)?) as usize;
-    let anchors = anchors(lua)?;
-    // SAFETY: as in `make_functions`.
-    unsafe {
-        lua.exec_raw::<Function>((original, watched, killed, anchors), move |state| {
-            resume::push_close(state, vm as *const _)
-        })
+        lua.pack_multi((resume, yield_, close))
     }
 }
 
