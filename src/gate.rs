@@ -229,9 +229,9 @@ unsafe fn call(state: *mut lua_State, nargs: c_int) {
     };
     let status = ffi::lua_pcall(state, nargs, ffi::LUA_MULTRET, 0);
     match hold {
-        // SAFETY: as above.
         // A step the call made due runs now if it succeeded (it may raise
         // a finalizer's error), else at the next collection check.
+        // SAFETY: as above.
         Hold::Threshold => unsafe { crate::collector::release(state, held, status == 0) },
         _ => restart(state, held),
     }
