@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use mlua::{ffi, Function, Lua, MultiValue, Table, Thread, Value};
 
 use crate::allowhook;
+use crate::clock;
 use crate::gate::{self, WhenClosed};
 use crate::hook::{self, ANCHORS_KEY, DISPATCH_KEY};
 use crate::resume;
@@ -150,7 +151,8 @@ fn watch_running(
 ) -> mlua::Result<bool> {
     let kill = kill.map(|kill| seconds(kill, "kill limit")).transpose()?;
     let warn = warn.map(|warn| seconds(warn, "warn limit")).transpose()?;
-    let watch = Watch::start(kill, warn, Instant::now());
+    let limit = |limit: Option<Duration>| limit.map_or(clock::NEVER, clock::nanos);
+    let watch = Watch::start(limit(kill), limit(warn), clock::now());
     let co = co.unwrap_or_else(|| lua.current_thread());
     let running = lua.current_thread();
     let vm = state::vm(lua)?;
@@ -184,7 +186,9 @@ fn watch_running(
 /// `reset(depth)`: the warn callback of the coroutine at `depth` asked for
 /// more time.
 fn reset(lua: &Lua, depth: usize) -> mlua::Result<()> {
-    state::vm(lua)?.reset(depth);
+    // SAFETY: a Lua call, so on the VM's own thread, outside every other
+    // use of its chain.
+    unsafe { state::vm(lua)?.reset(depth) };
     Ok(())
 }
 

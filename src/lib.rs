@@ -7,6 +7,8 @@
 mod allocator;
 mod allowhook;
 mod arming;
+mod barrier;
+mod clock;
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 mod collector;
 mod corowatch;
@@ -16,6 +18,8 @@ mod gate;
 mod hook;
 mod image;
 mod interrupt;
+mod mirror;
+mod owner_only;
 mod registry;
 mod resume;
 #[cfg(feature = "luajit")]

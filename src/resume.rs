@@ -22,11 +22,11 @@
 use std::ffi::{c_int, c_void};
 use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::{Duration, Instant};
 
 use mlua::ffi::{self, lua_State};
 
 use crate::allowhook;
+use crate::clock::{self, Nanos};
 #[cfg(feature = "luajit")]
 use crate::hook;
 use crate::vm::Vm;
@@ -86,7 +86,7 @@ unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua
     resume_state.write(ResumeState {
         vm,
         last_record: std::ptr::null(),
-        last_limits: (None, None),
+        last_limits: (clock::NEVER, clock::NEVER),
     });
     ffi::lua_insert(state, -4);
     ffi::lua_pushnil(state);
@@ -103,17 +103,21 @@ pub unsafe fn push_yield(state: *mut lua_State, vm: *const Vm) {
     ffi::lua_pushcclosure(state, yield_, 2);
 }
 
-/// A watch's kill and warn limits.
-type Limits = (Option<Duration>, Option<Duration>);
+/// A watch's kill and warn limits ([`clock::NEVER`]: none).
+type Limits = (Nanos, Nanos);
 
 /// A settings record `{kill, warn, ...}`: limit `index`, if it is one.
-unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Option<Duration> {
+unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Nanos {
     ffi::lua_rawgeti(state, record, index as _);
     let seconds = ffi::lua_tonumber(state, -1);
     ffi::lua_pop(state, 1);
     // `watch` checked the limits (positive, finite); `false` reads as 0.
-    // Limits beyond u64 nanoseconds (584 years) saturate.
-    (seconds > 0.0).then(|| Duration::from_nanos((seconds * 1e9) as u64))
+    // Limits beyond u64 nanoseconds (584 years) saturate to never.
+    if seconds > 0.0 {
+        (seconds * 1e9) as Nanos
+    } else {
+        clock::NEVER
+    }
 }
 
 /// The watch of the coroutine at index 1, if it is watched.
@@ -497,7 +501,7 @@ unsafe fn enter(
     placing: (Plan, bool),
 ) -> usize {
     catch_unwind(AssertUnwindSafe(|| {
-        let now = Instant::now();
+        let now = clock::now();
         let watch = limits.map(|(kill, warn)| Watch::start(kill, warn, now));
         unsafe { vm.enter(resumer, co, watch, now, placing) }
     }))

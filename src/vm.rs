@@ -53,6 +53,10 @@ use dashmap::DashMap;
 use mlua::ffi::{self, lua_Hook, lua_State};
 
 use crate::arming::{Arming, HookArming, Need, Side};
+use crate::barrier;
+use crate::clock::{self, Nanos, NEVER};
+use crate::mirror::ChainMirror;
+use crate::owner_only::OwnerOnly;
 use crate::state_ptr::StatePtr;
 use crate::watch::{Chain, Event, LeftChain, Locate, Plan, Watch, WatchAnchors};
 use crate::watchdog::{self, Alarm, Backoff};
@@ -112,10 +116,6 @@ struct VmInner {
     /// [`Vm::has_pending_interrupts`], which reads it without the lock).
     pending: Arc<AtomicUsize>,
     arming: Arming,
-    /// corowatch: the running coroutines and their deadlines.
-    chain: Chain,
-    /// When the watchdog will next look at the chain's deadlines.
-    alarm: Option<Instant>,
     /// While the chain needs the hook, the watchdog arms it again after
     /// the watchdog's backoff: the running thread can undo an arming
     /// (LuaJIT restores its hook mask after running a finalizer; 5.4 can
@@ -142,36 +142,41 @@ const HOOK_LEAD: Duration = if cfg!(feature = "luajit") {
     Duration::ZERO
 };
 
+/// [`HOOK_LEAD`] on the chain's clock.
+const HOOK_LEAD_NANOS: Nanos = HOOK_LEAD.as_nanos() as Nanos;
+
 /// When the hook must be on for a deadline.
-fn hook_time(deadline: Instant) -> Instant {
-    if HOOK_LEAD.is_zero() {
-        return deadline; // PUC Lua: no clock arithmetic at every resume
+fn hook_time(deadline: Nanos) -> Nanos {
+    if deadline == NEVER {
+        return NEVER;
     }
-    deadline.checked_sub(HOOK_LEAD).unwrap_or(deadline)
+    deadline.saturating_sub(HOOK_LEAD_NANOS)
 }
 
 /// The deadlines that need the hook on at `now`: those up to `now` plus
 /// the hook's lead.
-fn hook_horizon(now: Instant) -> Instant {
-    if HOOK_LEAD.is_zero() {
-        return now;
-    }
-    now + HOOK_LEAD
+fn hook_horizon(now: Nanos) -> Nanos {
+    now.saturating_add(HOOK_LEAD_NANOS)
+}
+
+/// What only the VM's own thread touches: corowatch's chain of running
+/// coroutines, and the threads a change of it popped.
+#[derive(Default)]
+struct OwnerSide {
+    chain: Chain,
+    popped: Vec<StatePtr>,
 }
 
 /// One Lua VM (a main state and all its coroutines).
 pub struct Vm {
     key: usize,
     me: Weak<Vm>,
-    /// Whether the chain is active, its top and its length: read without
-    /// the lock by the patched resume on the VM's own thread, which is also
-    /// the only thread that changes the chain (see [`Vm::publish`]).
-    active: AtomicBool,
-    top: std::sync::atomic::AtomicPtr<lua_State>,
-    len: AtomicUsize,
-    /// Whether a killed coroutine is on the chain, read the same way by
-    /// the patched yield: only then need it look the running thread up.
-    killed: AtomicBool,
+    /// corowatch's chain, changed without the lock by the VM's own thread
+    /// (see [`crate::mirror`] for the handshakes).
+    owner: OwnerOnly<OwnerSide>,
+    /// What the owner publishes of the chain, for the watchdog and for its
+    /// own lock-free checks (the patched resume and yield).
+    mirror: ChainMirror,
     /// How many of its targets have an interrupt pending (written under the
     /// lock, read without it by LuaJIT's patched resume).
     #[cfg(feature = "luajit")]
@@ -266,6 +271,7 @@ unsafe fn has_stopped(state: StatePtr) -> bool {
 /// thread, and stays alive until [`Vm::close`]: the watchdog and other
 /// threads arm it from afar.
 pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
+    barrier::init();
     let pending = Arc::new(AtomicUsize::new(0));
     let writing_afar = Arc::new(AtomicBool::new(false));
     #[allow(unused_mut)]
@@ -285,10 +291,8 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
         pending: pending.clone(),
         key,
         me: me.clone(),
-        active: AtomicBool::new(false),
-        top: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
-        len: AtomicUsize::new(0),
-        killed: AtomicBool::new(false),
+        owner: OwnerOnly::new(OwnerSide::default()),
+        mirror: ChainMirror::default(),
         closed: AtomicBool::new(false),
         inner: Mutex::new(VmInner {
             closed: false,
@@ -297,8 +301,6 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             pending: pending.clone(),
             writing_afar,
             arming,
-            chain: Chain::default(),
-            alarm: None,
             retry: Backoff::first(),
             #[cfg(feature = "lua51")]
             blocks: HashMap::new(),
@@ -473,8 +475,14 @@ impl Vm {
         }
         inner.anchor = StatePtr::DEAD;
         inner.pending.store(0, Ordering::Relaxed);
-        inner.chain.clear();
-        self.publish(&inner);
+        // SAFETY: `lua_close` runs this on the VM's thread (the guard's
+        // finalizer), and nothing else uses the chain meanwhile.
+        unsafe {
+            self.owner.with(|own| {
+                own.chain.clear();
+                self.mirror.publish(&mut own.chain);
+            })
+        };
         for slot in inner.slots.values_mut() {
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
@@ -502,7 +510,7 @@ impl Vm {
         slot.rearm_queued |= queue_rearm;
         inner.count_transition(before, after);
         if after == Pending::None {
-            inner.disarm(id, side);
+            inner.disarm(id, side, &self.mirror);
         } else {
             inner.arm(id, side);
         }
@@ -558,54 +566,153 @@ impl Vm {
             return (Verdict::Continue, forward);
         }
         let id = id_of_state();
-        let now = Instant::now();
-        if inner.chain.is_below_top(state) {
-            // A Lua event in `state` (those at C functions, the patched
-            // resume's among them, were let pass above): it runs, so what
-            // the chain holds above it has returned or yielded unseen.
-            inner.change_chain(|chain, gone| chain.drop_above(state, gone));
-        }
-        // A watch's event first: an interrupt handler that returns (a
-        // sticky one runs at every instruction) must not starve a kill. An
-        // interrupt left pending keeps the hook armed, for the next event.
-        let (verdict, interrupt_stays) = match inner.chain.event(state, now) {
-            Some((event, depth, locate)) => (
-                Verdict::Watch(event, depth, locate),
-                inner.has_interrupt(state, id),
-            ),
-            None => inner.take_interrupt(state, id),
+        let now = clock::now();
+        // SAFETY: this is the VM's thread, in its hook: no other use of the
+        // chain is under way (they run no Lua code).
+        let verdict = unsafe {
+            self.owner.with(|own| {
+                let chain = &mut own.chain;
+                if chain.is_below_top(state) {
+                    // A Lua event in `state` (those at C functions, the
+                    // patched resume's among them, were let pass above): it
+                    // runs, so what the chain holds above it has returned
+                    // or yielded unseen.
+                    inner.change_chain(chain, |chain, gone| chain.drop_above(state, gone));
+                }
+                // A watch's event first: an interrupt handler that returns
+                // (a sticky one runs at every instruction) must not starve a
+                // kill. An interrupt left pending keeps the hook armed, for
+                // the next event.
+                let (verdict, interrupt_stays) = match chain.event(state, now) {
+                    Some((event, depth, locate)) => (
+                        Verdict::Watch(event, depth, locate),
+                        inner.has_interrupt(state, id),
+                    ),
+                    None => inner.take_interrupt(state, id),
+                };
+                self.mirror.publish(chain);
+                let watch_needs_hook = chain.top().is_some_and(|top| top.0 == state)
+                    && chain.needs_hook(hook_horizon(now));
+                inner.settle_hook(state, interrupt_stays || watch_needs_hook, chain, now);
+                self.end_arming_if_settled(&inner, chain);
+                self.set_alarm(&mut inner, chain.next_deadline());
+                verdict
+            })
         };
-        self.publish(&inner);
-        let watch_needs_hook = inner.chain.top().is_some_and(|top| top.0 == state)
-            && inner.chain.needs_hook(hook_horizon(now));
-        inner.settle_hook(state, interrupt_stays || watch_needs_hook, now);
-        self.set_alarm(&mut inner);
         (verdict, forward)
     }
 
     // ---- corowatch -------------------------------------------------------
 
-    /// Publishes the chain's state for the lock-free reads of the VM's own
-    /// thread. Called under the lock after every change of the chain; only
-    /// the VM's own thread changes it, so it reads its own writes.
-    fn publish(&self, inner: &VmInner) {
-        let top = inner.chain.top().map_or(std::ptr::null_mut(), |top| top.0);
-        self.top.store(top, Ordering::Relaxed);
-        self.len.store(inner.chain.len(), Ordering::Relaxed);
-        self.active
-            .store(inner.chain.is_active(), Ordering::Relaxed);
-        self.killed
-            .store(inner.chain.has_killed(), Ordering::Relaxed);
-    }
-
     /// Whether anything watched runs in this VM (the chain is active).
     pub fn is_active(&self) -> bool {
-        self.active.load(Ordering::Relaxed)
+        self.mirror.is_active()
     }
 
     /// Whether a killed coroutine may be running in this VM.
     pub fn has_killed(&self) -> bool {
-        self.killed.load(Ordering::Relaxed)
+        self.mirror.has_killed()
+    }
+
+    /// Runs `change` on the chain, from the VM's own thread, and publishes
+    /// the result; each thread it pops goes to the arming record. `check`,
+    /// once the chain changed, says whether to look at its deadlines, as of
+    /// when: the top is armed at once if one passed, and the watchdog's
+    /// alarm moves earlier if needed.
+    ///
+    /// Without the lock unless the watchdog armed the chain (its threads
+    /// leaving then go to the arming record), a deadline passed, or the
+    /// alarm must move: the handshakes are [`crate::mirror`]'s.
+    ///
+    /// # Safety
+    /// Called on the VM's own thread, outside every other use of the chain;
+    /// the threads the chain names, and those `change` pops, are held alive
+    /// until it returns (on stacks or in anchors: see the module comment).
+    unsafe fn change_chain<R>(
+        &self,
+        change: impl FnOnce(&mut Chain, &mut dyn FnMut(StatePtr)) -> R,
+        check: impl FnOnce(&Chain) -> Option<Nanos>,
+    ) -> R {
+        if self.mirror.is_armed_afar() {
+            let mut inner = self.lock();
+            // SAFETY: the caller's contract.
+            return unsafe {
+                self.owner.with(|own| {
+                    let result = inner.change_chain(&mut own.chain, change);
+                    self.after_change_locked(&mut inner, &mut own.chain, check);
+                    result
+                })
+            };
+        }
+        // SAFETY: the caller's contract.
+        let (result, due, hook_time, popped) = unsafe {
+            self.owner.with(|own| {
+                let OwnerSide { chain, popped } = own;
+                popped.clear();
+                let result = change(chain, &mut |state| popped.push(state));
+                let now = check(chain);
+                let due = now.is_some_and(|now| chain.needs_hook(hook_horizon(now)));
+                let earliest = self.mirror.publish(chain);
+                // When the hook must be on, if the alarm is to be checked.
+                let hook_time = now.map_or(NEVER, |_| hook_time(earliest));
+                (result, due, hook_time, !popped.is_empty())
+            })
+        };
+        barrier::light();
+        let armed_afar = popped && self.mirror.is_armed_afar();
+        let late_alarm = hook_time != NEVER && !self.mirror.alarm_by(hook_time);
+        if armed_afar || due || late_alarm {
+            let mut inner = self.lock();
+            // SAFETY: the caller's contract; the popped threads are alive
+            // and the watchdog, which held the lock, is done with them.
+            unsafe {
+                self.owner.with(|own| {
+                    let VmInner { arming, slots, .. } = &mut *inner;
+                    for &state in &own.popped {
+                        release(arming, slots, state);
+                    }
+                    self.after_change_locked(&mut inner, &mut own.chain, |_| {
+                        (due || late_alarm).then(clock::now)
+                    });
+                })
+            };
+        }
+        result
+    }
+
+    /// The end of a change made under the lock: the deadlines as `check`
+    /// says, and the watchdog's mark taken off once nothing it armed is
+    /// left on the chain.
+    fn after_change_locked(
+        &self,
+        inner: &mut VmInner,
+        chain: &mut Chain,
+        check: impl FnOnce(&Chain) -> Option<Nanos>,
+    ) {
+        if let Some(now) = check(chain) {
+            if let Some(top) = chain.top() {
+                if chain.needs_hook(hook_horizon(now)) {
+                    // SAFETY: the top is the running thread, or the
+                    // coroutine it is resuming (held on its stack); this is
+                    // its OS thread.
+                    unsafe { inner.arming.arm(top.0, Side::Owner) };
+                }
+            }
+            self.set_alarm(inner, chain.next_deadline());
+        }
+        self.mirror.publish(chain);
+        self.end_arming_if_settled(inner, chain);
+    }
+
+    /// Under the lock, on the VM's thread: once no thread of the chain
+    /// carries our hook, the watchdog's arming is over for the owner, whose
+    /// changes go lock-free again.
+    fn end_arming_if_settled(&self, inner: &VmInner, chain: &Chain) {
+        if self.mirror.is_armed_afar()
+            && !chain.threads().any(|state| inner.arming.is_armed(state.0))
+        {
+            self.mirror.end_arming();
+        }
     }
 
     /// The running thread `resumer` is about to resume a coroutine (with
@@ -616,33 +723,29 @@ impl Vm {
     /// `resumer` is the running thread, run by the calling OS thread; every
     /// thread on the chain is anchored (so alive).
     pub unsafe fn plan_enter(&self, resumer: *mut lua_State) -> Plan {
-        // The common cases need no lock: the resumer is the top, or the
+        // The common cases need no change: the resumer is the top, or the
         // chain is empty (and so it goes at depth 1).
-        let len = self.len.load(Ordering::Relaxed);
+        let len = self.mirror.len();
         if len == 0 {
             return Plan {
                 depth: 2,
                 anchor_resumer_at: None,
             };
         }
-        if self.top.load(Ordering::Relaxed) == resumer {
+        if self.mirror.top() == resumer {
             return Plan {
                 depth: len + 1,
                 anchor_resumer_at: None,
             };
         }
-        let mut inner = self.lock();
         // SAFETY: the chain's threads are alive and belong to this VM, which
         // the calling OS thread runs (caller's contract).
-        let plan = inner.change_chain(|chain, gone| {
-            chain.plan(
-                StatePtr(resumer),
-                |state| unsafe { has_stopped(state) },
-                gone,
+        unsafe {
+            self.change_chain(
+                |chain, gone| chain.plan(StatePtr(resumer), |state| has_stopped(state), gone),
+                |_| None,
             )
-        });
-        self.publish(&inner);
-        plan
+        }
     }
 
     /// The running thread `resumer` is about to resume `resumed`, watched
@@ -660,16 +763,16 @@ impl Vm {
         resumer: *mut lua_State,
         resumed: *mut lua_State,
         watch: Option<Watch>,
-        now: Instant,
+        now: Nanos,
         (plan, direct): (Plan, bool),
     ) -> usize {
-        let mut inner = self.lock();
-        let depth = inner
-            .chain
-            .enter(StatePtr(resumer), StatePtr(resumed), watch, plan, direct);
-        self.publish(&inner);
-        self.after_chain_change(&mut inner, now);
-        depth
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.change_chain(
+                |chain, _| chain.enter(StatePtr(resumer), StatePtr(resumed), watch, plan, direct),
+                |_| Some(now),
+            )
+        }
     }
 
     /// The resume that `enter` announced at `depth` returned, on `resumer`
@@ -679,15 +782,8 @@ impl Vm {
     /// `resumer` is the running thread, on its OS thread, and every thread
     /// on the chain is still held alive (the one leaving included).
     pub unsafe fn leave(&self, resumer: *mut lua_State, depth: usize) -> LeftChain {
-        let mut inner = self.lock();
-        let left = inner.change_chain(|chain, gone| chain.leave(depth, gone));
-        // With nothing watched left the chain is empty; otherwise the
-        // resumer's own deadlines may have passed meanwhile.
-        if inner.chain.top().is_some_and(|top| top.0 == resumer) {
-            self.after_chain_change(&mut inner, Instant::now());
-        }
-        self.publish(&inner);
-        left
+        // SAFETY: the caller's contract.
+        unsafe { self.change_chain(|chain, gone| chain.leave(depth, gone), back_on_top(resumer)) }
     }
 
     /// A coroutine that watched itself (or a thread that resumed it)
@@ -696,14 +792,13 @@ impl Vm {
     /// # Safety
     /// As for [`Vm::leave`].
     pub unsafe fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> LeftChain {
-        let mut inner = self.lock();
-        let left = inner.change_chain(|chain, gone| chain.leave_root(StatePtr(co), gone));
-        // The resumer may be watched itself, and killed meanwhile.
-        if inner.chain.top().is_some_and(|top| top.0 == resumer) {
-            self.after_chain_change(&mut inner, Instant::now());
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.change_chain(
+                |chain, gone| chain.leave_root(StatePtr(co), gone),
+                back_on_top(resumer),
+            )
         }
-        self.publish(&inner);
-        left
     }
 
     /// What to anchor before [`Vm::watch_running`] watches `state`, which
@@ -716,12 +811,16 @@ impl Vm {
         state: *mut lua_State,
         running: *mut lua_State,
     ) -> WatchAnchors {
-        // SAFETY: `state` is alive, of the VM this OS thread runs (caller).
-        self.lock()
-            .chain
-            .watch_anchors(StatePtr(state), StatePtr(running), |state| unsafe {
-                !has_stopped(state)
+        // SAFETY: the VM's thread (caller), which runs no other use of the
+        // chain now; `state` is alive, of this VM (caller).
+        unsafe {
+            self.owner.with(|own| {
+                own.chain
+                    .watch_anchors(StatePtr(state), StatePtr(running), |state| {
+                        !has_stopped(state)
+                    })
             })
+        }
     }
 
     /// Watches `state` from now on if it runs: it is the running thread
@@ -741,47 +840,64 @@ impl Vm {
         watch: Watch,
         anchored: WatchAnchors,
     ) -> Result<bool, WatchAnchors> {
-        let mut inner = self.lock();
-        // SAFETY: `state` is alive, of the VM this OS thread runs (caller).
-        let watched = inner.chain.watch_running(
-            StatePtr(state),
-            StatePtr(running),
-            |state| unsafe { !has_stopped(state) },
-            watch,
-            anchored,
-        );
-        if watched == Ok(true) {
-            self.publish(&inner);
-            self.set_alarm(&mut inner);
+        let started = std::cell::Cell::new(false);
+        // SAFETY: the caller's contract; nothing is popped here.
+        unsafe {
+            self.change_chain(
+                |chain, _| {
+                    let watched = chain.watch_running(
+                        StatePtr(state),
+                        StatePtr(running),
+                        |state| !has_stopped(state),
+                        watch,
+                        anchored,
+                    );
+                    started.set(watched == Ok(true));
+                    watched
+                },
+                |_| started.get().then(clock::now),
+            )
         }
-        watched
     }
 
     /// A warn callback at `depth` asked for more time.
-    pub fn reset(&self, depth: usize) {
-        let mut inner = self.lock();
-        inner.chain.reset(depth, Instant::now());
-        self.set_alarm(&mut inner);
+    ///
+    /// # Safety
+    /// Called on the VM's own thread, which runs the callback.
+    pub unsafe fn reset(&self, depth: usize) {
+        let now = clock::now();
+        // SAFETY: the caller's contract; nothing is popped here.
+        unsafe { self.change_chain(|chain, _| chain.reset(depth, now), |_| Some(now)) }
     }
 
     /// Called by the watchdog when the alarm set by `set_alarm` goes off.
     /// Returns the next alarm, if the watchdog should wait for it.
-    fn alarm_went_off(&self) -> Option<Instant> {
+    fn alarm_went_off(&self) -> Nanos {
         let mut inner = self.lock();
-        inner.alarm = None;
+        self.mirror.set_alarm(NEVER);
         if inner.closed {
-            return None;
+            return NEVER;
         }
-        let now = Instant::now();
-        if inner.chain.needs_hook(hook_horizon(now)) {
-            inner.arm_chain(Side::Afar);
+        // PUC Lua writes the hooks of the threads the mirror names: mark
+        // the chain before reading it (see `crate::mirror`). LuaJIT arms
+        // the VM through its anchor, and no thread of the chain is touched.
+        let armed_before = cfg!(feature = "luajit") || self.mirror.begin_arming();
+        barrier::heavy();
+        let now = clock::now();
+        if self.mirror.needs_hook(hook_horizon(now)) {
+            inner.arm_chain(Side::Afar, self.mirror.watched_and_above());
             // Come back in case the arming is undone before the hook fires.
-            inner.alarm = Some(now + inner.retry.step());
-            return inner.alarm;
+            let next = clock::after(now, clock::nanos(inner.retry.step()));
+            self.mirror.set_alarm(next);
+            return next;
+        }
+        if !armed_before {
+            self.mirror.end_arming();
         }
         inner.retry = Backoff::first();
-        inner.alarm = inner.chain.next_deadline().map(hook_time);
-        inner.alarm
+        let next = hook_time(self.mirror.next_deadline());
+        self.mirror.set_alarm(next);
+        next
     }
 
     /// The running thread is about to call `debug.sethook`.
@@ -800,7 +916,8 @@ impl Vm {
         // SAFETY: as the caller promised; we hold the lock.
         unsafe { inner.arming.user_hook_changed(state) };
         if inner.arming.take_deferred() {
-            inner.arm_everything_due();
+            // SAFETY: the VM's thread, outside every other use of the chain.
+            unsafe { self.owner.with(|own| inner.arm_everything_due(&own.chain)) };
         }
     }
 
@@ -816,47 +933,42 @@ impl Vm {
         unsafe { inner.arming.lend(state) }
     }
 
-    /// After the chain changed on its (running) top: arm the top if it needs
-    /// the hook at once, and keep the watchdog's alarm right.
-    fn after_chain_change(&self, inner: &mut VmInner, now: Instant) {
-        if let Some(top) = inner.chain.top() {
-            if inner.chain.needs_hook(hook_horizon(now)) {
-                // SAFETY: the top is the running thread, or the coroutine it
-                // is resuming (held on its stack); this is its OS thread.
-                unsafe { inner.arming.arm(top.0, Side::Owner) };
-            }
+    /// Makes sure the watchdog wakes up by `deadline` (the chain's next,
+    /// less the hook's lead). Under the lock.
+    fn set_alarm(&self, _: &mut VmInner, deadline: Nanos) {
+        let at = hook_time(deadline);
+        if self.mirror.alarm_by(at) {
+            return; // and so if there is no deadline
         }
-        self.set_alarm(inner);
+        self.mirror.set_alarm(at);
+        if let Some(at) = clock::to_instant(at) {
+            watchdog::schedule_alarm(self.me.clone(), at);
+        }
     }
+}
 
-    /// Makes sure the watchdog wakes up by the chain's next deadline (less
-    /// the hook's lead).
-    fn set_alarm(&self, inner: &mut VmInner) {
-        let Some(deadline) = inner.chain.next_deadline().map(hook_time) else {
-            return;
-        };
-        if inner.alarm.is_some_and(|alarm| alarm <= deadline) {
-            return;
-        }
-        inner.alarm = Some(deadline);
-        watchdog::schedule_alarm(self.me.clone(), deadline);
+/// The `check` of a change that leaves a resume: with the resumer back on
+/// top (it is on the chain, so something watched runs), its own deadlines
+/// may have passed meanwhile.
+fn back_on_top(resumer: *mut lua_State) -> impl FnOnce(&Chain) -> Option<Nanos> {
+    move |chain| {
+        chain
+            .top()
+            .is_some_and(|top| top.0 == resumer)
+            .then(clock::now)
     }
 }
 
 impl VmInner {
-    /// Runs `change` on the chain; each thread it pops is handed to `gone`,
-    /// which takes our hook off it (see [`release`]). Called on the VM's
-    /// own OS thread (the patched resume, the hook).
+    /// Runs `change` on the VM's `chain`; each thread it pops is handed to
+    /// `gone`, which takes our hook off it (see [`release`]). Called on the
+    /// VM's own OS thread (the patched resume, the hook).
     fn change_chain<R>(
         &mut self,
+        chain: &mut Chain,
         change: impl FnOnce(&mut Chain, &mut dyn FnMut(StatePtr)) -> R,
     ) -> R {
-        let VmInner {
-            chain,
-            arming,
-            slots,
-            ..
-        } = self;
+        let VmInner { arming, slots, .. } = self;
         // SAFETY: the threads the chain pops are alive (module comment)
         // and of this VM, whose OS thread runs this; we hold the VM lock.
         let mut gone = |state: StatePtr| unsafe { release(arming, slots, state) };
@@ -924,7 +1036,7 @@ impl VmInner {
     /// Arms, from the VM's own thread, what another thread would have
     /// armed while the user changed a hook: every target with an interrupt
     /// pending, and the chain if a deadline passed.
-    fn arm_everything_due(&mut self) {
+    fn arm_everything_due(&mut self, chain: &Chain) {
         let pending: Vec<Id> = self
             .slots
             .iter()
@@ -934,8 +1046,8 @@ impl VmInner {
         for id in pending {
             self.arm(id, Side::Owner);
         }
-        if self.chain.needs_hook(hook_horizon(Instant::now())) {
-            self.arm_chain(Side::Owner);
+        if chain.needs_hook(hook_horizon(clock::now())) {
+            self.arm_chain(Side::Owner, chain.watched_and_above());
         }
     }
 
@@ -943,17 +1055,26 @@ impl VmInner {
     /// returned or yielded unseen (resumed with the original `resume`):
     /// then a thread below it runs. Every thread from the watched one up is
     /// armed, and the hook, where it fires, drops the stale entries above.
-    fn arm_chain(&mut self, side: Side) {
+    /// `threads`: those, from the chain (the owner) or its mirror (the
+    /// watchdog, after the handshake of [`crate::mirror`]).
+    fn arm_chain(&mut self, side: Side, threads: impl Iterator<Item = StatePtr>) {
+        // LuaJIT's hook is the VM's: armed once, through the anchor, which
+        // lives until `close`; no thread of the chain is touched.
+        #[cfg(feature = "luajit")]
+        let threads = {
+            let mut threads = threads;
+            std::iter::once(self.anchor).take(usize::from(threads.next().is_some()))
+        };
         let VmInner {
             arming,
             writing_afar,
-            chain,
             ..
         } = self;
-        for state in chain.watched_and_above() {
-            // SAFETY: the chain's threads are anchored, so alive (module
-            // comment); one that does not run is armed for when it runs
-            // again. We hold the lock.
+        for state in threads {
+            // SAFETY: the chain's threads are alive while it names them,
+            // and the mirror's until the owner has seen `armed_afar`
+            // (module comments here and in `crate::mirror`); one that does
+            // not run is armed for when it runs again. We hold the lock.
             writing_from(side, writing_afar, || unsafe { arming.arm(state.0, side) });
         }
     }
@@ -980,15 +1101,15 @@ impl VmInner {
 
     /// Removes the delivery hook of a target whose interrupt was cleared,
     /// unless something else still needs it there.
-    fn disarm(&mut self, id: Id, side: Side) {
+    fn disarm(&mut self, id: Id, side: Side, mirror: &ChainMirror) {
         let Some(slot) = self.live_slot(id) else {
             return;
         };
         #[cfg(not(feature = "luajit"))]
         let (state, needed) = {
             let state = slot.state.0;
-            let watch = self.chain.top().is_some_and(|top| top.0 == state);
-            (state, watch && self.chain.needs_hook(Instant::now()))
+            let watch = mirror.top() == state;
+            (state, watch && mirror.needs_hook(clock::now()))
         };
         #[cfg(feature = "luajit")]
         let (state, needed) = {
@@ -996,7 +1117,7 @@ impl VmInner {
             (
                 self.anchor.0,
                 self.pending.load(Ordering::Relaxed) > 0
-                    || self.chain.needs_hook(hook_horizon(Instant::now())),
+                    || mirror.needs_hook(hook_horizon(clock::now())),
             )
         };
         if !needed && self.arming.is_armed(state) {
@@ -1013,12 +1134,17 @@ impl VmInner {
     ///
     /// # Safety
     /// `state` is the running thread, inside its hook, on its OS thread.
-    unsafe fn settle_hook(&mut self, state: *mut lua_State, needed: bool, now: Instant) {
+    unsafe fn settle_hook(
+        &mut self,
+        state: *mut lua_State,
+        needed: bool,
+        chain: &Chain,
+        now: Nanos,
+    ) {
         let need = if needed {
             Need::Armed
         } else if cfg!(feature = "luajit")
-            && (self.pending.load(Ordering::Relaxed) > 0
-                || self.chain.needs_hook(hook_horizon(now)))
+            && (self.pending.load(Ordering::Relaxed) > 0 || chain.needs_hook(hook_horizon(now)))
         {
             // The hook is global: someone else (a suspended target, or the
             // chain's top when it runs again) still needs it.
@@ -1061,6 +1187,6 @@ fn writing_from(side: Side, writing_afar: &AtomicBool, write: impl FnOnce()) {
 
 impl Alarm for Vm {
     fn on_alarm(&self) -> Option<Instant> {
-        self.alarm_went_off()
+        clock::to_instant(self.alarm_went_off())
     }
 }

@@ -9,8 +9,7 @@
 //! when a deadline passes, the watchdog arms the hook on the chain's top (the
 //! running thread), and the hook turns the deadline into a warning or a kill.
 
-use std::time::{Duration, Instant};
-
+use crate::clock::{self, Nanos, NEVER};
 use crate::state_ptr::StatePtr;
 
 /// What the hook asks the Lua side (the dispatcher) to do.
@@ -24,43 +23,44 @@ pub enum Event {
     Killed = 3,
 }
 
-/// The limits of a watched coroutine and, while it runs, its deadlines.
+/// The limits of a watched coroutine ([`NEVER`]: none) and, while it runs,
+/// its deadlines ([`NEVER`]: none), on [`crate::clock`].
 #[derive(Clone, Copy)]
 pub struct Watch {
-    kill: Option<Duration>,
-    warn: Option<Duration>,
-    kill_at: Option<Instant>,
-    warn_at: Option<Instant>,
+    kill: Nanos,
+    warn: Nanos,
+    kill_at: Nanos,
+    warn_at: Nanos,
     killed: bool,
 }
 
 impl Watch {
     /// A watch whose run starts `now`.
-    pub fn start(kill: Option<Duration>, warn: Option<Duration>, now: Instant) -> Watch {
+    #[inline]
+    pub fn start(kill: Nanos, warn: Nanos, now: Nanos) -> Watch {
         let mut watch = Watch {
             kill,
             warn,
-            kill_at: None,
-            warn_at: None,
+            kill_at: NEVER,
+            warn_at: NEVER,
             killed: false,
         };
         watch.reset(now);
         watch
     }
 
-    fn reset(&mut self, now: Instant) {
-        self.kill_at = self.kill.and_then(|kill| now.checked_add(kill));
-        self.warn_at = self.warn.and_then(|warn| now.checked_add(warn));
+    #[inline]
+    fn reset(&mut self, now: Nanos) {
+        self.kill_at = clock::after(now, self.kill);
+        self.warn_at = clock::after(now, self.warn);
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    #[inline]
+    fn next_deadline(&self) -> Nanos {
         if self.killed {
-            return None;
+            return NEVER;
         }
-        match (self.warn_at, self.kill_at) {
-            (Some(warn), Some(kill)) => Some(warn.min(kill)),
-            (warn, kill) => warn.or(kill),
-        }
+        self.warn_at.min(self.kill_at)
     }
 }
 
@@ -140,17 +140,36 @@ pub struct WatchAnchors {
 /// not see may resume another. [`Chain::plan`] repairs it on the owner
 /// thread before every push, and [`Chain::leave`] pops by depth, so a kill
 /// only ever lands in the watched coroutine or one it resumed.
-#[derive(Default)]
 pub struct Chain {
     entries: Vec<Entry>,
-    /// The earliest deadline of a watched entry that is not killed, and
-    /// how many entries are killed: kept with every change, so that the
-    /// checks made at every resume do not walk the entries.
-    earliest: Option<Instant>,
+    /// The earliest deadline of a watched entry that is not killed, how
+    /// many entries are killed, how many are watched and where the first
+    /// watched one is: kept with every change, so that the checks made at
+    /// every resume do not walk the entries.
+    earliest: Nanos,
     killed: usize,
+    watched: usize,
+    first_watched: usize,
     /// No anchor above this depth holds a thread (anchors of popped entries
     /// are cleared by the next `leave`).
     anchored_max: usize,
+    /// The shortest the chain was since it was last published: entries
+    /// from here up may have changed (see [`crate::mirror`]).
+    low_water: usize,
+}
+
+impl Default for Chain {
+    fn default() -> Chain {
+        Chain {
+            entries: Vec::new(),
+            earliest: NEVER,
+            killed: 0,
+            watched: 0,
+            first_watched: 0,
+            anchored_max: 0,
+            low_water: 0,
+        }
+    }
 }
 
 impl Chain {
@@ -168,13 +187,23 @@ impl Chain {
         self.killed > 0
     }
 
-    /// Recomputes `earliest` and `killed` after a change of the entries.
+    /// Recomputes the summary (`earliest`, `killed`, `watched`,
+    /// `first_watched`) after a change of the entries.
     fn refresh(&mut self) {
-        self.earliest = None;
+        self.earliest = NEVER;
         self.killed = 0;
-        for watch in self.entries.iter().filter_map(|entry| entry.watch.as_ref()) {
+        self.watched = 0;
+        self.first_watched = self.entries.len();
+        for (index, entry) in self.entries.iter().enumerate() {
+            let Some(watch) = &entry.watch else {
+                continue;
+            };
+            if self.watched == 0 {
+                self.first_watched = index;
+            }
+            self.watched += 1;
             self.killed += usize::from(watch.killed);
-            self.earliest = earliest(self.earliest, watch.next_deadline());
+            self.earliest = self.earliest.min(watch.next_deadline());
         }
     }
 
@@ -205,32 +234,59 @@ impl Chain {
     /// Pops the top entry, told to `gone`.
     fn pop(&mut self, gone: &mut impl FnMut(StatePtr)) {
         if let Some(entry) = self.entries.pop() {
+            self.low_water = self.low_water.min(self.entries.len());
             gone(entry.state);
         }
     }
 
+    /// The index from which entries may have changed since the last call;
+    /// the next call starts from here.
+    pub fn take_changed_from(&mut self) -> usize {
+        std::mem::replace(&mut self.low_water, self.entries.len())
+    }
+
+    /// The thread of the entry at `index` (0-based).
+    pub fn thread_at(&self, index: usize) -> StatePtr {
+        self.entries[index].state
+    }
+
+    /// The index of the first watched entry (the length if none).
+    pub fn first_watched(&self) -> usize {
+        self.first_watched.min(self.entries.len())
+    }
+
     /// Pops every entry above `len`, and all of them if nothing watched
-    /// is left, each told to `gone`.
+    /// is left, each told to `gone`; then refreshes the summary.
     fn shrink_to(&mut self, len: usize, gone: &mut impl FnMut(StatePtr)) {
         while self.entries.len() > len {
             self.pop(gone);
         }
-        if !self.entries.iter().any(|entry| entry.watch.is_some()) {
+        // The first watched entry is the lowest: with it gone, nothing
+        // watched is left.
+        if self.first_watched >= self.entries.len() {
             while !self.entries.is_empty() {
                 self.pop(gone);
             }
+            self.earliest = NEVER;
+            self.killed = 0;
+            self.watched = 0;
+            self.first_watched = 0;
+        } else {
+            self.refresh();
         }
     }
 
     /// The threads from the first watched one up to the top: the one that
     /// runs is among them, if the top went stale unseen.
     pub fn watched_and_above(&self) -> impl Iterator<Item = StatePtr> + '_ {
-        let first = self
-            .entries
+        self.entries[self.first_watched()..]
             .iter()
-            .position(|entry| entry.watch.is_some())
-            .unwrap_or(self.entries.len());
-        self.entries[first..].iter().map(|entry| entry.state)
+            .map(|entry| entry.state)
+    }
+
+    /// Every thread on the chain, outermost first.
+    pub fn threads(&self) -> impl Iterator<Item = StatePtr> + '_ {
+        self.entries.iter().map(|entry| entry.state)
     }
 
     /// The running thread, as far as the chain knows.
@@ -255,7 +311,6 @@ impl Chain {
             self.pop(&mut gone);
         }
         self.shrink_to(self.entries.len(), &mut gone);
-        self.refresh();
         let len = self.entries.len();
         match self.top() {
             Some(top) if top == resumer => Plan {
@@ -299,9 +354,6 @@ impl Chain {
             self.push(resumer, None, found);
         }
         debug_assert_eq!(self.entries.len() + 1, plan.depth);
-        if let Some(watch) = &watch {
-            self.earliest = earliest(self.earliest, watch.next_deadline());
-        }
         let found = if direct {
             Found::OnResumerStack
         } else {
@@ -311,7 +363,19 @@ impl Chain {
         self.entries.len()
     }
 
+    /// Pushes an entry, keeping the summary (see [`Chain::refresh`]).
+    #[inline]
     fn push(&mut self, state: StatePtr, watch: Option<Watch>, found: Found) {
+        if let Some(watch) = &watch {
+            if self.watched == 0 {
+                self.first_watched = self.entries.len();
+            }
+            self.watched += 1;
+            self.killed += usize::from(watch.killed);
+            self.earliest = self.earliest.min(watch.next_deadline());
+        } else if self.watched == 0 {
+            self.first_watched = self.entries.len() + 1;
+        }
         self.entries.push(Entry {
             state,
             watch,
@@ -331,7 +395,6 @@ impl Chain {
             .and_then(|entry| entry.watch.as_ref())
             .is_some_and(|watch| watch.killed);
         self.shrink_to(depth.saturating_sub(1), &mut gone);
-        self.refresh();
         let len = self.entries.len();
         let left = LeftChain {
             killed,
@@ -434,7 +497,7 @@ impl Chain {
     }
 
     /// A warn callback asked for more time.
-    pub fn reset(&mut self, depth: usize, now: Instant) {
+    pub fn reset(&mut self, depth: usize, now: Nanos) {
         if let Some(watch) = self
             .entries
             .get_mut(depth.wrapping_sub(1))
@@ -445,15 +508,16 @@ impl Chain {
         self.refresh();
     }
 
-    /// The earliest deadline of a watched, running coroutine.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// The earliest deadline of a watched, running coroutine ([`NEVER`]:
+    /// none).
+    pub fn next_deadline(&self) -> Nanos {
         self.earliest
     }
 
     /// Whether the running thread needs the hook now: a deadline passed, or
     /// a killed coroutine is still running (its kill must not be swallowed).
-    pub fn needs_hook(&self, now: Instant) -> bool {
-        self.killed > 0 || self.earliest.is_some_and(|deadline| deadline <= now)
+    pub fn needs_hook(&self, now: Nanos) -> bool {
+        self.killed > 0 || self.earliest <= now
     }
 
     /// The hook fired on `state`: the event to dispatch, innermost first,
@@ -461,7 +525,7 @@ impl Chain {
     pub fn event(
         &mut self,
         state: *mut mlua::ffi::lua_State,
-        now: Instant,
+        now: Nanos,
     ) -> Option<(Event, usize, Locate)> {
         if self.top()?.0 != state {
             return None;
@@ -475,11 +539,11 @@ impl Chain {
                 let watch = entry.watch.as_mut()?;
                 let event = if watch.killed {
                     Event::Killed
-                } else if watch.kill_at.is_some_and(|kill| kill <= now) {
+                } else if watch.kill_at <= now {
                     watch.killed = true;
                     Event::Kill
-                } else if watch.warn_at.is_some_and(|warn| warn <= now) {
-                    watch.warn_at = None;
+                } else if watch.warn_at <= now {
+                    watch.warn_at = NEVER;
                     Event::Warn
                 } else {
                     return None;
@@ -504,14 +568,7 @@ impl Chain {
     /// Forgets every entry (the VM is closing).
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.low_water = 0;
         self.refresh();
-    }
-}
-
-/// The earlier of two optional instants, `None` meaning "never".
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }

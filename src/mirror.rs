@@ -1,0 +1,179 @@
+//! The chain's mirror: what a VM's own thread publishes of its chain of
+//! running coroutines ([`crate::watch::Chain`], which only that thread
+//! reads or writes), for the watchdog and for its own lock-free checks.
+//!
+//! The owner changes its chain without the VM lock at every resume of
+//! something watched, and publishes the result here in atomics. Two
+//! handshakes, both Dekker's over [`crate::barrier`], make that safe:
+//!
+//! - **Arming.** The watchdog arms the threads the mirror names from
+//!   another OS thread (PUC Lua writes their hooks), so none of them may
+//!   be freed meanwhile, and each one it arms must be told to the VM's
+//!   arming record when it leaves the chain. The watchdog sets
+//!   `armed_afar` (under the VM lock), fences ([`barrier::heavy`]), then
+//!   reads the mirror. The owner publishes a change, fences
+//!   ([`barrier::light`]), then reads `armed_afar`. If the owner saw it
+//!   clear, the watchdog's read comes after the change and never names a
+//!   thread the change popped. If the owner saw it set, it takes the VM
+//!   lock, which the watchdog holds until it has armed, before the threads
+//!   it popped can die (the owner holds them on its stack or in anchors
+//!   until its change returns), and tells the arming record about them.
+//!   While `armed_afar` stays set (until the chain carries no hook of the
+//!   watchdog's), every change takes the lock.
+//! - **The alarm.** The owner publishes a new earliest deadline, fences,
+//!   then reads `alarm`, and moves the alarm earlier (under the lock) if it
+//!   is later than the deadline. The watchdog, going off, clears `alarm`,
+//!   fences, then reads the earliest deadline: either it sees the new one,
+//!   or the owner sees no alarm and sets one. No deadline is left without
+//!   an alarm.
+//!
+//! Entries are written before the length (Release); the watchdog reads the
+//! length first (Acquire), so every entry below it is one that length
+//! covered, or a newer one.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use mlua::ffi::lua_State;
+
+use crate::clock::{Nanos, NEVER};
+use crate::state_ptr::StatePtr;
+use crate::watch::Chain;
+
+/// How many of the chain's entries are mirrored one by one. Lua refuses
+/// to nest C calls (each nested resume is one) past 200 (`LUAI_MAXCCALLS`);
+/// past this depth only the top is mirrored, and a kill there relies on
+/// the top running (a deeper stale top is repaired when the hook fires).
+const MIRRORED: usize = 256;
+
+pub struct ChainMirror {
+    active: AtomicBool,
+    len: AtomicUsize,
+    top: AtomicPtr<lua_State>,
+    /// Index of the first watched entry (`len` if none).
+    watched_from: AtomicUsize,
+    entries: Box<[AtomicPtr<lua_State>]>,
+    /// The chain's earliest deadline that is not killed ([`NEVER`]: none).
+    earliest: AtomicU64,
+    /// Whether a killed coroutine is on the chain.
+    killed: AtomicBool,
+    /// The watchdog armed (or is arming) threads named here, and the owner
+    /// has not yet told the arming record of all of them.
+    armed_afar: AtomicBool,
+    /// When the watchdog will next look at this VM ([`NEVER`]: no alarm).
+    /// Written under the VM lock.
+    alarm: AtomicU64,
+}
+
+impl Default for ChainMirror {
+    fn default() -> Self {
+        ChainMirror {
+            active: AtomicBool::new(false),
+            len: AtomicUsize::new(0),
+            top: AtomicPtr::new(std::ptr::null_mut()),
+            watched_from: AtomicUsize::new(0),
+            entries: (0..MIRRORED)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+            earliest: AtomicU64::new(NEVER),
+            killed: AtomicBool::new(false),
+            armed_afar: AtomicBool::new(false),
+            alarm: AtomicU64::new(NEVER),
+        }
+    }
+}
+
+impl ChainMirror {
+    /// Publishes `chain` after a change (the owner thread, which alone
+    /// changes it). Rewrites only the entries the change may have touched.
+    /// Returns the earliest deadline published.
+    #[inline]
+    pub fn publish(&self, chain: &mut Chain) -> u64 {
+        let len = chain.len();
+        let from = chain.take_changed_from();
+        for index in from..len.min(MIRRORED) {
+            self.entries[index].store(chain.thread_at(index).0, Ordering::Relaxed);
+        }
+        self.len.store(len, Ordering::Release);
+        let top = chain.top().map_or(std::ptr::null_mut(), |top| top.0);
+        self.top.store(top, Ordering::Relaxed);
+        self.watched_from
+            .store(chain.first_watched(), Ordering::Relaxed);
+        let earliest = chain.next_deadline();
+        self.earliest.store(earliest, Ordering::Relaxed);
+        self.killed.store(chain.has_killed(), Ordering::Relaxed);
+        self.active.store(chain.is_active(), Ordering::Relaxed);
+        earliest
+    }
+
+    /// Whether anything watched runs (the chain has entries).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn has_killed(&self) -> bool {
+        self.killed.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn top(&self) -> *mut lua_State {
+        self.top.load(Ordering::Relaxed)
+    }
+
+    /// The earliest deadline ([`NEVER`]: none).
+    pub fn next_deadline(&self) -> Nanos {
+        self.earliest.load(Ordering::Relaxed)
+    }
+
+    /// As [`Chain::needs_hook`], from what was published.
+    pub fn needs_hook(&self, now: Nanos) -> bool {
+        self.has_killed() || self.next_deadline() <= now
+    }
+
+    /// The threads from the first watched one up to the top, as the
+    /// watchdog reads them (after [`ChainMirror::begin_arming`] and the
+    /// heavy fence).
+    pub fn watched_and_above(&self) -> impl Iterator<Item = StatePtr> + '_ {
+        let len = self.len.load(Ordering::Acquire);
+        let from = self.watched_from.load(Ordering::Relaxed).min(len);
+        let mirrored = len.min(MIRRORED);
+        let top = (len > MIRRORED).then(|| StatePtr(self.top()));
+        self.entries[from.min(mirrored)..mirrored]
+            .iter()
+            .map(|entry| StatePtr(entry.load(Ordering::Relaxed)))
+            .chain(top)
+            .filter(|state| !state.0.is_null())
+    }
+
+    /// The watchdog is about to read the mirror to arm its threads (under
+    /// the VM lock). Returns whether it was set already.
+    pub fn begin_arming(&self) -> bool {
+        self.armed_afar.swap(true, Ordering::Relaxed)
+    }
+
+    /// No thread of the chain carries a hook the arming record has not
+    /// been told of (under the VM lock).
+    pub fn end_arming(&self) {
+        self.armed_afar.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the watchdog arms (or armed) threads named here; read by
+    /// the owner after its light fence.
+    pub fn is_armed_afar(&self) -> bool {
+        self.armed_afar.load(Ordering::Relaxed)
+    }
+
+    /// Whether the alarm goes off by `at` (read by the owner after its
+    /// light fence, or under the lock).
+    #[inline]
+    pub fn alarm_by(&self, at: Nanos) -> bool {
+        self.alarm.load(Ordering::Relaxed) <= at
+    }
+
+    /// Records the alarm ([`NEVER`]: none; under the VM lock).
+    pub fn set_alarm(&self, at: Nanos) {
+        self.alarm.store(at, Ordering::Relaxed);
+    }
+}
