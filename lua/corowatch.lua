@@ -9,6 +9,7 @@ local core = require("corowatch.core")
 
 local native = core.corowatch
 local watch_running, reset = native.watch_running, native.reset
+local watches_changing = native.watches_changing
 local set_user_hook, get_user_hook = native.set_user_hook, native.get_user_hook
 local set_hooks = native.set_hooks
 
@@ -193,6 +194,8 @@ local function new_coroutine(f, name, level)
       end
       settings = twin
     end
+    -- (No `watches_changing()`: `co` is new, and no resume has a watch
+    -- cached for it; one cached at its address was freed since.)
     watched[co] = settings
   end
   return co
@@ -306,6 +309,7 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
     record = { kill, warn, cb, message, true }
     last_record = record
   end
+  watches_changing() -- before the write: the resume's cache must not outlive it
   watched[key] = record
 
   -- Its clock starts now if it is running, else when it is next resumed.

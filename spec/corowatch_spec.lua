@@ -339,6 +339,63 @@ describe("inheritance and nesting", function()
   end)
 end)
 
+-- The patched resume keeps the watch it found for the coroutine it resumed
+-- last, until a watch is set or a thread is freed (src/resume.rs). Each
+-- spec here fails if one of the two does not make it look again.
+describe("the watch a resume remembers", function()
+  it("is looked up again once the coroutine is watched", function()
+    local output, ok = run_file([[
+      if jit then jit.off() end
+      local corowatch = require("corowatch")
+      local cw = corowatch.export()
+      local co = cw.create(function()
+        cw.yield()
+        while true do end
+      end)
+      assert(cw.resume(co)) -- remembered: not watched
+      corowatch.watch(co, 0.05)
+      print(cw.resume(co))
+    ]], "timeout 20 ")
+    assert.is_true(ok, output)
+    assert.is_truthy(output:find("^false\t" .. KILL:sub(2) .. "0.05 seconds"), output)
+  end)
+
+  it("is not another coroutine's that had the same address", function()
+    -- A watched coroutine is remembered, dies and is freed; one of the
+    -- coroutines created after it often gets its address (the allocator
+    -- reuses the block). That one is not watched, and runs past the first
+    -- one's limit.
+    local function runs_long()
+      local started = corowatch.gettime()
+      while corowatch.gettime() - started < 0.04 do end
+      return "ran"
+    end
+    local reused = 0
+    for _ = 1, 10 do
+      local watched = corowatch.watch(cw.create(function() cw.yield() end), 0.02)
+      assert.is_true(cw.resume(watched))
+      assert.is_true(cw.resume(watched)) -- returns: dead, and remembered
+      local address = tostring(watched)
+      watched = nil -- luacheck: ignore 311
+      collectgarbage()
+      collectgarbage()
+      local plain = {}
+      for i = 1, 8 do plain[i] = cw.create(runs_long) end
+      for i = 1, 8 do
+        if tostring(plain[i]) == address then
+          reused = reused + 1
+          assert.are.same({ true, "ran" }, { cw.resume(plain[i]) })
+        end
+      end
+    end
+    -- LuaJIT's own allocator hands the block out later; nothing is
+    -- remembered there anyway (its allocator cannot be wrapped).
+    if not jit then
+      assert.is_true(reused > 0, "no address was reused: the spec proved nothing")
+    end
+  end)
+end)
+
 describe("watch arguments", function()
   local function fails(pattern, ...)
     local ok, err = pcall(corowatch.watch, ...)

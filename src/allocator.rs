@@ -16,8 +16,13 @@
 //!   `CallInfo` first waits for any `lua_sethook` from another thread to
 //!   end: see [`crate::vm::Vm::frame_freed`] for the handshake.
 //!
-//! The size to watch is learned at install by watching what the VM
-//! allocates for a new thread (5.1) or for a thread's first call frame.
+//! - Every version, thread blocks again: each free of one moves the VM's
+//!   watch epoch ([`crate::vm::Vm::thread_freed`]), so that the patched
+//!   resume can trust the watch it read last for a coroutine at the same
+//!   address: no other coroutine can be there without a free between.
+//!
+//! The sizes to watch are learned at install by watching what the VM
+//! allocates for a new thread and for a thread's first call frame.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_int, c_void};
@@ -36,6 +41,8 @@ struct Shim {
     /// Size of the blocks whose frees the VM must hear of: a thread (5.1)
     /// or a `CallInfo` (5.2–5.4); 0 until calibrated.
     watched_size: Cell<usize>,
+    /// Size of a thread's block; 0 until calibrated.
+    thread_size: Cell<usize>,
     /// While calibrating: every new block, as (address, size).
     calibration: RefCell<Option<Vec<(usize, usize)>>>,
 }
@@ -51,10 +58,16 @@ unsafe extern "C" fn shim_alloc(
     // SAFETY: `ud` is the `Shim` we installed; it is freed only after the
     // allocator is put back (see `uninstall`).
     let shim = unsafe { &*(ud as *const Shim) };
-    if nsize == 0 && !block.is_null() && osize == shim.watched_size.get() {
-        // A panic must not unwind into Lua's allocator call; if one happened
-        // the free goes on, as it did before the VM was wrapped.
-        let _ = catch_unwind(AssertUnwindSafe(|| freeing(&shim.vm, block as usize)));
+    if nsize == 0 && !block.is_null() {
+        if osize == shim.watched_size.get() {
+            // A panic must not unwind into Lua's allocator call; if one
+            // happened the free goes on, as it did before the VM was
+            // wrapped.
+            let _ = catch_unwind(AssertUnwindSafe(|| freeing(&shim.vm, block as usize)));
+        }
+        if osize == shim.thread_size.get() {
+            shim.vm.thread_freed();
+        }
     }
     // SAFETY: the allocator and its data that Lua used before us.
     let result = unsafe { (shim.inner_alloc)(shim.inner_ud, block, osize, nsize) };
@@ -96,6 +109,7 @@ pub unsafe fn install(state: *mut lua_State, vm: &Arc<Vm>) {
         inner_ud,
         vm: vm.clone(),
         watched_size: Cell::new(0),
+        thread_size: Cell::new(0),
         calibration: RefCell::new(None),
     }));
     ffi::lua_setallocf(state, shim_alloc, shim.cast());
@@ -139,6 +153,8 @@ unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
     {
         let shim = shim_of(state);
         shim.watched_size.set(size);
+        shim.thread_size.set(size);
+        shim.vm.track_watch_epoch();
         shim.vm.set_block_offset(thread - block);
     }
     0
@@ -152,13 +168,32 @@ unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
     unsafe extern "C-unwind" fn nothing(_: *mut lua_State) -> c_int {
         0
     }
-    let thread = ffi::lua_newthread(state);
+    let mut thread = std::ptr::null_mut();
+    let blocks = recording(state, || thread = ffi::lua_newthread(state));
+    let shim = shim_of(state);
+    if let Some(&(_, size)) = blocks
+        .iter()
+        .find(|&&(block, size)| (block..block + size).contains(&(thread as usize)))
+    {
+        shim.thread_size.set(size);
+        shim.vm.track_watch_epoch();
+    }
     ffi::lua_pushcfunction(thread, nothing);
     let blocks = recording(state, || ffi::lua_call(thread, 0, 0));
     if let [(_, size)] = blocks[..] {
-        shim_of(state).watched_size.set(size);
+        shim.watched_size.set(size);
     }
     0
+}
+
+/// Whether `state`'s VM still allocates through our shim, which hears of
+/// every thread free (a host may put its own allocator in later).
+///
+/// # Safety
+/// `state` is alive and used by the calling thread.
+#[inline]
+pub unsafe fn is_wrapped(state: *mut lua_State) -> bool {
+    ffi::lua_getallocf(state, ptr::null_mut()) as *const () == shim_alloc as *const ()
 }
 
 /// Puts the VM's original allocator back (at `lua_close`).

@@ -39,6 +39,11 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             ("watch_running", lua.create_function(watch_running)?, raise),
             ("reset", lua.create_function(reset)?, nothing),
             (
+                "watches_changing",
+                lua.create_function(watches_changing)?,
+                nothing,
+            ),
+            (
                 "set_dispatcher",
                 lua.create_function(set_dispatcher)?,
                 raise,
@@ -181,6 +186,14 @@ fn watch_running(
     Err(mlua::Error::runtime(
         "corowatch.watch: the running coroutines kept changing",
     ))
+}
+
+/// `watches_changing()`: the Lua side is about to set a coroutine's watch
+/// (the patched resume then looks it up again, see
+/// [`crate::vm::Vm::watch_epoch`]).
+fn watches_changing(lua: &Lua, (): ()) -> mlua::Result<()> {
+    state::vm(lua)?.watches_changed();
+    Ok(())
 }
 
 /// `reset(depth)`: the warn callback of the coroutine at `depth` asked for

@@ -51,10 +51,18 @@ const YIELD_VM: c_int = ffi::lua_upvalueindex(2);
 /// limits of the settings record it read last. Coroutines watched alike
 /// share one record, whose limits never change: a round trip reads them
 /// once.
+///
+/// Also the watch it found for the coroutine it resumed last, with the VM's
+/// watch epoch then: while the epoch has not moved, no watch was set and
+/// no thread freed, so a coroutine at that address is the same one, with
+/// the same watch, and the table lookup is skipped.
 struct ResumeState {
     vm: *const Vm,
     last_record: *const c_void,
     last_limits: Limits,
+    cached_co: *mut lua_State,
+    cached_epoch: u64,
+    cached_limits: Option<Limits>,
 }
 
 /// Pushes `resume` closed over: the original resume, its [`ResumeState`],
@@ -87,6 +95,9 @@ unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua
         vm,
         last_record: std::ptr::null(),
         last_limits: (clock::NEVER, clock::NEVER),
+        cached_co: std::ptr::null_mut(),
+        cached_epoch: 0,
+        cached_limits: None,
     });
     ffi::lua_insert(state, -4);
     ffi::lua_pushnil(state);
@@ -120,8 +131,44 @@ unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Nanos {
     }
 }
 
-/// The watch of the coroutine at index 1, if it is watched.
-unsafe fn watch_limits(state: *mut lua_State, resume_state: &mut ResumeState) -> Option<Limits> {
+/// The watch of the coroutine `co` at index 1, if it is watched.
+#[inline(always)]
+unsafe fn watch_limits(
+    state: *mut lua_State,
+    co: *mut lua_State,
+    resume_state: &mut ResumeState,
+) -> Option<Limits> {
+    let epoch = (*resume_state.vm).watch_epoch();
+    // Epoch 0: the VM cannot tell (LuaJIT); a host's own allocator put in
+    // later hides thread frees.
+    if co == resume_state.cached_co
+        && epoch == resume_state.cached_epoch
+        && epoch != 0
+        && allocator_sees_frees(state)
+    {
+        return resume_state.cached_limits;
+    }
+    let limits = look_up_limits(state, resume_state);
+    resume_state.cached_co = co;
+    resume_state.cached_epoch = epoch;
+    resume_state.cached_limits = limits;
+    limits
+}
+
+#[cfg(not(feature = "luajit"))]
+#[inline(always)]
+unsafe fn allocator_sees_frees(state: *mut lua_State) -> bool {
+    crate::allocator::is_wrapped(state)
+}
+
+#[cfg(feature = "luajit")]
+unsafe fn allocator_sees_frees(_: *mut lua_State) -> bool {
+    false
+}
+
+/// The watch of the coroutine at index 1, looked up in the `co ->
+/// settings` table.
+unsafe fn look_up_limits(state: *mut lua_State, resume_state: &mut ResumeState) -> Option<Limits> {
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, WATCHED);
     let limits = if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
@@ -218,7 +265,7 @@ unsafe fn begin<'vm>(
     vm.note_owner();
     // SAFETY: borrowed only for this call, which runs no Lua code (so no
     // nested `resume` borrows it meanwhile).
-    let limits = watch_limits(state, &mut *resume_state);
+    let limits = watch_limits(state, co, &mut *resume_state);
     Ok((co, vm, limits))
 }
 

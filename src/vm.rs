@@ -45,7 +45,7 @@
 use std::collections::HashMap;
 use std::ffi::c_int;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -177,6 +177,11 @@ pub struct Vm {
     /// What the owner publishes of the chain, for the watchdog and for its
     /// own lock-free checks (the patched resume and yield).
     mirror: ChainMirror,
+    /// Moves whenever the watch of a coroutine may have changed: a watch
+    /// set, or a thread freed (then another can take its address). 0:
+    /// the VM cannot tell (LuaJIT, or thread frees not seen). Only the
+    /// VM's own thread writes it.
+    watch_epoch: AtomicU64,
     /// How many of its targets have an interrupt pending (written under the
     /// lock, read without it by LuaJIT's patched resume).
     #[cfg(feature = "luajit")]
@@ -293,6 +298,7 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
         me: me.clone(),
         owner: OwnerOnly::new(OwnerSide::default()),
         mirror: ChainMirror::default(),
+        watch_epoch: AtomicU64::new(0),
         closed: AtomicBool::new(false),
         inner: Mutex::new(VmInner {
             closed: false,
@@ -603,6 +609,41 @@ impl Vm {
     }
 
     // ---- corowatch -------------------------------------------------------
+
+    /// The watch epoch (see the field); 0 if the VM cannot tell.
+    #[inline]
+    pub fn watch_epoch(&self) -> u64 {
+        self.watch_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Every thread free is seen from now on (the allocator is wrapped and
+    /// knows a thread's size).
+    #[cfg(not(feature = "luajit"))]
+    pub fn track_watch_epoch(&self) {
+        self.watch_epoch.store(1, Ordering::Relaxed);
+    }
+
+    /// A thread's memory is being freed (the VM's own thread, in its
+    /// allocator): a coroutine at that address from now on is another.
+    #[cfg(not(feature = "luajit"))]
+    #[inline]
+    pub fn thread_freed(&self) {
+        self.bump_watch_epoch();
+    }
+
+    /// The running thread set a coroutine's watch.
+    pub fn watches_changed(&self) {
+        self.bump_watch_epoch();
+    }
+
+    fn bump_watch_epoch(&self) {
+        // Only the VM's own thread writes: no read-modify-write needed.
+        let epoch = self.watch_epoch.load(Ordering::Relaxed);
+        if epoch != 0 {
+            self.watch_epoch
+                .store(epoch.wrapping_add(1).max(1), Ordering::Relaxed);
+        }
+    }
 
     /// Whether anything watched runs in this VM (the chain is active).
     pub fn is_active(&self) -> bool {

@@ -233,10 +233,20 @@ impl Chain {
 
     /// Pops the top entry, told to `gone`.
     fn pop(&mut self, gone: &mut impl FnMut(StatePtr)) {
-        if let Some(entry) = self.entries.pop() {
-            self.low_water = self.low_water.min(self.entries.len());
+        self.truncate(self.entries.len().saturating_sub(1), gone);
+    }
+
+    /// Pops the entries above `len`, each told to `gone`, the top first.
+    #[inline]
+    fn truncate(&mut self, len: usize, gone: &mut impl FnMut(StatePtr)) {
+        let Some(popped) = self.entries.get(len..) else {
+            return;
+        };
+        for entry in popped.iter().rev() {
             gone(entry.state);
         }
+        self.entries.truncate(len);
+        self.low_water = self.low_water.min(len);
     }
 
     /// The index from which entries may have changed since the last call;
@@ -257,16 +267,13 @@ impl Chain {
 
     /// Pops every entry above `len`, and all of them if nothing watched
     /// is left, each told to `gone`; then refreshes the summary.
+    #[inline]
     fn shrink_to(&mut self, len: usize, gone: &mut impl FnMut(StatePtr)) {
-        while self.entries.len() > len {
-            self.pop(gone);
-        }
         // The first watched entry is the lowest: with it gone, nothing
         // watched is left.
-        if self.first_watched >= self.entries.len() {
-            while !self.entries.is_empty() {
-                self.pop(gone);
-            }
+        let len = if self.first_watched >= len { 0 } else { len };
+        self.truncate(len, gone);
+        if len == 0 {
             self.earliest = NEVER;
             self.killed = 0;
             self.watched = 0;
