@@ -9,7 +9,6 @@ local core = require("corowatch.core")
 
 local native = core.corowatch
 local watch_running, reset = native.watch_running, native.reset
-local watches_changing = native.watches_changing
 local set_user_hook, get_user_hook = native.set_user_hook, native.get_user_hook
 local set_hooks = native.set_hooks
 
@@ -149,7 +148,12 @@ native.set_dispatcher(dispatch)
 -- @tparam thread co a suspended or dead coroutine
 -- @treturn boolean true if no error (nor kill) is left
 -- @return the error or the kill message
-M.resume, M.yield, M.close = native.make_functions(raw_resume, watched, killed, raw_close)
+-- `set_watch(co, settings)` is `watched[co] = settings`, and the only way
+-- this file writes it: the native resume remembers the watch it read last
+-- for a coroutine, and set_watch moves the VM's watch epoch in the same C
+-- call as the write, so no hook can resume `co` in between.
+local set_watch
+M.resume, M.yield, M.close, set_watch = native.make_functions(raw_resume, watched, killed, raw_close)
 local resume = M.resume
 
 if jit then
@@ -194,9 +198,7 @@ local function new_coroutine(f, name, level)
       end
       settings = twin
     end
-    -- (No `watches_changing()`: `co` is new, and no resume has a watch
-    -- cached for it; one cached at its address was freed since.)
-    watched[co] = settings
+    set_watch(co, settings)
   end
   return co
 end
@@ -309,8 +311,7 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
     record = { kill, warn, cb, message, true }
     last_record = record
   end
-  watches_changing() -- before the write: the resume's cache must not outlive it
-  watched[key] = record
+  set_watch(key, record)
 
   -- Its clock starts now if it is running, else when it is next resumed.
   watch_running(thread, kill or nil, warn or nil)

@@ -360,6 +360,35 @@ describe("the watch a resume remembers", function()
     assert.is_truthy(output:find("^false\t" .. KILL:sub(2) .. "0.05 seconds"), output)
   end)
 
+  it("is looked up again when a hook resumes the coroutine inside watch", function()
+    -- A count hook resumes the coroutine at every instruction of
+    -- corowatch's own code, so also between the epoch's move and the
+    -- write of the watch, if Lua code could run there.
+    local output, ok = run_file([[
+      if jit then jit.off() end
+      local corowatch = require("corowatch")
+      corowatch.export(_G)
+      local go = false
+      local co = coroutine.create(function()
+        while not go do coroutine.yield() end
+        while true do end
+      end)
+      assert(coroutine.resume(co))
+      debug.sethook(function()
+        local info = debug.getinfo(2, "S")
+        if info and info.source:find("corowatch.lua", 1, true) then
+          assert(coroutine.resume(co))
+        end
+      end, "", 1)
+      coroutine.watch(co, 0.05)
+      debug.sethook()
+      go = true
+      print(coroutine.resume(co))
+    ]], "timeout 20 ")
+    assert.is_true(ok, output)
+    assert.is_truthy(output:find("^false\t" .. KILL:sub(2) .. "0.05 seconds"), output)
+  end)
+
   it("is not another coroutine's that had the same address", function()
     -- A watched coroutine is remembered, dies and is freed; one of the
     -- coroutines created after it often gets its address (the allocator
@@ -393,6 +422,58 @@ describe("the watch a resume remembers", function()
     if not jit then
       assert.is_true(reused > 0, "no address was reused: the spec proved nothing")
     end
+  end)
+end)
+
+-- Our hook put on a coroutine of the chain comes off (the user's hook
+-- back) when the coroutine leaves the chain, whoever put it there.
+describe("a coroutine that leaves the chain with our hook on", function()
+  it("leaves no trace for the next coroutine at its address", function()
+    -- A's warn deadline (1 ns) has passed when it resumes B, whose body is
+    -- a C function (5.2+): B runs no Lua instruction, so our hook, put on
+    -- B at that resume, never fires there to take itself off. A user's
+    -- hook on the next coroutine at B's address must work.
+    local output, ok = run_file([[
+      if jit then jit.off() end
+      local corowatch = require("corowatch")
+      corowatch.export(_G)
+      local calls = 0
+      local function count() calls = calls + 1 end
+      local body = coroutine.resume
+      if _VERSION == "Lua 5.1" and not jit then
+        body = function(co) return coroutine.resume(co) end -- 5.1: Lua bodies only
+      end
+      local lost, reused = 0, 0
+      for _ = 1, 200 do
+        local c = coroutine.create(function() return 1 end)
+        local b = coroutine.create(body)
+        local a = coroutine.create(function() assert(coroutine.resume(b, c)) end)
+        coroutine.watch(a, 10, 1e-9, function() end)
+        assert(coroutine.resume(a))
+        local address = tostring(b)
+        a, b, c = nil, nil, nil
+        collectgarbage()
+        collectgarbage()
+        local keep = {}
+        for i = 1, 50 do
+          local x = coroutine.create(function() local y = 1 return y end)
+          keep[i] = x
+          if tostring(x) == address then
+            reused = reused + 1
+            debug.sethook(x, count, "c")
+            calls = 0
+            coroutine.resume(x)
+            if calls == 0 then lost = lost + 1 end
+            break
+          end
+        end
+      end
+      print("reused", reused, "lost", lost)
+    ]], "timeout 60 ")
+    assert.is_true(ok, output)
+    local reused, lost = output:match("reused%s+(%d+)%s+lost%s+(%d+)")
+    assert.are.equal("0", lost, output)
+    if not jit then assert.is_true(tonumber(reused) > 0, output) end
   end)
 end)
 

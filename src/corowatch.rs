@@ -39,11 +39,6 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             ("watch_running", lua.create_function(watch_running)?, raise),
             ("reset", lua.create_function(reset)?, nothing),
             (
-                "watches_changing",
-                lua.create_function(watches_changing)?,
-                nothing,
-            ),
-            (
                 "set_dispatcher",
                 lua.create_function(set_dispatcher)?,
                 raise,
@@ -118,6 +113,7 @@ fn make_functions(
             )?),
             None => None,
         };
+        let watched_for_set = watched.clone();
         let resume = lua
             .exec_raw::<Function>((original, watched, killed.clone(), anchors), move |state| {
                 resume::push_resume(state, vm as *const _)
@@ -125,7 +121,10 @@ fn make_functions(
         let yield_ = lua.exec_raw::<Function>(killed, move |state| {
             resume::push_yield(state, vm as *const _)
         })?;
-        lua.pack_multi((resume, yield_, close))
+        let set_watch = lua.exec_raw::<Function>(watched_for_set, move |state| {
+            resume::push_set_watch(state, vm as *const _)
+        })?;
+        lua.pack_multi((resume, yield_, close, set_watch))
     }
 }
 
@@ -186,14 +185,6 @@ fn watch_running(
     Err(mlua::Error::runtime(
         "corowatch.watch: the running coroutines kept changing",
     ))
-}
-
-/// `watches_changing()`: the Lua side is about to set a coroutine's watch
-/// (the patched resume then looks it up again, see
-/// [`crate::vm::Vm::watch_epoch`]).
-fn watches_changing(lua: &Lua, (): ()) -> mlua::Result<()> {
-    state::vm(lua)?.watches_changed();
-    Ok(())
 }
 
 /// `reset(depth)`: the warn callback of the coroutine at `depth` asked for

@@ -8,18 +8,21 @@
 //!
 //! - **Arming.** The watchdog arms the threads the mirror names from
 //!   another OS thread (PUC Lua writes their hooks), so none of them may
-//!   be freed meanwhile, and each one it arms must be told to the VM's
-//!   arming record when it leaves the chain. The watchdog sets
-//!   `armed_afar` (under the VM lock), fences ([`barrier::heavy`]), then
-//!   reads the mirror. The owner publishes a change, fences
-//!   ([`barrier::light`]), then reads `armed_afar`. If the owner saw it
-//!   clear, the watchdog's read comes after the change and never names a
-//!   thread the change popped. If the owner saw it set, it takes the VM
-//!   lock, which the watchdog holds until it has armed, before the threads
-//!   it popped can die (the owner holds them on its stack or in anchors
-//!   until its change returns), and tells the arming record about them.
-//!   While `armed_afar` stays set (until the chain carries no hook of the
-//!   watchdog's), every change takes the lock.
+//!   be freed meanwhile, and each one our hook is on must be told to the
+//!   VM's arming record when it leaves the chain (which puts the user's
+//!   hook back). The watchdog sets `armed` (under the VM lock), fences
+//!   ([`barrier::heavy`]), then reads the mirror. The owner publishes a
+//!   change, fences ([`barrier::light`]), then reads `armed`. If the owner
+//!   saw it clear, the watchdog's read comes after the change and never
+//!   names a thread the change popped. If the owner saw it set, it takes
+//!   the VM lock, which the watchdog holds until it has armed, before the
+//!   threads it popped can die (the owner holds them on its stack or in
+//!   anchors until its change returns), and tells the arming record about
+//!   them. The owner's own armings of the chain's threads (under the lock:
+//!   a deadline found passed at a resume, the hook staying on a killed
+//!   coroutine) set `armed` too. It is cleared under the lock once no
+//!   thread of the chain carries our hook; while it is set, every change
+//!   that pops takes the lock.
 //! - **The alarm.** The owner publishes a new earliest deadline, fences,
 //!   then reads `alarm`, and moves the alarm earlier (under the lock) if it
 //!   is later than the deadline. The watchdog, going off, clears `alarm`,
@@ -56,9 +59,9 @@ pub struct ChainMirror {
     earliest: AtomicU64,
     /// Whether a killed coroutine is on the chain.
     killed: AtomicBool,
-    /// The watchdog armed (or is arming) threads named here, and the owner
-    /// has not yet told the arming record of all of them.
-    armed_afar: AtomicBool,
+    /// Our hook may be on threads named here (the watchdog armed, or is
+    /// arming, them; or the owner did): a pop tells the arming record.
+    armed: AtomicBool,
     /// When the watchdog will next look at this VM ([`NEVER`]: no alarm).
     /// Written under the VM lock.
     alarm: AtomicU64,
@@ -76,7 +79,7 @@ impl Default for ChainMirror {
                 .collect(),
             earliest: AtomicU64::new(NEVER),
             killed: AtomicBool::new(false),
-            armed_afar: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
             alarm: AtomicU64::new(NEVER),
         }
     }
@@ -147,22 +150,22 @@ impl ChainMirror {
             .filter(|state| !state.0.is_null())
     }
 
-    /// The watchdog is about to read the mirror to arm its threads (under
-    /// the VM lock). Returns whether it was set already.
+    /// Someone is about to arm threads named here (the watchdog, before
+    /// it reads the mirror; the owner); under the VM lock. Returns whether
+    /// it was set already.
     pub fn begin_arming(&self) -> bool {
-        self.armed_afar.swap(true, Ordering::Relaxed)
+        self.armed.swap(true, Ordering::Relaxed)
     }
 
-    /// No thread of the chain carries a hook the arming record has not
-    /// been told of (under the VM lock).
+    /// No thread of the chain carries our hook (under the VM lock).
     pub fn end_arming(&self) {
-        self.armed_afar.store(false, Ordering::Relaxed);
+        self.armed.store(false, Ordering::Relaxed);
     }
 
-    /// Whether the watchdog arms (or armed) threads named here; read by
-    /// the owner after its light fence.
-    pub fn is_armed_afar(&self) -> bool {
-        self.armed_afar.load(Ordering::Relaxed)
+    /// Whether our hook may be on threads named here; read by the owner
+    /// after its light fence.
+    pub fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
     }
 
     /// Whether the alarm goes off by `at` (read by the owner after its

@@ -45,6 +45,9 @@ const LAST_RECORD: c_int = ffi::lua_upvalueindex(6);
 // Upvalues of `yield`.
 const YIELD_KILLED: c_int = ffi::lua_upvalueindex(1);
 const YIELD_VM: c_int = ffi::lua_upvalueindex(2);
+// Upvalues of `set_watch`.
+const SET_WATCH_WATCHED: c_int = ffi::lua_upvalueindex(1);
+const SET_WATCH_VM: c_int = ffi::lua_upvalueindex(2);
 
 /// What `resume` reads at every call, in one userdata upvalue: the VM (a
 /// pointer the caller keeps alive for the life of the process) and the
@@ -112,6 +115,31 @@ unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua
 pub unsafe fn push_yield(state: *mut lua_State, vm: *const Vm) {
     ffi::lua_pushlightuserdata(state, vm as *mut c_void);
     ffi::lua_pushcclosure(state, yield_, 2);
+}
+
+/// Pushes `set_watch` closed over the `co -> settings` table on the stack
+/// and the VM (kept alive by the caller for the life of the process).
+///
+/// # Safety
+/// The stack of `state` holds that table on top.
+pub unsafe fn push_set_watch(state: *mut lua_State, vm: *const Vm) {
+    ffi::lua_pushlightuserdata(state, vm as *mut c_void);
+    ffi::lua_pushcclosure(state, set_watch, 2);
+}
+
+/// `set_watch(co, settings)`: `watched[co] = settings`, the only way the
+/// Lua side writes that table. The VM's watch epoch moves first, in the
+/// same C call: no Lua code (a hook, a finalizer) runs between the two,
+/// so no resume can remember `co`'s old watch past the write (see
+/// [`ResumeState`]). If the write raises (out of memory), the table is
+/// unchanged and the epoch moved for nothing.
+unsafe extern "C-unwind" fn set_watch(state: *mut lua_State) -> c_int {
+    // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
+    let vm = &*(ffi::lua_touserdata(state, SET_WATCH_VM) as *const Vm);
+    ffi::lua_settop(state, 2);
+    vm.watches_changed();
+    ffi::lua_rawset(state, SET_WATCH_WATCHED);
+    0
 }
 
 /// A watch's kill and warn limits ([`clock::NEVER`]: none).

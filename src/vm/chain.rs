@@ -137,7 +137,7 @@ impl Vm {
         change: impl FnOnce(&mut Chain, &mut dyn FnMut(StatePtr)) -> R,
         check: impl FnOnce(&Chain) -> Option<Nanos>,
     ) -> R {
-        if self.mirror.is_armed_afar() {
+        if self.mirror.is_armed() {
             let mut inner = self.lock();
             // SAFETY: the caller's contract.
             return unsafe {
@@ -163,9 +163,9 @@ impl Vm {
             })
         };
         barrier::light();
-        let armed_afar = popped && self.mirror.is_armed_afar();
+        let armed = popped && self.mirror.is_armed();
         let late_alarm = hook_time != NEVER && !self.mirror.alarm_by(hook_time);
-        if armed_afar || due || late_alarm {
+        if armed || due || late_alarm {
             let mut inner = self.lock();
             // SAFETY: the caller's contract; the popped threads are alive
             // and the watchdog, which held the lock, is done with them.
@@ -205,16 +205,21 @@ impl Vm {
             self.set_alarm(inner, chain.next_deadline());
         }
         self.mirror.publish(chain);
-        self.end_arming_if_settled(inner, chain);
+        self.mark_armed(inner, chain);
     }
 
-    /// Under the lock, on the VM's thread: once no thread of the chain
-    /// carries our hook, the watchdog's arming is over for the owner, whose
-    /// changes go lock-free again.
-    pub(super) fn end_arming_if_settled(&self, inner: &VmInner, chain: &Chain) {
-        if self.mirror.is_armed_afar()
-            && !chain.threads().any(|state| inner.arming.is_armed(state.0))
-        {
+    /// Under the lock, on the VM's thread, after it may have armed threads
+    /// of the chain or released them: `armed` says whether our hook is on
+    /// one of them, so that the lock-free pops that follow tell the arming
+    /// record (PUC Lua, whose hooks are per thread; LuaJIT's hook is the
+    /// VM's and settles itself).
+    pub(super) fn mark_armed(&self, inner: &VmInner, chain: &Chain) {
+        if cfg!(feature = "luajit") {
+            return;
+        }
+        if chain.threads().any(|state| inner.arming.is_armed(state.0)) {
+            self.mirror.begin_arming();
+        } else if self.mirror.is_armed() {
             self.mirror.end_arming();
         }
     }
@@ -473,7 +478,7 @@ impl VmInner {
         } = self;
         for state in threads {
             // SAFETY: the chain's threads are alive while it names them,
-            // and the mirror's until the owner has seen `armed_afar`
+            // and the mirror's until the owner has seen `armed`
             // (module comments here and in `crate::mirror`); one that does
             // not run is armed for when it runs again. We hold the lock.
             writing_from(side, writing_afar, || unsafe { arming.arm(state.0, side) });

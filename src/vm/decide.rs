@@ -68,7 +68,7 @@ impl Vm {
                 let watch_needs_hook = chain.top().is_some_and(|top| top.0 == state)
                     && chain.needs_hook(hook_horizon(now));
                 inner.settle_hook(state, interrupt_stays || watch_needs_hook, chain, now);
-                self.end_arming_if_settled(&inner, chain);
+                self.mark_armed(&inner, chain);
                 self.set_alarm(&mut inner, chain.next_deadline());
                 verdict
             })
@@ -93,7 +93,12 @@ impl Vm {
         unsafe { inner.arming.user_hook_changed(state) };
         if inner.arming.take_deferred() {
             // SAFETY: the VM's thread, outside every other use of the chain.
-            unsafe { self.owner.with(|own| inner.arm_everything_due(&own.chain)) };
+            unsafe {
+                self.owner.with(|own| {
+                    inner.arm_everything_due(&own.chain);
+                    self.mark_armed(&inner, &own.chain);
+                })
+            };
         }
     }
 
