@@ -124,9 +124,10 @@ impl Vm {
     /// when: the top is armed at once if one passed, and the watchdog's
     /// alarm moves earlier if needed.
     ///
-    /// Without the lock unless the watchdog armed the chain (its threads
-    /// leaving then go to the arming record), a deadline passed, or the
-    /// alarm must move: the handshakes are [`crate::mirror`]'s.
+    /// Without the lock unless our hook may be on a thread of the chain
+    /// (the mirror's `armed` mark: the threads leaving then go to the
+    /// arming record), a deadline passed, or the alarm must move: the
+    /// handshakes are [`crate::mirror`]'s.
     ///
     /// # Safety
     /// Called on the VM's own thread, outside every other use of the chain;
@@ -185,8 +186,8 @@ impl Vm {
     }
 
     /// The end of a change made under the lock: the deadlines as `check`
-    /// says, and the watchdog's mark taken off once nothing it armed is
-    /// left on the chain.
+    /// says, the chain published, and the `armed` mark brought in line
+    /// with the arming record.
     fn after_change_locked(
         &self,
         inner: &mut VmInner,
