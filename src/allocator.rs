@@ -17,7 +17,7 @@
 //!   end: see [`crate::vm::Vm::frame_freed`] for the handshake.
 //!
 //! - Every version, thread blocks again: each free of one moves the VM's
-//!   watch epoch ([`crate::vm::Vm::thread_freed`]), so that the patched
+//!   watch epoch ([`crate::vm::Vm::move_watch_epoch`]), so that the patched
 //!   resume can trust the watch it read last for a coroutine at the same
 //!   address: no other coroutine can be there without a free between.
 //!
@@ -66,7 +66,7 @@ unsafe extern "C" fn shim_alloc(
             let _ = catch_unwind(AssertUnwindSafe(|| freeing(&shim.vm, block as usize)));
         }
         if osize == shim.thread_size.get() {
-            shim.vm.thread_freed();
+            shim.vm.move_watch_epoch();
         }
     }
     // SAFETY: the allocator and its data that Lua used before us.

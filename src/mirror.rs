@@ -49,7 +49,8 @@ use crate::watch::Chain;
 const MIRRORED: usize = 256;
 
 pub struct ChainMirror {
-    active: AtomicBool,
+    /// The chain's length: it is active (something watched runs) while
+    /// this is not 0.
     len: AtomicUsize,
     top: AtomicPtr<lua_State>,
     /// Index of the first watched entry (`len` if none).
@@ -70,7 +71,6 @@ pub struct ChainMirror {
 impl Default for ChainMirror {
     fn default() -> Self {
         ChainMirror {
-            active: AtomicBool::new(false),
             len: AtomicUsize::new(0),
             top: AtomicPtr::new(std::ptr::null_mut()),
             watched_from: AtomicUsize::new(0),
@@ -104,13 +104,12 @@ impl ChainMirror {
         let earliest = chain.next_deadline();
         self.earliest.store(earliest, Ordering::Relaxed);
         self.killed.store(chain.has_killed(), Ordering::Relaxed);
-        self.active.store(chain.is_active(), Ordering::Relaxed);
         earliest
     }
 
     /// Whether anything watched runs (the chain has entries).
     pub fn is_active(&self) -> bool {
-        self.active.load(Ordering::Relaxed)
+        self.len() != 0
     }
 
     pub fn has_killed(&self) -> bool {

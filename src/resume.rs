@@ -137,7 +137,7 @@ unsafe extern "C-unwind" fn set_watch(state: *mut lua_State) -> c_int {
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
     let vm = &*(ffi::lua_touserdata(state, SET_WATCH_VM) as *const Vm);
     ffi::lua_settop(state, 2);
-    vm.watches_changed();
+    vm.move_watch_epoch();
     ffi::lua_rawset(state, SET_WATCH_WATCHED);
     0
 }

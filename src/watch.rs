@@ -143,12 +143,11 @@ pub struct WatchAnchors {
 pub struct Chain {
     entries: Vec<Entry>,
     /// The earliest deadline of a watched entry that is not killed, how
-    /// many entries are killed, how many are watched and where the first
-    /// watched one is: kept with every change, so that the checks made at
-    /// every resume do not walk the entries.
+    /// many entries are killed and where the first watched one is (the
+    /// length or more if none): kept with every change, so that the checks
+    /// made at every resume do not walk the entries.
     earliest: Nanos,
     killed: usize,
-    watched: usize,
     first_watched: usize,
     /// No anchor above this depth holds a thread (anchors of popped entries
     /// are cleared by the next `leave`).
@@ -164,7 +163,6 @@ impl Default for Chain {
             entries: Vec::new(),
             earliest: NEVER,
             killed: 0,
-            watched: 0,
             first_watched: 0,
             anchored_max: 0,
             low_water: 0,
@@ -173,10 +171,6 @@ impl Default for Chain {
 }
 
 impl Chain {
-    pub fn is_active(&self) -> bool {
-        !self.entries.is_empty()
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -187,21 +181,19 @@ impl Chain {
         self.killed > 0
     }
 
-    /// Recomputes the summary (`earliest`, `killed`, `watched`,
-    /// `first_watched`) after a change of the entries.
+    /// Recomputes the summary (`earliest`, `killed`, `first_watched`)
+    /// after a change of the entries.
     fn refresh(&mut self) {
         self.earliest = NEVER;
         self.killed = 0;
-        self.watched = 0;
         self.first_watched = self.entries.len();
         for (index, entry) in self.entries.iter().enumerate() {
             let Some(watch) = &entry.watch else {
                 continue;
             };
-            if self.watched == 0 {
+            if self.first_watched == self.entries.len() {
                 self.first_watched = index;
             }
-            self.watched += 1;
             self.killed += usize::from(watch.killed);
             self.earliest = self.earliest.min(watch.next_deadline());
         }
@@ -276,7 +268,6 @@ impl Chain {
         if len == 0 {
             self.earliest = NEVER;
             self.killed = 0;
-            self.watched = 0;
             self.first_watched = 0;
         } else {
             self.refresh();
@@ -374,13 +365,12 @@ impl Chain {
     #[inline]
     fn push(&mut self, state: StatePtr, watch: Option<Watch>, found: Found) {
         if let Some(watch) = &watch {
-            if self.watched == 0 {
+            if self.first_watched >= self.entries.len() {
                 self.first_watched = self.entries.len();
             }
-            self.watched += 1;
             self.killed += usize::from(watch.killed);
             self.earliest = self.earliest.min(watch.next_deadline());
-        } else if self.watched == 0 {
+        } else if self.first_watched >= self.entries.len() {
             self.first_watched = self.entries.len() + 1;
         }
         self.entries.push(Entry {

@@ -86,20 +86,11 @@ impl Vm {
         self.watch_epoch.store(1, Ordering::Relaxed);
     }
 
-    /// A thread's memory is being freed (the VM's own thread, in its
-    /// allocator): a coroutine at that address from now on is another.
-    #[cfg(not(feature = "luajit"))]
+    /// Moves the watch epoch, on the VM's own thread: a coroutine's watch
+    /// is being set (`set_watch`), or a thread's memory freed (the
+    /// allocator; a coroutine at that address from now on is another).
     #[inline]
-    pub fn thread_freed(&self) {
-        self.bump_watch_epoch();
-    }
-
-    /// The running thread set a coroutine's watch.
-    pub fn watches_changed(&self) {
-        self.bump_watch_epoch();
-    }
-
-    fn bump_watch_epoch(&self) {
+    pub fn move_watch_epoch(&self) {
         // Only the VM's own thread writes: no read-modify-write needed.
         let epoch = self.watch_epoch.load(Ordering::Relaxed);
         if epoch != 0 {
