@@ -22,7 +22,7 @@
 //!   a deadline found passed at a resume, the hook staying on a killed
 //!   coroutine) set `armed` too. It is cleared under the lock once no
 //!   thread of the chain carries our hook; while it is set, every change
-//!   that pops takes the lock.
+//!   takes the lock.
 //! - **The alarm.** The owner publishes a new earliest deadline, fences,
 //!   then reads `alarm`, and moves the alarm earlier (under the lock) if it
 //!   is later than the deadline. The watchdog, going off, clears `alarm`,
