@@ -1,6 +1,6 @@
--- Cross-thread latency of mtint.interrupt: from the call to the victim's
--- error (both stamped with cqueues.monotime, one clock for all threads),
--- and the round trip back to the interrupter. With MTINT_ORIGINAL set to
+-- Cross-thread latency of mtint.interrupt: how long the call itself takes,
+-- from the call to the victim's error (both stamped with cqueues.monotime,
+-- one clock for all threads), and the round trip back to the interrupter. With MTINT_ORIGINAL set to
 -- the path of the original mtint's library, measures that one instead (in
 -- both threads). Usage: see bench/run.
 local original = os.getenv("MTINT_ORIGINAL")
@@ -24,11 +24,12 @@ local victim = threads.start(function(channel)
 end)
 
 local id = tonumber(assert(victim:receive(10)))
-local to_error, round_trip = {}, {}
+local call, to_error, round_trip = {}, {}, {}
 for round = 1, ROUNDS do
   assert(victim:receive(10) == "ready")
   local sent = cqueues.monotime()
   mtint.interrupt(id)
+  call[round] = cqueues.monotime() - sent
   local caught = tonumber(assert(victim:receive(10)))
   round_trip[round] = cqueues.monotime() - sent
   to_error[round] = caught - sent
@@ -41,6 +42,7 @@ local function quantile(samples, q)
   return samples[math.max(1, math.ceil(q * #samples))] * 1e6
 end
 local version = (jit and jit.version or _VERSION) .. (original and " (original)" or "")
-print(("%-23s rounds %d  to error: median %6.1f us  p99 %7.1f us  round trip: median %6.1f us  p99 %7.1f us")
-  :format(version, ROUNDS, quantile(to_error, 0.5), quantile(to_error, 0.99),
+print(("%-23s rounds %d  call: median %4.1f us  to error: median %4.1f us  p99 %6.1f us"
+  .. "  round trip: median %5.1f us  p99 %6.1f us")
+  :format(version, ROUNDS, quantile(call, 0.5), quantile(to_error, 0.5), quantile(to_error, 0.99),
     quantile(round_trip, 0.5), quantile(round_trip, 0.99)))

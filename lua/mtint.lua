@@ -8,6 +8,7 @@
 local core = require("corowatch.core")
 
 local native = core.mtint
+local interrupt_known = native.interrupt_known
 local error, type, tostring, setmetatable = error, type, tostring, setmetatable
 local math_floor = math.floor
 local tonumber = tonumber
@@ -137,6 +138,11 @@ end
 -- `bad argument` for a target that is not an id or interruptible, or a flag
 -- that is not a boolean or nil
 function M.interrupt(target, flag)
+  -- A known id with a valid flag is answered by one native call; anything
+  -- else (an interruptible, a numeric string, an unknown id, a bad
+  -- argument) takes the long way below, which says what is wrong.
+  local alive = interrupt_known(target, flag)
+  if alive ~= nil then return alive end
   local request = checkflag(2, "interrupt", flag)
   if handles[target] then
     return native.interrupt_handle(handles[target], request)

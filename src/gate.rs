@@ -106,6 +106,33 @@ pub fn gate(
     }
 }
 
+/// A raw C function with the VM `vm` as its first upvalue, not behind a
+/// gate: for the few functions whose every instruction counts, which never
+/// enter mlua and never allocate Lua memory (so no finalizer runs inside
+/// them), and which check [`Vm::is_closed`] themselves through
+/// [`closure_vm`].
+pub fn raw(lua: &Lua, vm: &Arc<Vm>, func: ffi::lua_CFunction) -> mlua::Result<Function> {
+    // Leaked on purpose, as for a gate.
+    let vm = Arc::into_raw(vm.clone()) as usize;
+    // SAFETY: pushes one light userdata and replaces it with the closure,
+    // within the stack space mlua reserves for `exec_raw`.
+    unsafe {
+        lua.exec_raw::<Function>((), move |state| {
+            ffi::lua_pushlightuserdata(state, vm as *mut c_void);
+            ffi::lua_pushcclosure(state, func, 1);
+        })
+    }
+}
+
+/// The VM of a function made by [`raw`].
+///
+/// # Safety
+/// Called by a function made by [`raw`], with its `state`.
+pub unsafe fn closure_vm<'a>(state: *mut lua_State) -> &'a Vm {
+    // SAFETY: the upvalue is a `Vm` leaked by `raw`, alive for the process.
+    unsafe { &*(ffi::lua_touserdata(state, ffi::lua_upvalueindex(1)) as *const Vm) }
+}
+
 /// Lua 5.1 and LuaJIT: the gates hold the collector through its threshold
 /// if the VM's layout is the one [`crate::collector`] knows (checked once
 /// per VM); otherwise not at all on 5.1, by STOP and RESTART on LuaJIT.

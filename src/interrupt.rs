@@ -4,9 +4,12 @@
 //! and raises the errors: a function here returns `nil, message` where the
 //! Lua side is to raise `message` (a plain string, as mtint's errors are).
 
+use std::ffi::c_int;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use mlua::ffi::{self, lua_State};
 use mlua::{Function, Lua, MultiValue, Table, Thread, UserData, UserDataRef, Value};
 
 use crate::arming::Side;
@@ -14,7 +17,7 @@ use crate::errors;
 use crate::gate::{self, WhenClosed};
 use crate::registry::{self, Id, Target};
 use crate::state;
-use crate::vm::Request;
+use crate::vm::{Request, Vm};
 use crate::watchdog;
 
 /// A native interruptible handle: keeps its target's id known.
@@ -59,6 +62,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             ),
         ],
     )?;
+    mtint.set("interrupt_known", gate::raw(lua, &vm, interrupt_known)?)?;
     Ok(mtint)
 }
 
@@ -92,11 +96,12 @@ fn unknown(id: Id) -> String {
     format!("{}: interruptible id {id}", errors::UNKNOWN_OBJECT)
 }
 
-/// Applies `request` to `target`: true if it is alive and was signalled.
-fn apply(lua: &Lua, target: Arc<Target>, request: Request) -> mlua::Result<bool> {
+/// Applies `request` to `target`, asked from the VM `caller`: true if it
+/// is alive and was signalled.
+fn apply(caller: &Vm, target: Arc<Target>, request: Request) -> bool {
     // The caller runs on its VM's own thread: if that is the target's VM,
     // the hook can be installed at once, whatever hook runs.
-    let side = if Arc::ptr_eq(&state::vm(lua)?, &target.vm) {
+    let side = if std::ptr::eq(caller, &*target.vm) {
         Side::Owner
     } else {
         Side::Afar
@@ -105,25 +110,68 @@ fn apply(lua: &Lua, target: Arc<Target>, request: Request) -> mlua::Result<bool>
     if queue_rearm {
         watchdog::schedule_rearm(&target);
     }
-    Ok(alive)
+    alive
+}
+
+/// Applies `request` to the target `id`: its answer, or `None` if the id
+/// is unknown. A dead target's id stays known (answer false) only while an
+/// interruptible object holds it; otherwise it is unknown at once, even if
+/// the thread's guard has not been finalized yet.
+fn interrupt(caller: &Vm, id: Id, request: Request) -> Option<bool> {
+    let target = registry::lookup(id)?;
+    let held = target.handles.load(Ordering::SeqCst) > 0;
+    let alive = apply(caller, target, request);
+    (alive || held).then_some(alive)
 }
 
 /// `interrupt(id, request)` -> true | false | nil, message
-///
-/// A dead target's id stays known (answer false) only while an
-/// interruptible object holds it; otherwise it is unknown at once, even if
-/// the thread's guard has not been finalized yet.
 fn interrupt_id(lua: &Lua, (id, name): (Id, String)) -> mlua::Result<MultiValue> {
     let request = request(&name)?;
-    let Some(target) = registry::lookup(id) else {
-        return lua.pack_multi((Value::Nil, unknown(id)));
+    match interrupt(&*state::vm(lua)?, id, request) {
+        Some(alive) => lua.pack_multi(alive),
+        None => lua.pack_multi((Value::Nil, unknown(id))),
+    }
+}
+
+/// `interrupt_known(id, flag)` -> true | false, or nothing: `interrupt`
+/// for the case that needs no message, a known id (a number) and a flag
+/// that is a boolean or nil. For anything else it returns nothing, and
+/// the Lua side takes the long way, which says what is wrong.
+///
+/// A raw C function (see [`gate::raw`]): a thread is interrupted because
+/// it runs away, and the time from this call to its error is what its
+/// host waits for. mlua's callback machinery was two thirds of the call.
+/// Nothing here allocates Lua memory (so no collector step, and no
+/// finalizer, runs inside) or raises.
+unsafe extern "C-unwind" fn interrupt_known(state: *mut lua_State) -> c_int {
+    // SAFETY: made by `gate::raw`, called with its own state, as every
+    // call below is: a C function may read its arguments and push one
+    // value (Lua gives it `LUA_MINSTACK` slots).
+    let vm = unsafe { gate::closure_vm(state) };
+    if vm.is_closed() || unsafe { ffi::lua_type(state, 1) } != ffi::LUA_TNUMBER {
+        return 0;
+    }
+    let request = match unsafe { ffi::lua_type(state, 2) } {
+        ffi::LUA_TNIL | ffi::LUA_TNONE => Request::Once,
+        ffi::LUA_TBOOLEAN if unsafe { ffi::lua_toboolean(state, 2) } != 0 => Request::Sticky,
+        ffi::LUA_TBOOLEAN => Request::Clear,
+        _ => return 0,
     };
-    let held = target.handles.load(Ordering::SeqCst) > 0;
-    let alive = apply(lua, target, request)?;
-    if alive || held {
-        lua.pack_multi(alive)
-    } else {
-        lua.pack_multi((Value::Nil, unknown(id)))
+    let number = unsafe { ffi::lua_tonumber(state, 1) };
+    // Ids are integers below 2^53: exact as a double.
+    if !(0.0..9_007_199_254_740_992.0).contains(&number) || number.fract() != 0.0 {
+        return 0;
+    }
+    vm.note_owner();
+    // A panic must not cross into Lua: it answers nothing, and the long
+    // way says what went wrong.
+    let answer = catch_unwind(AssertUnwindSafe(|| interrupt(vm, number as Id, request)));
+    match answer {
+        Ok(Some(alive)) => {
+            unsafe { ffi::lua_pushboolean(state, c_int::from(alive)) };
+            1
+        }
+        Ok(None) | Err(_) => 0,
     }
 }
 
@@ -140,5 +188,5 @@ fn interrupt_handle(
     lua: &Lua,
     (handle, name): (UserDataRef<Handle>, String),
 ) -> mlua::Result<bool> {
-    apply(lua, handle.0.clone(), request(&name)?)
+    Ok(apply(&*state::vm(lua)?, handle.0.clone(), request(&name)?))
 }
