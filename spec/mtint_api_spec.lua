@@ -223,6 +223,29 @@ describe("mtint.sethook", function()
     assert.are.same({ false, "stop here" }, { coroutine.resume(co) })
   end)
 
+  it("calls a handler set after the interrupt, in a state that had none", function()
+    -- The hook looks for handlers only once one was set in the state:
+    -- a fresh process, whose first handler comes after the interrupt.
+    local output, ok = require("spec.helpers.child").run([[
+      local mtint = require("mtint")
+      if jit then jit.off() end
+      local called = false
+      local co = coroutine.create(function()
+        coroutine.yield()
+        local x = 0
+        for i = 1, 1e4 do x = x + i end
+        return x
+      end)
+      coroutine.resume(co)
+      assert(mtint.interrupt(mtint.id(co)))
+      mtint.sethook(co, function() called = true end)
+      print(coroutine.resume(co))
+      print("called", called)
+    ]])
+    assert.is_true(ok, output)
+    assert.are.equal("true\t50005000\ncalled\ttrue\n", output)
+  end)
+
   it("restores the error when the handler is set to nil", function()
     local co = coroutine.create(function()
       mtint.sethook(function() end)
@@ -285,6 +308,33 @@ describe("an id after its coroutine is collected", function()
     collectgarbage(); collectgarbage()
     local _, err = pcall(function() mtint.interrupt(id) end)
     assert.is_truthy(err:match(mtint.error.unknown_object))
+  end)
+
+  it("interrupts only the coroutine it belongs to, though others take its memory", function()
+    -- Collected coroutines' memory is soon given to new ones: the hook
+    -- finds the running thread's id by its address, which must then be
+    -- the new coroutine's and never the old one's.
+    local delivered, wrong = 0, 0
+    for _ = 1, 200 do
+      local old = coroutine.create(function() coroutine.yield() end)
+      coroutine.resume(old)
+      local old_id = mtint.id(old)
+      old = nil
+      collectgarbage(); collectgarbage()
+      assert.is_false(pcall(mtint.interrupt, old_id))
+      -- busy(): LuaJIT's poll (README, Limitations) sees only a coroutine
+      -- that runs a while.
+      local new = coroutine.create(function() coroutine.yield() busy() end)
+      coroutine.resume(new)
+      local fresh = coroutine.create(function() coroutine.yield() return busy() end)
+      coroutine.resume(fresh)
+      mtint.id(fresh)
+      assert.is_true(mtint.interrupt(mtint.id(new)))
+      if not coroutine.resume(fresh) then wrong = wrong + 1 end
+      if not coroutine.resume(new) then delivered = delivered + 1 end
+    end
+    assert.are.equal(0, wrong)
+    assert.are.equal(200, delivered)
   end)
 
   it("does not keep the coroutine alive", function()

@@ -18,6 +18,7 @@ mod gate;
 mod hook;
 mod image;
 mod interrupt;
+mod key_hash;
 mod mirror;
 mod owner_only;
 mod registry;

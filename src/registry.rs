@@ -5,11 +5,13 @@
 //! The table holds weak references: a target lives as long as the guard tied
 //! to its Lua thread, or an interruptible object, still holds it.
 
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 use dashmap::DashMap;
 
+use crate::key_hash::KeyHasher;
 pub use crate::vm::Id;
 use crate::vm::Vm;
 use crate::watchdog::Rearm;
@@ -21,7 +23,8 @@ const FIRST_ID: Id = 1 << 40;
 const LAST_ID: Id = 99_999_999_999_999;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(FIRST_ID);
-static TARGETS: LazyLock<DashMap<Id, Weak<Target>>> = LazyLock::new(DashMap::new);
+static TARGETS: LazyLock<DashMap<Id, Weak<Target>, BuildHasherDefault<KeyHasher>>> =
+    LazyLock::new(DashMap::default);
 
 /// A Lua main state or coroutine that has an id.
 ///

@@ -10,9 +10,8 @@
 //! other thread walks them: such frees wait for the write (the handshake of
 //! [`crate::vm::Vm::frame_freed`]).
 
-use std::collections::HashMap;
-
 use super::*;
+use crate::key_hash::KeyMap;
 
 /// The mask our hook is armed with, replacing `user`'s hook: the line mask
 /// only if the user's hook had it.
@@ -41,7 +40,7 @@ fn delivery_mask(user: Option<SavedHook>) -> c_int {
 /// replaced, if any.
 #[derive(Default)]
 pub struct PucArming {
-    states: HashMap<usize, Option<SavedHook>>,
+    states: KeyMap<usize, Option<SavedHook>>,
     /// The VM's thread is changing or reading a hook through
     /// corowatch's `debug.sethook`/`debug.gethook`. Another OS thread
     /// writes no hook meanwhile: `lua_sethook` writes the function and

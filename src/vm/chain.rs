@@ -163,9 +163,14 @@ impl Vm {
             // and the watchdog, which held the lock, is done with them.
             unsafe {
                 self.owner.with(|own| {
-                    let VmInner { arming, slots, .. } = &mut *inner;
+                    let VmInner {
+                        arming,
+                        slots,
+                        ids_by_state,
+                        ..
+                    } = &mut *inner;
                     for &state in &own.popped {
-                        release(arming, slots, state);
+                        release(arming, slots, ids_by_state, state);
                     }
                     self.after_change_locked(&mut inner, &mut own.chain, |_| {
                         (due || late_alarm).then(clock::now)
@@ -424,10 +429,15 @@ impl VmInner {
         chain: &mut Chain,
         change: impl FnOnce(&mut Chain, &mut dyn FnMut(StatePtr)) -> R,
     ) -> R {
-        let VmInner { arming, slots, .. } = self;
+        let VmInner {
+            arming,
+            slots,
+            ids_by_state,
+            ..
+        } = self;
         // SAFETY: the threads the chain pops are alive (module comment)
         // and of this VM, whose OS thread runs this; we hold the VM lock.
-        let mut gone = |state: StatePtr| unsafe { release(arming, slots, state) };
+        let mut gone = |state: StatePtr| unsafe { release(arming, slots, ids_by_state, state) };
         change(chain, &mut gone)
     }
 

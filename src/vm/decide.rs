@@ -9,14 +9,13 @@ use std::sync::atomic::Ordering;
 use mlua::ffi::{lua_Hook, lua_State};
 
 use super::chain::hook_horizon;
-use super::{Id, Pending, Verdict, Vm, VmInner};
+use super::{Pending, Verdict, Vm, VmInner};
 use crate::arming::{HookArming, Need};
 use crate::clock::{self, Nanos};
 use crate::watch::Chain;
 
 impl Vm {
-    /// The hook fired on `state` for `event`; `id_of_state` reads the id of
-    /// `state`, if any. Decides what to deliver, and leaves the hook armed
+    /// The hook fired on `state` for `event`. Decides what to deliver, and leaves the hook armed
     /// only while something needs it. Also returns the user's chained hook,
     /// if this event is one the user asked for.
     ///
@@ -25,7 +24,6 @@ impl Vm {
     pub unsafe fn on_hook(
         &self,
         state: *mut lua_State,
-        id_of_state: impl FnOnce() -> Option<Id>,
         at_c_function: impl FnOnce() -> bool,
         event: c_int,
     ) -> (Verdict, Option<lua_Hook>) {
@@ -39,7 +37,6 @@ impl Vm {
             // stays, and the hook stays armed for the next Lua event.
             return (Verdict::Continue, forward);
         }
-        let id = id_of_state();
         let now = clock::now();
         // SAFETY: this is the VM's thread, in its hook: no other use of the
         // chain is under way (they run no Lua code).
@@ -60,9 +57,9 @@ impl Vm {
                 let (verdict, interrupt_stays) = match chain.event(state, now) {
                     Some((event, depth, locate)) => (
                         Verdict::Watch(event, depth, locate),
-                        inner.has_interrupt(state, id),
+                        inner.has_interrupt(state),
                     ),
-                    None => inner.take_interrupt(state, id),
+                    None => inner.take_interrupt(state),
                 };
                 self.mirror.publish(chain);
                 let watch_needs_hook = chain.top().is_some_and(|top| top.0 == state)
@@ -117,18 +114,15 @@ impl Vm {
 
 impl VmInner {
     /// Whether an interrupt is pending for the running thread `state`.
-    fn has_interrupt(&self, state: *mut lua_State, id: Option<Id>) -> bool {
-        id.and_then(|id| self.slots.get(&id))
-            .is_some_and(|slot| slot.state.0 == state && slot.pending != Pending::None)
+    fn has_interrupt(&mut self, state: *mut lua_State) -> bool {
+        self.slot_of_state(state)
+            .is_some_and(|(_, slot)| slot.pending != Pending::None)
     }
 
     /// Takes the interrupt pending for the running thread `state`, if any;
     /// also says whether one stays pending there (sticky).
-    fn take_interrupt(&mut self, state: *mut lua_State, id: Option<Id>) -> (Verdict, bool) {
-        let Some(id) = id else {
-            return (Verdict::Continue, false);
-        };
-        let Some(slot) = self.slots.get_mut(&id).filter(|slot| slot.state.0 == state) else {
+    fn take_interrupt(&mut self, state: *mut lua_State) -> (Verdict, bool) {
+        let Some((id, slot)) = self.slot_of_state(state) else {
             return (Verdict::Continue, false);
         };
         let before = slot.pending;
@@ -140,7 +134,8 @@ impl VmInner {
         if before == Pending::None {
             (Verdict::Continue, false)
         } else {
-            (Verdict::Deliver(id), after == Pending::Sticky)
+            let handlers = self.handlers_used;
+            (Verdict::Deliver { id, handlers }, after == Pending::Sticky)
         }
     }
 

@@ -43,8 +43,7 @@
 //! The hook compares the running state with the slot's pointer only on the
 //! running thread itself, where the state is alive by definition.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
@@ -54,6 +53,7 @@ use mlua::ffi::{self, lua_State};
 use crate::arming::{Arming, HookArming, Side};
 use crate::barrier;
 use crate::clock;
+use crate::key_hash::{KeyHasher, KeyMap};
 use crate::mirror::ChainMirror;
 use crate::owner_only::OwnerOnly;
 use crate::state_ptr::StatePtr;
@@ -75,8 +75,13 @@ pub type Id = u64;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Continue,
-    /// An mtint interrupt for the thread with this id.
-    Deliver(Id),
+    /// An mtint interrupt for the thread with this id; `handlers`: whether
+    /// any interrupt handler was ever set in the VM (if not, none is
+    /// looked for).
+    Deliver {
+        id: Id,
+        handlers: bool,
+    },
     /// A corowatch event for the watched coroutine at this chain depth,
     /// found there.
     Watch(Event, usize, Locate),
@@ -114,7 +119,13 @@ struct VmInner {
     /// for calls that act on the whole VM (LuaJIT's global hook, the 5.1
     /// allocator).
     anchor: StatePtr,
-    slots: HashMap<Id, Slot>,
+    slots: KeyMap<Id, Slot>,
+    /// The id of each live slot's thread, by its address: how the hook
+    /// finds the running thread's slot without a Lua table lookup.
+    ids_by_state: KeyMap<usize, Id>,
+    /// Set once an interrupt handler was set in this VM: until then the
+    /// hook does not look for one.
+    handlers_used: bool,
     /// Set while another OS thread writes a hook of this VM (shared with
     /// [`Vm::frame_freed`]; see there).
     writing_afar: Arc<AtomicBool>,
@@ -129,7 +140,7 @@ struct VmInner {
     retry: Backoff,
     /// Lua 5.1: memory block of each watched coroutine -> its id.
     #[cfg(feature = "lua51")]
-    blocks: HashMap<usize, Id>,
+    blocks: KeyMap<usize, Id>,
     /// Lua 5.1: distance from a thread's memory block to its `lua_State`,
     /// once the allocator is wrapped; `None` if it could not be.
     #[cfg(feature = "lua51")]
@@ -172,35 +183,8 @@ pub struct Vm {
 /// Live VMs by the address of their registry table, which is unique among
 /// live VMs and constant for a VM's life. The hook finds its VM here, at
 /// every event while it chains the user's hook: the key is hashed cheaply.
-static VMS: LazyLock<DashMap<usize, Arc<Vm>, BuildHasherDefault<AddressHasher>>> =
+static VMS: LazyLock<DashMap<usize, Arc<Vm>, BuildHasherDefault<KeyHasher>>> =
     LazyLock::new(DashMap::default);
-
-/// Hashes an address by multiplying it with a large odd constant: the
-/// keys are not chosen by an adversary, only spread by the allocator.
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-
-    fn write_usize(&mut self, address: usize) {
-        self.write_u64(address as u64);
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = (self.0 ^ value)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(29);
-    }
-}
 
 /// The key of the VM that `state` belongs to.
 ///
@@ -272,13 +256,15 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
         inner: Mutex::new(VmInner {
             closed: false,
             anchor: StatePtr(anchor),
-            slots: HashMap::new(),
+            slots: KeyMap::default(),
+            ids_by_state: KeyMap::default(),
+            handlers_used: false,
             pending: pending.clone(),
             writing_afar,
             arming,
             retry: Backoff::first(),
             #[cfg(feature = "lua51")]
-            blocks: HashMap::new(),
+            blocks: KeyMap::default(),
             #[cfg(feature = "lua51")]
             block_offset: None,
         }),
@@ -301,17 +287,18 @@ impl Vm {
         self.pending.load(Ordering::Relaxed) > 0
     }
 
-    /// LuaJIT: the running thread is about to resume the coroutine with
-    /// this id; if an interrupt is pending for it, arm the (VM-global) hook
-    /// so that it fires at the coroutine's first instruction. Polling alone
-    /// can miss a coroutine that runs few instructions per resume.
+    /// LuaJIT: the running thread is about to resume the coroutine `co`;
+    /// if an interrupt is pending for it, arm the (VM-global) hook so that
+    /// it fires at the coroutine's first instruction. Polling alone can
+    /// miss a coroutine that runs few instructions per resume.
     #[cfg(feature = "luajit")]
-    pub fn arm_for_resume(&self, id: Id) {
+    pub fn arm_for_resume(&self, co: *mut lua_State) {
         let mut inner = self.lock();
-        if inner
-            .live_slot(id)
-            .is_some_and(|slot| slot.pending != Pending::None)
-        {
+        let pending = inner
+            .slot_of_state(co)
+            .filter(|(_, slot)| slot.pending != Pending::None)
+            .map(|(id, _)| id);
+        if let Some(id) = pending {
             inner.arm(id, Side::Owner);
         }
     }
@@ -350,6 +337,9 @@ impl Vm {
     /// is reused: until then other threads arm it.
     pub unsafe fn add(&self, id: Id, state: *mut lua_State) {
         let mut inner = self.lock();
+        // An older entry at this address was a thread whose death was
+        // reported already (as promised), and is being replaced.
+        inner.ids_by_state.insert(state as usize, id);
         inner.slots.insert(
             id,
             Slot {
@@ -358,6 +348,12 @@ impl Vm {
                 rearm_queued: false,
             },
         );
+    }
+
+    /// An interrupt handler is being set in this VM: from now on the hook
+    /// looks for one before it raises.
+    pub fn note_handler_set(&self) {
+        self.lock().handlers_used = true;
     }
 
     /// Lua 5.1: the allocator is wrapped; thread blocks start `offset`
@@ -462,6 +458,7 @@ impl Vm {
             slot.state = StatePtr::DEAD;
             slot.pending = Pending::None;
         }
+        inner.ids_by_state.clear();
         drop(inner);
         VMS.remove_if(&self.key, |_, vm| std::ptr::eq(&**vm, self));
     }
@@ -544,8 +541,19 @@ impl VmInner {
             self.count_transition(before, Pending::None);
             if state.is_alive() {
                 self.arming.forget(state.0);
+                let key = state.0 as usize;
+                if self.ids_by_state.get(&key) == Some(&id) {
+                    self.ids_by_state.remove(&key);
+                }
             }
         }
+    }
+
+    /// The slot of the live thread `state`, if it has an id.
+    fn slot_of_state(&mut self, state: *mut lua_State) -> Option<(Id, &mut Slot)> {
+        let id = *self.ids_by_state.get(&(state as usize))?;
+        let slot = self.slots.get_mut(&id)?;
+        (slot.state.0 == state).then_some((id, slot))
     }
 
     /// Installs the delivery hook for a live target.
@@ -605,11 +613,17 @@ impl VmInner {
 /// # Safety
 /// `state` is alive, of the VM the calling OS thread runs, which holds the
 /// VM lock.
-unsafe fn release(arming: &mut Arming, slots: &HashMap<Id, Slot>, state: StatePtr) {
+unsafe fn release(
+    arming: &mut Arming,
+    slots: &KeyMap<Id, Slot>,
+    ids_by_state: &KeyMap<usize, Id>,
+    state: StatePtr,
+) {
     arming.release(state.0, || {
-        slots
-            .values()
-            .any(|slot| slot.state == state && slot.pending != Pending::None)
+        ids_by_state
+            .get(&(state.0 as usize))
+            .and_then(|id| slots.get(id))
+            .is_some_and(|slot| slot.state == state && slot.pending != Pending::None)
     });
 }
 
