@@ -387,7 +387,7 @@ local function settle_other(self, rec, co, ok, todo, what)
 end
 
 -- The common case first: the actor waits again for a valid event.
--- (`deliver` has its own copy of this, inline.)
+-- (`Supervisor:signal` has its own copy of this, inline, and of `new_list`.)
 function settle(self, rec, co, ok, todo, what)
   if ok and todo == "waitfor" and what ~= nil and what == what and rec.co == co then
     local list = self.events[what] or new_list(self, what)
@@ -481,6 +481,8 @@ local function defer(self, event, ...)
     self.deferred[event] = queue
   end
   queue[#queue + 1] = packn(...)
+  -- Tells the signal in progress to drain the queue when it is done.
+  delivering.deferred = true
   return true
 end
 
@@ -591,10 +593,11 @@ function Supervisor:signal(event, ...)
   -- costs about half a resume). A bad self is told apart where it fails.
   local events = self.events
   if events == nil or self.stopped_because then check_self(self, "signal") end
-  local list
+  local list, delivering, deferred
   if event ~= nil then
     list = events[event]
-    if self.delivering[event] then return defer(self, event, ...) end
+    delivering = self.delivering
+    if delivering[event] then return defer(self, event, ...) end
   end
   if not (list and (list[list.n] or live(list)))
       and not (self.nested > 0 and event ~= nil and waits(self, event)) then
@@ -604,8 +607,9 @@ function Supervisor:signal(event, ...)
   if list then
     -- Take the list out: whoever waits again lands in another one.
     events[event] = nil
-    self.delivering[event] = list
-    -- Resume each actor in it; `settle`'s common case inline.
+    delivering[event] = list
+    -- Resume each actor in it; `settle`'s common case inline, and
+    -- `new_list`'s too.
     for i = 1, list.n do
       local rec = list[i]
       if rec then
@@ -613,7 +617,16 @@ function Supervisor:signal(event, ...)
         local co = rec.co
         local ok, todo, what = cw_resume(co, event, ...)
         if ok and todo == "waitfor" and what ~= nil and what == what and rec.co == co then
-          local again = events[what] or new_list(self, what)
+          local again = events[what]
+          if not again then
+            again = self.spare
+            if again then
+              self.spare, again.event = nil, what
+            else
+              again = { n = 0, event = what }
+            end
+            events[what] = again
+          end
           local n = again.n + 1
           again.n, again[n] = n, rec
           rec.list, rec.slot = again, n
@@ -622,12 +635,16 @@ function Supervisor:signal(event, ...)
         end
       end
     end
-    self.delivering[event] = nil
+    delivering[event] = nil
+    deferred = list.deferred
+    if deferred then list.deferred = nil end
     list.n, list.event = 0, nil
     self.spare = list
   end
   if self.nested > 0 then signal_nested(self, event, ...) end
-  if self.deferred[event] then run_deferred(self, event) end
+  -- Only this signal's delivery can have deferred signals of `event`
+  -- (any other signal of it would have been deferred itself).
+  if deferred then run_deferred(self, event) end
   if self.finished then return false end
   list = events[event]
   if list and (list[list.n] or live(list)) then return true end
