@@ -5,7 +5,8 @@
 //! deadlines; in `Instant`s each step goes through a `timespec`. A `u64`
 //! is one `clock_gettime` and plain arithmetic, and fits in one atomic for
 //! the mirror. The watchdog, which sleeps on `Instant`s, converts at its
-//! border ([`to_instant`]).
+//! border ([`to_instant`]). Where it can, the clock is the processor's
+//! time-stamp counter, scaled ([`crate::tsc`]).
 
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,41 @@ pub type Nanos = u64;
 /// A deadline that never comes.
 pub const NEVER: Nanos = u64::MAX;
 
-/// Now.
+/// Now: the time-stamp counter where it serves (see [`crate::tsc`]),
+/// else `CLOCK_MONOTONIC`.
 #[inline]
 pub fn now() -> Nanos {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        if let Some(scale) = crate::tsc::scale() {
+            return scale.now();
+        }
+        let now = monotonic();
+        crate::tsc::learn(now, monotonic);
+        now
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    monotonic()
+}
+
+/// Which clock [`now`] reads (`"tsc"` or `"monotonic"`) and its reading,
+/// in seconds (specs compare its spans with another clock's).
+pub fn describe() -> (&'static str, f64) {
+    let now = now();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let source = if crate::tsc::in_use() {
+        "tsc"
+    } else {
+        "monotonic"
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let source = "monotonic";
+    (source, now as f64 / 1e9)
+}
+
+/// `CLOCK_MONOTONIC`, in nanoseconds.
+#[inline]
+pub fn monotonic() -> Nanos {
     let mut time = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -28,6 +28,8 @@ mod signal;
 mod state;
 mod state_ptr;
 mod task;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod tsc;
 mod vm;
 mod watch;
 mod watchdog;
@@ -56,6 +58,9 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     core.set("errors", names)?;
     let shared = lua.create_function(state::shared_table)?;
     core.set("shared", gate::gate(lua, &vm, shared, closing)?)?;
+    // The watches' clock: its name and reading (specs).
+    let clock = lua.create_function(|_, ()| Ok(clock::describe()))?;
+    core.set("clock", gate::gate(lua, &vm, clock, closing)?)?;
     let jobs = lua.create_function(|_, ()| Ok(watchdog::queued_jobs()))?;
     core.set("watchdog_jobs", gate::gate(lua, &vm, jobs, closing)?)?;
     // LuaJIT: how many signals asked a VM's thread for the hook (specs).
