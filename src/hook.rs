@@ -25,8 +25,10 @@ use crate::arming;
 use crate::vm::{self, Id, Verdict};
 use crate::watch::Locate;
 
-/// Registry key (light userdata) under which the hook finds, without
-/// allocating, the per-VM table `thread -> handler`.
+/// Registry keys (light userdata) under which the hook finds, without
+/// allocating, the per-VM tables `thread -> id` (read on LuaJIT only: see
+/// `Vm::on_hook`) and `thread -> handler`.
+pub static IDS_KEY: u8 = 0;
 pub static HANDLERS_KEY: u8 = 0;
 /// corowatch's Lua dispatcher: `dispatch(event, co, depth)`.
 pub static DISPATCH_KEY: u8 = 0;
@@ -127,7 +129,14 @@ unsafe fn decide(
 ) -> (Verdict, Option<lua_Hook>) {
     // SAFETY (all the calls below): as the caller promised.
     catch_unwind(AssertUnwindSafe(|| match unsafe { vm::of_state(state) } {
-        Some(vm) => unsafe { vm.on_hook(state, || at_c_function(state, ar, event), event) },
+        Some(vm) => unsafe {
+            vm.on_hook(
+                state,
+                || id_of_thread(state, None),
+                || at_c_function(state, ar, event),
+                event,
+            )
+        },
         None => {
             // SAFETY: we are on `state`'s own thread, inside its hook; the VM
             // is closing or unknown, so nobody else arms this state.
@@ -158,22 +167,58 @@ unsafe fn at_c_function(state: *mut lua_State, ar: *mut lua_Debug, event: c_int)
         && *(*ar).what == b'C' as c_char
 }
 
-/// Pushes the interrupt handler set with `mtint.sethook` for the running
-/// thread, read from the VM's weak `thread -> handler` table; returns
-/// false, leaving the stack as it was, if there is none.
+/// Pushes `table[thread]` from the per-VM table under `key`, for the thread
+/// at stack index `thread` (absolute), or the running thread if `None`;
+/// returns false, leaving the stack as it was, if there is no such table.
 ///
 /// # Safety
 /// `state` is the running thread, with two free stack slots (a hook has
 /// `LUA_MINSTACK`); this allocates nothing.
-unsafe fn push_handler(state: *mut lua_State) -> bool {
-    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&HANDLERS_KEY));
+unsafe fn push_thread_entry(
+    state: *mut lua_State,
+    table_key: &'static u8,
+    thread: Option<c_int>,
+) -> bool {
+    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(table_key));
     if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
         ffi::lua_pop(state, 1);
         return false;
     }
-    ffi::lua_pushthread(state);
+    match thread {
+        Some(index) => ffi::lua_pushvalue(state, index),
+        None => {
+            ffi::lua_pushthread(state);
+        }
+    }
     ffi::lua_rawget(state, -2);
     ffi::lua_remove(state, -2);
+    true
+}
+
+/// The id of a thread (at absolute stack index `thread`, or the running
+/// thread if `None`), read from the VM's weak `thread -> id` table.
+///
+/// # Safety
+/// As for [`push_thread_entry`].
+pub unsafe fn id_of_thread(state: *mut lua_State, thread: Option<c_int>) -> Option<Id> {
+    if !push_thread_entry(state, &IDS_KEY, thread) {
+        return None;
+    }
+    let id = ffi::lua_tonumber(state, -1);
+    ffi::lua_pop(state, 1);
+    // Ids are integers below 2^53, exact as a double.
+    (id > 0.0).then_some(id as Id)
+}
+
+/// Pushes the interrupt handler set with `mtint.sethook` for the running
+/// thread; returns false, leaving the stack as it was, if there is none.
+///
+/// # Safety
+/// As for [`push_thread_entry`].
+unsafe fn push_handler(state: *mut lua_State) -> bool {
+    if !push_thread_entry(state, &HANDLERS_KEY, None) {
+        return false;
+    }
     if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
         true
     } else {

@@ -27,6 +27,8 @@ use mlua::ffi::{self, lua_State};
 
 use crate::allowhook;
 use crate::clock::{self, Nanos};
+#[cfg(feature = "luajit")]
+use crate::hook;
 use crate::vm::Vm;
 use crate::watch::{LeftChain, Plan, Watch};
 
@@ -359,8 +361,11 @@ unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
     if !vm.has_pending_interrupts() {
         return;
     }
+    let Some(id) = hook::id_of_thread(state, Some(1)) else {
+        return;
+    };
     let co = ffi::lua_tothread(state, 1);
-    let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(co)));
+    let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(co, id)));
 }
 
 /// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mlua::{ffi, AnyUserData, LightUserData, Lua, Table, Thread, UserData};
 
 use crate::errors;
-use crate::hook::{self, HANDLERS_KEY};
+use crate::hook::{self, HANDLERS_KEY, IDS_KEY};
 use crate::registry::{self, Id, Target};
 use crate::vm::{self, Vm};
 
@@ -64,9 +64,12 @@ fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
     lua.set_named_registry_value(IDS, &ids)?;
     lua.set_named_registry_value(GUARDS, weak_keyed_table(lua)?)?;
     lua.set_named_registry_value(HANDLERS, &handlers)?;
-    // SAFETY: the closure pops the one table mlua pushed for it into the
+    // SAFETY: each closure pops the one table mlua pushed for it into the
     // registry under a static key; nothing else on the stack is touched.
     unsafe {
+        lua.exec_raw::<()>(ids, |state| {
+            ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&IDS_KEY));
+        })?;
         lua.exec_raw::<()>(handlers, |state| {
             ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&HANDLERS_KEY));
         })?;

@@ -9,13 +9,15 @@ use std::sync::atomic::Ordering;
 use mlua::ffi::{lua_Hook, lua_State};
 
 use super::chain::hook_horizon;
-use super::{Pending, Verdict, Vm, VmInner};
+use super::{Id, Pending, Verdict, Vm, VmInner};
 use crate::arming::{HookArming, Need};
 use crate::clock::{self, Nanos};
 use crate::watch::Chain;
 
 impl Vm {
-    /// The hook fired on `state` for `event`. Decides what to deliver, and leaves the hook armed
+    /// The hook fired on `state` for `event`; `id_of_state` reads the id of
+    /// `state` from the weak `thread -> id` table, on LuaJIT only (see
+    /// `VmInner::slot_of_state`). Decides what to deliver, and leaves the hook armed
     /// only while something needs it. Also returns the user's chained hook,
     /// if this event is one the user asked for.
     ///
@@ -24,6 +26,7 @@ impl Vm {
     pub unsafe fn on_hook(
         &self,
         state: *mut lua_State,
+        id_of_state: impl FnOnce() -> Option<Id>,
         at_c_function: impl FnOnce() -> bool,
         event: c_int,
     ) -> (Verdict, Option<lua_Hook>) {
@@ -57,9 +60,9 @@ impl Vm {
                 let (verdict, interrupt_stays) = match chain.event(state, now) {
                     Some((event, depth, locate)) => (
                         Verdict::Watch(event, depth, locate),
-                        inner.has_interrupt(state),
+                        inner.has_interrupt(state, id_of_state),
                     ),
-                    None => inner.take_interrupt(state),
+                    None => inner.take_interrupt(state, id_of_state),
                 };
                 self.mirror.publish(chain);
                 let watch_needs_hook = chain.top().is_some_and(|top| top.0 == state)
@@ -114,15 +117,23 @@ impl Vm {
 
 impl VmInner {
     /// Whether an interrupt is pending for the running thread `state`.
-    fn has_interrupt(&mut self, state: *mut lua_State) -> bool {
-        self.slot_of_state(state)
+    fn has_interrupt(
+        &mut self,
+        state: *mut lua_State,
+        id_of_state: impl FnOnce() -> Option<Id>,
+    ) -> bool {
+        self.slot_of_state(state, id_of_state)
             .is_some_and(|(_, slot)| slot.pending != Pending::None)
     }
 
     /// Takes the interrupt pending for the running thread `state`, if any;
     /// also says whether one stays pending there (sticky).
-    fn take_interrupt(&mut self, state: *mut lua_State) -> (Verdict, bool) {
-        let Some((id, slot)) = self.slot_of_state(state) else {
+    fn take_interrupt(
+        &mut self,
+        state: *mut lua_State,
+        id_of_state: impl FnOnce() -> Option<Id>,
+    ) -> (Verdict, bool) {
+        let Some((id, slot)) = self.slot_of_state(state, id_of_state) else {
             return (Verdict::Continue, false);
         };
         let before = slot.pending;

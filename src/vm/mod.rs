@@ -287,15 +287,16 @@ impl Vm {
         self.pending.load(Ordering::Relaxed) > 0
     }
 
-    /// LuaJIT: the running thread is about to resume the coroutine `co`;
-    /// if an interrupt is pending for it, arm the (VM-global) hook so that
-    /// it fires at the coroutine's first instruction. Polling alone can
-    /// miss a coroutine that runs few instructions per resume.
+    /// LuaJIT: the running thread is about to resume the coroutine `co`,
+    /// whose id (read from the weak `thread -> id` table) is `id`; if an
+    /// interrupt is pending for it, arm the (VM-global) hook so that it
+    /// fires at the coroutine's first instruction. Polling alone can miss a
+    /// coroutine that runs few instructions per resume.
     #[cfg(feature = "luajit")]
-    pub fn arm_for_resume(&self, co: *mut lua_State) {
+    pub fn arm_for_resume(&self, co: *mut lua_State, id: Id) {
         let mut inner = self.lock();
         let pending = inner
-            .slot_of_state(co)
+            .slot_of_state(co, || Some(id))
             .filter(|(_, slot)| slot.pending != Pending::None)
             .map(|(id, _)| id);
         if let Some(id) = pending {
@@ -338,7 +339,9 @@ impl Vm {
     pub unsafe fn add(&self, id: Id, state: *mut lua_State) {
         let mut inner = self.lock();
         // An older entry at this address was a thread whose death was
-        // reported already (as promised), and is being replaced.
+        // reported already (as promised), and is being replaced; on
+        // LuaJIT it may not have been, and the map is not read there
+        // (see `slot_of_state`).
         inner.ids_by_state.insert(state as usize, id);
         inner.slots.insert(
             id,
@@ -550,8 +553,26 @@ impl VmInner {
     }
 
     /// The slot of the live thread `state`, if it has an id.
-    fn slot_of_state(&mut self, state: *mut lua_State) -> Option<(Id, &mut Slot)> {
-        let id = *self.ids_by_state.get(&(state as usize))?;
+    ///
+    /// PUC Lua reports a thread's death (its guard's finalizer; on 5.1 its
+    /// block's free) before its memory can be reused, so the map by
+    /// address names live threads only. LuaJIT reports it a collection
+    /// after it frees the thread (no ephemerons, no allocator watch), and
+    /// a new thread at that address would find the dead one's slot: there
+    /// the id comes from `id_of_state`, a lookup in the weak `thread -> id`
+    /// table, which the collector clears before it frees the thread.
+    fn slot_of_state(
+        &mut self,
+        state: *mut lua_State,
+        id_of_state: impl FnOnce() -> Option<Id>,
+    ) -> Option<(Id, &mut Slot)> {
+        #[cfg(feature = "luajit")]
+        let id = id_of_state()?;
+        #[cfg(not(feature = "luajit"))]
+        let id = {
+            let _ = id_of_state;
+            *self.ids_by_state.get(&(state as usize))?
+        };
         let slot = self.slots.get_mut(&id)?;
         (slot.state.0 == state).then_some((id, slot))
     }
