@@ -67,6 +67,25 @@ local function find_cycle(graph)
   end
 end
 
+-- The `unsafe fn`s in `text` (a Rust file's lines) whose doc comment has
+-- no `# Safety` section: "file:line" for each. Attributes and plain
+-- comments between the doc and the function are skipped; functions
+-- declared `extern` (called by Lua, not by our code) are exempt.
+local function unsafe_without_safety(name, lines)
+  local missing = {}
+  for i, line in ipairs(lines) do
+    if line:match("^%s*pub[%(%w%)]* unsafe fn ") or line:match("^%s*unsafe fn ") then
+      local j, has = i - 1, false
+      while j >= 1 and (lines[j]:match("^%s*//") or lines[j]:match("^%s*#%[")) do
+        if lines[j]:match("^%s*/// # Safety%s*$") then has = true end
+        j = j - 1
+      end
+      if not has then missing[#missing + 1] = name .. ":" .. i end
+    end
+  end
+  return missing
+end
+
 describe("the native core's files", function()
   local files = source_files()
 
@@ -74,6 +93,28 @@ describe("the native core's files", function()
     if #files == 0 then pending("no src/ here (an installed rock)") return end
     local cycle = find_cycle(dependencies(files))
     assert.is_nil(cycle, cycle and "cycle: " .. table.concat(cycle, " -> "))
+  end)
+
+  it("give every unsafe function a # Safety section", function()
+    if #files == 0 then pending("no src/ here (an installed rock)") return end
+    local missing = {}
+    for _, file in ipairs(files) do
+      local lines = {}
+      for line in io.lines(file) do lines[#lines + 1] = line end
+      for _, where in ipairs(unsafe_without_safety(file, lines)) do missing[#missing + 1] = where end
+    end
+    assert.are.same({}, missing)
+  end)
+
+  it("are checked by a test that sees an unsafe function without its contract", function()
+    local lines = {
+      "/// Does a thing.", "///", "/// # Safety", "/// `state` is alive.", "#[inline]",
+      "pub unsafe fn documented(state: *mut lua_State) {}", "",
+      "/// Does another.", "unsafe fn undocumented(state: *mut lua_State) {}",
+      "// SAFETY (caller): a plain comment is not the contract.", "pub(super) unsafe fn commented() {}",
+      "unsafe extern \"C-unwind\" fn called_by_lua(state: *mut lua_State) -> c_int { 0 }",
+    }
+    assert.are.same({ "x.rs:9", "x.rs:11" }, unsafe_without_safety("x.rs", lines))
   end)
 
   it("are checked by a test that sees a cycle", function()

@@ -123,6 +123,10 @@ pub unsafe fn install(state: *mut lua_State, vm: &Arc<Vm>) {
 
 /// Records the blocks allocated by `step`, in the shim of `state`'s VM.
 /// (If `step` raises, `install` ends the recording.)
+///
+/// # Safety
+/// `state` is a thread of the VM `install` is wrapping, run by the calling
+/// OS thread, with our shim in place (as [`shim_of`] needs).
 unsafe fn recording(state: *mut lua_State, step: impl FnOnce()) -> Vec<(usize, usize)> {
     let shim = shim_of(state);
     *shim.calibration.borrow_mut() = Some(Vec::new());
@@ -131,6 +135,10 @@ unsafe fn recording(state: *mut lua_State, step: impl FnOnce()) -> Vec<(usize, u
 }
 
 /// The shim `install` put in `state`'s VM just before calibrating.
+///
+/// # Safety
+/// `state` is a live thread of a VM whose allocator is our shim (put there
+/// by `install`, and not yet taken out by `uninstall`).
 unsafe fn shim_of(state: *mut lua_State) -> &'static Shim {
     let mut ud = ptr::null_mut();
     ffi::lua_getallocf(state, &mut ud);

@@ -198,6 +198,10 @@ pub fn gate_table(
     Ok(())
 }
 
+/// # Safety
+/// `state` is the running thread, with a free stack slot; the push may
+/// raise (out of memory), so nothing with a destructor may be alive in
+/// the caller's frame.
 unsafe fn push_str(state: *mut lua_State, text: &str) {
     ffi::lua_pushlstring(state, text.as_ptr().cast(), text.len());
 }
@@ -229,6 +233,11 @@ unsafe extern "C-unwind" fn call_through_gate(state: *mut lua_State) -> c_int {
 
 /// Calls the function below `nargs` arguments, leaving its results. Lua
 /// 5.2–5.4: the collector is never held.
+///
+/// # Safety
+/// `state` runs a gate, with the function and its `nargs` arguments on
+/// top; errors pass through, so nothing with a destructor may be alive
+/// in the caller's frame.
 #[cfg(not(any(feature = "lua51", feature = "luajit")))]
 unsafe fn call(state: *mut lua_State, nargs: c_int) {
     ffi::lua_call(state, nargs, ffi::LUA_MULTRET);
@@ -237,6 +246,9 @@ unsafe fn call(state: *mut lua_State, nargs: c_int) {
 /// Calls the function below `nargs` arguments, leaving its results; with
 /// the collector held meanwhile if the gate says so (see the module
 /// comment), an error being raised again once the collector is released.
+///
+/// # Safety
+/// As for the other `call`.
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe fn call(state: *mut lua_State, nargs: c_int) {
     let hold = match ffi::lua_tointeger(state, HOLD) {
@@ -269,6 +281,9 @@ unsafe fn call(state: *mut lua_State, nargs: c_int) {
 
 /// LuaJIT, layout not recognised: stops the collector if it runs; returns
 /// 1 if it did.
+///
+/// # Safety
+/// `state` is the running thread of its VM, on this OS thread.
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe fn stop(state: *mut lua_State) -> usize {
     const LUA_GCISRUNNING: c_int = 9;
@@ -280,6 +295,9 @@ unsafe fn stop(state: *mut lua_State) -> usize {
 }
 
 /// Restarts the collector if [`stop`] stopped it.
+///
+/// # Safety
+/// As for [`stop`], whose answer `was_running` is.
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe fn restart(state: *mut lua_State, was_running: usize) {
     if was_running == 1 {

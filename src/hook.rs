@@ -231,6 +231,11 @@ unsafe fn push_handler(state: *mut lua_State) -> bool {
 /// written on the stack, not the heap: `lua_pushlstring` may raise (out of
 /// memory), and nothing in this frame may need dropping then. Written by
 /// hand: `write!` costs more than the rest of the delivery.
+///
+/// # Safety
+/// `state` is the running thread, in its hook, with a free stack slot;
+/// the push may raise (out of memory), so nothing with a destructor may
+/// be alive in the caller's frame.
 unsafe fn push_interrupted_message(state: *mut lua_State, id: Id) {
     const PREFIX: &str = ": interruptible id ";
     let name = crate::errors::INTERRUPTED.as_bytes();

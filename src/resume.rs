@@ -90,6 +90,9 @@ pub unsafe fn push_close(state: *mut lua_State, vm: *const Vm) {
 }
 
 /// Pushes `function` closed over what [`push_resume`] says.
+///
+/// # Safety
+/// As for [`push_resume`].
 unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua_CFunction) {
     let size = std::mem::size_of::<ResumeState>();
     let resume_state = ffi::lua_newuserdata(state, size) as *mut ResumeState;
@@ -146,6 +149,10 @@ unsafe extern "C-unwind" fn set_watch(state: *mut lua_State) -> c_int {
 type Limits = (Nanos, Nanos);
 
 /// A settings record `{kill, warn, ...}`: limit `index`, if it is one.
+///
+/// # Safety
+/// `state` is the running thread, with a free stack slot, and `record`
+/// an absolute index of a table on its stack.
 unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Nanos {
     ffi::lua_rawgeti(state, record, index as _);
     let seconds = ffi::lua_tonumber(state, -1);
@@ -160,6 +167,10 @@ unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Nanos {
 }
 
 /// The watch of the coroutine `co` at index 1, if it is watched.
+///
+/// # Safety
+/// `state` runs `resume` or `close` with the coroutine `co` at index 1
+/// (as [`look_up_limits`] needs), and `resume_state` is its upvalue.
 #[inline(always)]
 unsafe fn watch_limits(
     state: *mut lua_State,
@@ -183,12 +194,16 @@ unsafe fn watch_limits(
     limits
 }
 
+/// # Safety
+/// `state` is the running thread of its VM, on this OS thread.
 #[cfg(not(feature = "luajit"))]
 #[inline(always)]
 unsafe fn allocator_sees_frees(state: *mut lua_State) -> bool {
     crate::allocator::is_wrapped(state)
 }
 
+/// # Safety
+/// `state` is the running thread of its VM, on this OS thread.
 #[cfg(feature = "luajit")]
 unsafe fn allocator_sees_frees(_: *mut lua_State) -> bool {
     false
@@ -196,6 +211,10 @@ unsafe fn allocator_sees_frees(_: *mut lua_State) -> bool {
 
 /// The watch of the coroutine at index 1, looked up in the `co ->
 /// settings` table.
+///
+/// # Safety
+/// `state` runs `resume` or `close` (their upvalues are in place), with
+/// the coroutine at index 1 and two free stack slots.
 unsafe fn look_up_limits(state: *mut lua_State, resume_state: &mut ResumeState) -> Option<Limits> {
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, WATCHED);
@@ -298,6 +317,10 @@ unsafe fn begin<'vm>(
 }
 
 /// Whether the coroutine at index 1 was killed. Needs one free stack slot.
+///
+/// # Safety
+/// `state` runs `resume`, `close` or `yield` with the coroutine at index
+/// 1 and the killed table as upvalue, and a free stack slot.
 unsafe fn is_killed(state: *mut lua_State) -> bool {
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, KILLED);
@@ -309,6 +332,10 @@ unsafe fn is_killed(state: *mut lua_State) -> bool {
 /// Calls the original function (resume or close) with this call's
 /// arguments, unprotected: for arguments that are not coroutines, which it
 /// refuses with its usual error.
+///
+/// # Safety
+/// `state` runs `resume` or `close` (the original is an upvalue); it may
+/// raise, so nothing with a destructor may be alive in the caller's frame.
 unsafe fn call_original_unprotected(state: *mut lua_State) -> c_int {
     ffi::lua_pushvalue(state, ORIGINAL);
     ffi::lua_insert(state, 1);
@@ -323,6 +350,12 @@ unsafe fn call_original_unprotected(state: *mut lua_State) -> c_int {
 /// `resume_co` is [`resume_suspended`], which leaves `co` alone on this
 /// stack while it runs. Returns what `resume_co` returned, and whether the
 /// coroutine was killed.
+///
+/// # Safety
+/// `state` runs `resume` or `close` on this OS thread with `co` at index
+/// 1, a coroutine of its VM held there until `resume_co` returns;
+/// `resume_co` leaves the stack as [`answer_direct`] or
+/// [`answer_original`] expects and raises nothing (it catches errors).
 unsafe fn tracked<R>(
     vm: &Vm,
     state: *mut lua_State,
@@ -356,6 +389,10 @@ unsafe fn tracked<R>(
 /// PUC Lua, where the hook waits on the coroutine itself.
 ///
 /// SAFETY (caller): `state` is running `resume`, with two free stack slots.
+///
+/// # Safety
+/// `state` runs `resume`, with the coroutine at index 1 and two free
+/// stack slots.
 #[cfg(feature = "luajit")]
 unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
     if !vm.has_pending_interrupts() {
@@ -372,6 +409,10 @@ unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
 /// it yielded, or (PUC Lua) it has not started. Every other case (running,
 /// normal, dead, LuaJIT's fresh coroutines) goes to the original resume,
 /// which refuses it with its own message.
+///
+/// # Safety
+/// `state` is the running thread and `co` a coroutine of its VM, alive
+/// (held on `state`'s stack).
 unsafe fn is_suspended(state: *mut lua_State, co: *mut lua_State) -> bool {
     if co == state {
         return false;
@@ -399,6 +440,10 @@ extern "C-unwind" {
 ///
 /// SAFETY (caller): `co` is suspended (see [`is_suspended`]) and its stack
 /// has room for the arguments.
+///
+/// # Safety
+/// `state` runs `resume` with `co` at index 1, suspended (as
+/// [`is_suspended`] said) and with room for the arguments moved to it.
 unsafe fn resume_suspended(state: *mut lua_State, co: *mut lua_State) -> (c_int, c_int) {
     let narg = ffi::lua_gettop(state) - 1;
     ffi::lua_xmove(state, co, narg);
@@ -417,6 +462,12 @@ unsafe fn resume_suspended(state: *mut lua_State, co: *mut lua_State) -> (c_int,
 /// values...`, or `false, error`. A killed coroutine answers `false,
 /// message`. Returns the result count. [`answer_original`] is the same
 /// answer for the results of the original function.
+///
+/// # Safety
+/// `state` runs `resume` with `co` at index 1 and the killed table as
+/// upvalue; `co`'s stack holds what [`resume_suspended`] left. It may
+/// raise (5.1, LuaJIT: too many results; out of memory), so nothing
+/// with a destructor may be alive in the caller's frame.
 unsafe fn answer_direct(
     state: *mut lua_State,
     co: *mut lua_State,
@@ -458,6 +509,10 @@ unsafe fn answer_direct(
     2
 }
 
+/// # Safety
+/// `state` is the running thread, with a free stack slot; the push may
+/// raise (out of memory), so nothing with a destructor may be alive in
+/// the caller's frame.
 unsafe fn push_str(state: *mut lua_State, text: &'static str) {
     ffi::lua_pushlstring(state, text.as_ptr().cast(), text.len());
 }
@@ -468,6 +523,11 @@ unsafe fn push_str(state: *mut lua_State, text: &'static str) {
 /// that does not run; one is raised again once the chain is right.
 /// `killed_before`: the coroutine was killed before this call (a close
 /// answers for a killed coroutine whatever the original says).
+///
+/// # Safety
+/// `state` runs `resume` or `close` with `co` at index 1, a coroutine of
+/// its VM; it may raise (the original's error, once the chain is right),
+/// so nothing with a destructor may be alive in the caller's frame.
 unsafe fn resume_through_original(
     vm: &Vm,
     state: *mut lua_State,
@@ -487,6 +547,10 @@ unsafe fn resume_through_original(
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
 /// `co` stays, keeping the coroutine alive). Returns the pcall status.
+///
+/// # Safety
+/// `state` runs `resume` or `close` with its arguments on the stack and
+/// room for the protected call's function; it raises nothing.
 unsafe fn call_original(state: *mut lua_State) -> c_int {
     ffi::lua_pushvalue(state, ORIGINAL);
     ffi::lua_insert(state, 2);
@@ -497,6 +561,10 @@ unsafe fn call_original(state: *mut lua_State) -> c_int {
 /// results are on this stack above index 1: left as they are, unless the
 /// coroutine at index 1 was killed, then `false, message`. Returns the
 /// result count.
+///
+/// # Safety
+/// `state` runs `resume` or `close`, with the results of
+/// [`call_original`] on its stack and the killed table as upvalue.
 unsafe fn answer_original(state: *mut lua_State, killed: bool) -> c_int {
     let failed = ffi::lua_type(state, 2) == ffi::LUA_TBOOLEAN && ffi::lua_toboolean(state, 2) == 0;
     if killed || failed {
@@ -519,6 +587,11 @@ unsafe fn answer_original(state: *mut lua_State, killed: bool) -> c_int {
 /// 1 unless it is resumed `direct`ly (then this stack holds it, where the
 /// hook finds it: see [`crate::watch::Found`]). May raise (out of memory):
 /// call it before the chain changes.
+///
+/// # Safety
+/// `state` runs `resume` with the coroutine at index 1 and the anchors
+/// table as upvalue; the slots `plan` names exist (as the chain planned
+/// them), so this allocates nothing and cannot raise.
 unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool) {
     if let Some(depth) = plan.anchor_resumer_at {
         ffi::lua_pushthread(state);
@@ -533,6 +606,9 @@ unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool) {
 /// Clears the anchors the chain no longer needs (false, not nil: a slot set
 /// to nil and back costs Lua a rehash). The slots exist, so this allocates
 /// nothing and cannot raise.
+///
+/// # Safety
+/// As for [`anchor`]: the slots of `left` exist.
 unsafe fn unanchor(state: *mut lua_State, left: LeftChain) {
     for depth in left.unanchor_from.max(1)..=left.unanchor_to {
         ffi::lua_pushboolean(state, 0);
@@ -565,10 +641,17 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 // `resumer` is the running thread (this is its resume, on its OS thread),
 // and every thread on the chain is held alive (anchored, or on a stack).
 
+/// # Safety
+/// As for [`Vm::plan_enter`]: `resumer` is the running thread, on its
+/// OS thread, and every thread on the chain is held alive.
 unsafe fn plan_enter(vm: &Vm, resumer: *mut lua_State) -> Plan {
     catch_unwind(AssertUnwindSafe(|| unsafe { vm.plan_enter(resumer) })).unwrap_or_default()
 }
 
+/// # Safety
+/// As for [`Vm::enter`]: `resumer` is the running thread, on its OS
+/// thread, and `co` is held alive (on its stack or anchored, as the
+/// plan said) until the matching [`leave`].
 unsafe fn enter(
     vm: &Vm,
     resumer: *mut lua_State,
@@ -584,10 +667,16 @@ unsafe fn enter(
     .unwrap_or(0)
 }
 
+/// # Safety
+/// As for [`Vm::leave`]: `resumer` is the running thread, on its OS
+/// thread, and every thread on the chain is held alive.
 unsafe fn leave(vm: &Vm, resumer: *mut lua_State, depth: usize) -> LeftChain {
     catch_unwind(AssertUnwindSafe(|| unsafe { vm.leave(resumer, depth) })).unwrap_or_default()
 }
 
+/// # Safety
+/// As for [`Vm::leave_root`]: `resumer` is the running thread, on its
+/// OS thread, and `co` is held alive.
 unsafe fn leave_root(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State) -> LeftChain {
     catch_unwind(AssertUnwindSafe(|| unsafe { vm.leave_root(resumer, co) })).unwrap_or_default()
 }

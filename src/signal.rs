@@ -352,6 +352,10 @@ extern "C" fn on_signal(signal: c_int, info: *mut libc::siginfo_t, context: *mut
 }
 
 /// `lua_sethook` returns `int` on LuaJIT.
+///
+/// # Safety
+/// `state` is alive and of a VM whose own OS thread is the caller (the
+/// signal handler runs there), outside any other hook write of ours.
 unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
     let _ = ffi::lua_sethook(state, func, mask, count);
 }

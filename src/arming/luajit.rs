@@ -92,6 +92,10 @@ impl LuajitArming {
     /// VM's thread it could interrupt our `lua_sethook` half-way (its
     /// update of the dispatch table), and it leaves the hook alone
     /// then (the arming is lost, and repaired by the watchdog).
+    ///
+    /// # Safety
+    /// As for [`install`]: `state` is alive and of this VM; from another OS
+    /// thread only under the VM lock, as every arming is.
     unsafe fn write(
         &self,
         state: *mut lua_State,
@@ -117,6 +121,9 @@ impl LuajitArming {
 
     /// Takes a hook that is not ours as the user's, to chain; if none
     /// is installed at all, the user has none.
+    ///
+    /// # Safety
+    /// `state` is alive and of this VM; the caller holds the VM lock.
     unsafe fn adopt(&mut self, state: *mut lua_State) {
         if self.take_handover() || is_ours(ffi::lua_gethook(state)) {
             return;
@@ -285,5 +292,8 @@ impl HookArming for LuajitArming {
     fn forget(&mut self, _: *mut lua_State) {}
 
     /// The VM's hook settles itself when it fires.
+    ///
+    /// # Safety
+    /// As for [`HookArming::release`].
     unsafe fn release(&mut self, _: *mut lua_State, _: impl FnOnce() -> bool) {}
 }

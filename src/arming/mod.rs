@@ -50,6 +50,11 @@ pub struct SavedHook {
 }
 
 /// `lua_sethook` returns `int` up to 5.2 and nothing from 5.3 on.
+///
+/// # Safety
+/// `state` is alive. From an OS thread other than the one running its
+/// VM, only under the VM lock, inside the frame handshake of
+/// [`crate::vm::Vm::frame_freed`] (5.2–5.4), or never (LuaJIT).
 #[allow(clippy::let_unit_value)]
 unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
     let _ = ffi::lua_sethook(state, func, mask, count);
@@ -57,6 +62,9 @@ unsafe fn set_hook(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, c
 
 /// Installs `func` unless exactly that is installed: every write adds to
 /// the races with the running thread.
+///
+/// # Safety
+/// As for [`set_hook`].
 unsafe fn install(state: *mut lua_State, func: Option<lua_Hook>, mask: c_int, count: c_int) {
     let (mask, count) = if func.is_some() && mask != 0 {
         (mask, count)
@@ -83,6 +91,9 @@ pub unsafe fn remove(state: *mut lua_State) {
 }
 
 /// The hook installed on `state`, if it is someone else's.
+///
+/// # Safety
+/// `state` is alive (reading a hook writes nothing).
 unsafe fn foreign_hook(state: *mut lua_State) -> Option<SavedHook> {
     let func = ffi::lua_gethook(state)?;
     let mask = ffi::lua_gethookmask(state);

@@ -172,6 +172,9 @@ impl HookArming for PucArming {
 
     /// Nothing to catch up with on PUC Lua (no signal handler writes
     /// hooks there).
+    ///
+    /// # Safety
+    /// As for [`HookArming::sync`].
     unsafe fn sync(&mut self, _: *mut lua_State) {}
 
     /// The user's hook to call for this event: none on PUC Lua, where
@@ -181,6 +184,10 @@ impl HookArming for PucArming {
     }
 
     /// `state` is gone: forget what was saved for its address.
+    ///
+    /// # Safety
+    /// As for [`HookArming::release`]: `state` is alive, of the VM the
+    /// calling OS thread runs, which holds the VM lock.
     unsafe fn release(&mut self, state: *mut lua_State, still_needed: impl FnOnce() -> bool) {
         if self.is_armed(state) && !still_needed() {
             self.disarm(state, Side::Owner);
