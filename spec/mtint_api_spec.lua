@@ -337,6 +337,21 @@ describe("an id after its coroutine is collected", function()
     assert.are.equal(200, delivered)
   end)
 
+  it("answers false through an interruptible after one collection", function()
+    -- The core hears of the death when the thread is freed (5.1, LuaJIT:
+    -- the wrapped allocator) or its guard finalized (5.2-5.4), both
+    -- within the collection that takes the coroutine.
+    for _ = 1, 20 do
+      local co = coroutine.create(function() end)
+      local handle = mtint.interruptible(mtint.id(co))
+      local weak = setmetatable({ co }, { __mode = "v" })
+      co = nil
+      collectgarbage()
+      assert.is_nil(weak[1])
+      assert.is_false(handle:interrupt())
+    end
+  end)
+
   it("is not delivered to a coroutine without an id that took its memory", function()
     -- LuaJIT reports a coroutine's death a collection after it frees its
     -- memory: meanwhile the hook must not take a new coroutine at that

@@ -1,11 +1,12 @@
-//! The VM's allocator, wrapped (PUC Lua): the core hears of the frees that
-//! another OS thread's `lua_sethook` must not race with.
+//! The VM's allocator, wrapped: the core hears of the frees that another
+//! OS thread's `lua_sethook` must not race with, and of threads' deaths.
 //!
-//! - Lua 5.1, thread blocks. 5.1 has no ephemerons, so a coroutine can be
-//!   swept a whole GC cycle before the finalizer of its guard runs; another
-//!   OS thread interrupting it in that window would write into freed
-//!   memory. Every free of a block the size of a thread is checked against
-//!   the watched coroutines, whose slot is nulled (under the VM lock)
+//! - Lua 5.1 and LuaJIT, thread blocks. They have no ephemerons, so a
+//!   coroutine can be swept a whole GC cycle before the finalizer of its
+//!   guard runs; another OS thread interrupting it in that window would
+//!   write into freed memory (5.1), and its id would answer as alive
+//!   (both). Every free of a block the size of a thread is checked against
+//!   the coroutines with ids, whose slot is nulled (under the VM lock)
 //!   before the block is released. An interrupter holding the lock finishes
 //!   its `lua_sethook` first; one arriving later sees the target dead.
 //! - Lua 5.2–5.4, `CallInfo` blocks. Their `lua_sethook` reads the running
@@ -81,12 +82,12 @@ unsafe extern "C" fn shim_alloc(
     result
 }
 
-#[cfg(feature = "lua51")]
+#[cfg(any(feature = "lua51", feature = "luajit"))]
 fn freeing(vm: &Vm, block: usize) {
     vm.block_freed(block);
 }
 
-#[cfg(not(feature = "lua51"))]
+#[cfg(not(any(feature = "lua51", feature = "luajit")))]
 fn freeing(vm: &Vm, _: usize) {
     vm.frame_freed();
 }
@@ -147,9 +148,9 @@ unsafe fn shim_of(state: *mut lua_State) -> &'static Shim {
     &*(ud as *const Shim)
 }
 
-/// Lua 5.1: creates a thread, and learns the size of its block and where
-/// in the block the `lua_State` lies.
-#[cfg(feature = "lua51")]
+/// Lua 5.1 and LuaJIT: creates a thread, and learns the size of its block
+/// and where in the block the `lua_State` lies.
+#[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
     let mut thread = 0;
     let blocks = recording(state, || {
@@ -171,7 +172,7 @@ unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
 /// Lua 5.2–5.4: creates a thread and calls a C function in it: the one new
 /// block of that call is its first `CallInfo` (the base one lies inside
 /// the thread; a light C function allocates nothing).
-#[cfg(not(feature = "lua51"))]
+#[cfg(not(any(feature = "lua51", feature = "luajit")))]
 unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
     unsafe extern "C-unwind" fn nothing(_: *mut lua_State) -> c_int {
         0

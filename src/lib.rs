@@ -3,7 +3,6 @@
 //! One library per Lua version, installed once as `corowatch.core` and shared
 //! by the thin Lua modules, so that ids and the watchdog are process-wide.
 
-#[cfg(not(feature = "luajit"))]
 mod allocator;
 mod allowhook;
 mod arming;

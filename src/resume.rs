@@ -178,8 +178,8 @@ unsafe fn watch_limits(
     resume_state: &mut ResumeState,
 ) -> Option<Limits> {
     let epoch = (*resume_state.vm).watch_epoch();
-    // Epoch 0: the VM cannot tell (LuaJIT); a host's own allocator put in
-    // later hides thread frees.
+    // Epoch 0: the VM cannot tell (its allocator could not be wrapped); a
+    // host's own allocator put in later hides thread frees.
     if co == resume_state.cached_co
         && epoch == resume_state.cached_epoch
         && epoch != 0
@@ -196,17 +196,9 @@ unsafe fn watch_limits(
 
 /// # Safety
 /// `state` is the running thread of its VM, on this OS thread.
-#[cfg(not(feature = "luajit"))]
 #[inline(always)]
 unsafe fn allocator_sees_frees(state: *mut lua_State) -> bool {
     crate::allocator::is_wrapped(state)
-}
-
-/// # Safety
-/// `state` is the running thread of its VM, on this OS thread.
-#[cfg(feature = "luajit")]
-unsafe fn allocator_sees_frees(_: *mut lua_State) -> bool {
-    false
 }
 
 /// The watch of the coroutine at index 1, looked up in the `co ->

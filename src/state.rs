@@ -74,7 +74,6 @@ fn set_up(lua: &Lua, key: usize) -> mlua::Result<Arc<Vm>> {
             ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&HANDLERS_KEY));
         })?;
     }
-    #[cfg(not(feature = "luajit"))]
     {
         // The closure borrows the Arc through a plain address: a closure
         // that owned a clone would leak it if the call raised (a longjmp
@@ -144,6 +143,12 @@ pub fn id_of(lua: &Lua, thread: &Thread) -> mlua::Result<Result<Id, String>> {
             errors::NOT_SUPPORTED
         )));
     }
+    // LuaJIT: another thread never writes a hook of a coroutine (it asks
+    // the VM's thread), so without the allocator's word its death is
+    // only heard of late (its guard's finalizer), not unsafely.
+    #[cfg(feature = "luajit")]
+    // SAFETY: as above.
+    let _ = unsafe { vm.watch_block(id, state) };
     let guard: AnyUserData = lua.create_userdata(ThreadGuard(target))?;
     #[cfg(not(any(feature = "lua51", feature = "luajit")))]
     guard.set_user_value(thread)?;
@@ -199,7 +204,6 @@ pub struct VmGuard(pub Arc<Vm>);
 
 impl Drop for VmGuard {
     fn drop(&mut self) {
-        #[cfg(not(feature = "luajit"))]
         if let Some(anchor) = self.0.anchor() {
             // SAFETY: lua_close runs finalizers before freeing any state, so
             // the anchor is alive; this runs on the closing thread.

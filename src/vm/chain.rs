@@ -81,7 +81,6 @@ impl Vm {
 
     /// Every thread free is seen from now on (the allocator is wrapped and
     /// knows a thread's size).
-    #[cfg(not(feature = "luajit"))]
     pub fn track_watch_epoch(&self) {
         self.watch_epoch.store(1, Ordering::Relaxed);
     }

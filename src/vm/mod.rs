@@ -138,12 +138,12 @@ struct VmInner {
     /// (LuaJIT restores its hook mask after running a finalizer; 5.4 can
     /// clear the trap just set), and a kill must not wait forever.
     retry: Backoff,
-    /// Lua 5.1: memory block of each watched coroutine -> its id.
-    #[cfg(feature = "lua51")]
+    /// Lua 5.1 and LuaJIT: memory block of each coroutine with an id -> its id.
+    #[cfg(any(feature = "lua51", feature = "luajit"))]
     blocks: KeyMap<usize, Id>,
-    /// Lua 5.1: distance from a thread's memory block to its `lua_State`,
+    /// Lua 5.1 and LuaJIT: distance from a thread's memory block to its `lua_State`,
     /// once the allocator is wrapped; `None` if it could not be.
-    #[cfg(feature = "lua51")]
+    #[cfg(any(feature = "lua51", feature = "luajit"))]
     block_offset: Option<usize>,
 }
 
@@ -159,7 +159,7 @@ pub struct Vm {
     mirror: ChainMirror,
     /// Moves whenever the watch of a coroutine may have changed: a watch
     /// set, or a thread freed (then another can take its address). 0:
-    /// the VM cannot tell (LuaJIT, or thread frees not seen). Only the
+    /// the VM cannot tell (thread frees not seen). Only the
     /// VM's own thread writes it.
     watch_epoch: AtomicU64,
     /// How many of its targets have an interrupt pending (written under the
@@ -263,9 +263,9 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             writing_afar,
             arming,
             retry: Backoff::first(),
-            #[cfg(feature = "lua51")]
+            #[cfg(any(feature = "lua51", feature = "luajit"))]
             blocks: KeyMap::default(),
-            #[cfg(feature = "lua51")]
+            #[cfg(any(feature = "lua51", feature = "luajit"))]
             block_offset: None,
         }),
     });
@@ -324,7 +324,6 @@ impl Vm {
     }
 
     /// The anchor thread, or `None` once the VM is closed.
-    #[cfg(not(feature = "luajit"))]
     pub fn anchor(&self) -> Option<*mut lua_State> {
         let inner = self.lock();
         (!inner.closed).then_some(inner.anchor.0)
@@ -359,20 +358,20 @@ impl Vm {
         self.lock().handlers_used = true;
     }
 
-    /// Lua 5.1: the allocator is wrapped; thread blocks start `offset`
+    /// Lua 5.1 and LuaJIT: the allocator is wrapped; thread blocks start `offset`
     /// bytes before their `lua_State`.
-    #[cfg(feature = "lua51")]
+    #[cfg(any(feature = "lua51", feature = "luajit"))]
     pub fn set_block_offset(&self, offset: usize) {
         self.lock().block_offset = Some(offset);
     }
 
-    /// Lua 5.1: remembers the memory block of a coroutine's state. Returns
+    /// Lua 5.1 and LuaJIT: remembers the memory block of a coroutine's state. Returns
     /// false if thread frees cannot be seen in this VM.
     ///
     /// # Safety
     /// `state` is a live coroutine of this VM (its block is where the
     /// allocator will free it).
-    #[cfg(feature = "lua51")]
+    #[cfg(any(feature = "lua51", feature = "luajit"))]
     pub unsafe fn watch_block(&self, id: Id, state: *mut lua_State) -> bool {
         let mut inner = self.lock();
         let Some(offset) = inner.block_offset else {
@@ -384,9 +383,9 @@ impl Vm {
         true
     }
 
-    /// Lua 5.1: the allocator is freeing `block`; if it is a target's
+    /// Lua 5.1 and LuaJIT: the allocator is freeing `block`; if it is a target's
     /// thread, that target is dead from now on.
-    #[cfg(feature = "lua51")]
+    #[cfg(any(feature = "lua51", feature = "luajit"))]
     pub fn block_freed(&self, block: usize) {
         let mut inner = self.lock();
         if let Some(id) = inner.blocks.remove(&block) {
@@ -424,7 +423,7 @@ impl Vm {
     pub fn target_died(&self, id: Id) {
         let mut inner = self.lock();
         inner.mark_dead(id);
-        #[cfg(feature = "lua51")]
+        #[cfg(any(feature = "lua51", feature = "luajit"))]
         inner.blocks.retain(|_, slot_id| *slot_id != id);
     }
 
