@@ -380,8 +380,6 @@ unsafe fn tracked<R>(
 /// hook so that it lands at the coroutine's first instruction, as it does on
 /// PUC Lua, where the hook waits on the coroutine itself.
 ///
-/// SAFETY (caller): `state` is running `resume`, with two free stack slots.
-///
 /// # Safety
 /// `state` runs `resume`, with the coroutine at index 1 and two free
 /// stack slots.
@@ -429,9 +427,6 @@ extern "C-unwind" {
 
 /// Moves the arguments above index 1 to the suspended `co` and resumes it;
 /// returns the status and the number of results left on `co`'s stack.
-///
-/// SAFETY (caller): `co` is suspended (see [`is_suspended`]) and its stack
-/// has room for the arguments.
 ///
 /// # Safety
 /// `state` runs `resume` with `co` at index 1, suspended (as
