@@ -222,6 +222,29 @@ describe("a supervisor object", function()
     assert.are.same({ "x1", "y1", "z1", "x2", "y2", "z2" }, got)
   end)
 
+  it("delivers every signal queued while the event's queue drains, in order", function()
+    -- Signals of the event being delivered made while its queue drains
+    -- join the same queue; none may take the place of one still queued.
+    local sup = supervisor.new({ log = false, limit = false })
+    local made, seen = {}, {}
+    sup:introduce("a", function()
+      while true do
+        local _, v = yield("waitfor", "E")
+        seen[#seen + 1] = v
+        if #v < 3 then
+          for _, suffix in ipairs({ "x", "y" }) do
+            made[#made + 1] = v .. suffix
+            assert.is_true(sup:signal("E", v .. suffix))
+          end
+        end
+      end
+    end)
+    sup:introduce("b", function() while true do yield("waitfor", "E") end end)
+    assert.is_true(sup:signal("E", "0"))
+    assert.are.same({ "0", "0x", "0y", "0xx", "0xy", "0yx", "0yy" }, seen)
+    assert.are.equal(6, #made)
+  end)
+
   it("drops a signal made from inside a handler when nobody waits for it", function()
     local sup, lines = recorded()
     local answer = "unset"
@@ -681,6 +704,43 @@ describe("nested supervisors", function()
     assert.is_true(outer:signal("only-z", 2))
     assert.is_nil(outer:signal("nobody"))
     assert.are.same({ "start x", "start y", "start z", "x 1", "y 1", "z 2" }, journal)
+  end)
+
+  it("queue an inner actor's signal of the event being delivered behind those made before", function()
+    -- The outer supervisor delivers E to its own actors, then to the inner
+    -- one's; a signal of E made meanwhile, by either, waits its turn.
+    local outer = supervisor.new({ log = false })
+    local seen, count = {}, 0
+    local function watcher(name)
+      return function()
+        while true do
+          local _, v = yield("waitfor", "E")
+          seen[#seen + 1] = name .. ":" .. tostring(v)
+          if name == "a" then
+            count = count + 1
+            if count <= 2 then outer:signal("E", "from-a-" .. count) end
+          end
+        end
+      end
+    end
+    outer:introduce("a", watcher("a"))
+    outer:introduce("inner", supervisor.run, { log = false }, function(inner)
+      inner:introduce("b", function()
+        while true do
+          local _, v = yield("waitfor", "E")
+          seen[#seen + 1] = "b:" .. tostring(v)
+          if v == 1 then outer:signal("E", "from-b") end
+        end
+      end)
+    end)
+    outer:introduce("c", watcher("c"))
+    assert.is_true(outer:signal("E", 1))
+    assert.are.same({
+      "a:1", "c:1", "b:1",
+      "a:from-a-1", "c:from-a-1", "b:from-a-1",
+      "a:from-b", "c:from-b", "b:from-b",
+      "a:from-a-2", "c:from-a-2", "b:from-a-2",
+    }, seen)
   end)
 
   it("restart inside the inner supervisor, and restart the inner one when it gives up", function()

@@ -475,14 +475,15 @@ local function defer(self, event, ...)
     say(self, "Event " .. describe(event) .. " dropped into the bit bucket")
     return nil
   end
+  -- An explicit count: `run_deferred` clears the front while this appends,
+  -- and `#` of a table with holes may land on any border.
   local queue = self.deferred[event]
   if not queue then
-    queue = {}
+    queue = { n = 0 }
     self.deferred[event] = queue
   end
-  queue[#queue + 1] = packn(...)
-  -- Tells the signal in progress to drain the queue when it is done.
-  delivering.deferred = true
+  local n = queue.n + 1
+  queue.n, queue[n] = n, packn(...)
   return true
 end
 
@@ -494,7 +495,7 @@ local function run_deferred(self, event)
   if queue.draining then return end
   queue.draining = true
   local i = 1
-  while queue[i] and not self.finished do
+  while i <= queue.n and not self.finished do
     local args = queue[i]
     queue[i], i = nil, i + 1
     self:signal(event, unpack(args, 1, args.n))
@@ -593,7 +594,7 @@ function Supervisor:signal(event, ...)
   -- costs about half a resume). A bad self is told apart where it fails.
   local events = self.events
   if events == nil or self.stopped_because then check_self(self, "signal") end
-  local list, delivering, deferred
+  local list, delivering
   if event ~= nil then
     list = events[event]
     delivering = self.delivering
@@ -635,16 +636,16 @@ function Supervisor:signal(event, ...)
         end
       end
     end
+  end
+  -- The nested supervisors' actors get it while it is still being
+  -- delivered: a signal of it they make waits behind those made before.
+  if self.nested > 0 then signal_nested(self, event, ...) end
+  if list then
     delivering[event] = nil
-    deferred = list.deferred
-    if deferred then list.deferred = nil end
     list.n, list.event = 0, nil
     self.spare = list
   end
-  if self.nested > 0 then signal_nested(self, event, ...) end
-  -- Only this signal's delivery can have deferred signals of `event`
-  -- (any other signal of it would have been deferred itself).
-  if deferred then run_deferred(self, event) end
+  if self.deferred[event] then run_deferred(self, event) end
   if self.finished then return false end
   list = events[event]
   if list and (list[list.n] or live(list)) then return true end
