@@ -391,8 +391,7 @@ unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
     let Some(id) = hook::id_of_thread(state, Some(1)) else {
         return;
     };
-    let co = ffi::lua_tothread(state, 1);
-    let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(co, id)));
+    let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(id)));
 }
 
 /// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:

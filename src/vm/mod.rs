@@ -287,19 +287,18 @@ impl Vm {
         self.pending.load(Ordering::Relaxed) > 0
     }
 
-    /// LuaJIT: the running thread is about to resume the coroutine `co`,
-    /// whose id (read from the weak `thread -> id` table) is `id`; if an
-    /// interrupt is pending for it, arm the (VM-global) hook so that it
-    /// fires at the coroutine's first instruction. Polling alone can miss a
-    /// coroutine that runs few instructions per resume.
+    /// LuaJIT: the running thread is about to resume the coroutine with
+    /// this id (read from the weak `thread -> id` table); if an interrupt
+    /// is pending for it, arm the (VM-global) hook so that it fires at the
+    /// coroutine's first instruction. Polling alone can miss a coroutine
+    /// that runs few instructions per resume.
     #[cfg(feature = "luajit")]
-    pub fn arm_for_resume(&self, co: *mut lua_State, id: Id) {
+    pub fn arm_for_resume(&self, id: Id) {
         let mut inner = self.lock();
-        let pending = inner
-            .slot_of_state(co, || Some(id))
-            .filter(|(_, slot)| slot.pending != Pending::None)
-            .map(|(id, _)| id);
-        if let Some(id) = pending {
+        if inner
+            .live_slot(id)
+            .is_some_and(|slot| slot.pending != Pending::None)
+        {
             inner.arm(id, Side::Owner);
         }
     }
