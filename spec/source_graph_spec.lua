@@ -106,6 +106,46 @@ describe("the native core's files", function()
     assert.are.same({}, missing)
   end)
 
+  it("are each named in ARCHITECTURE.md's table and in the README's Layout", function()
+    if #files == 0 then pending("no src/ here (an installed rock)") return end
+    local function read(name)
+      local f = assert(io.open(name))
+      local text = f:read("*a")
+      f:close()
+      return text
+    end
+    local architecture = read("ARCHITECTURE.md")
+    local layout = read("README.md"):match("\n## Layout\n(.-)\n## ") or read("README.md"):match("\n## Layout\n(.*)$")
+    local unnamed = {}
+    for _, file in ipairs(files) do
+      local folder, base = file:match("^src/([%w_]+)/"), file:match("^src/([%w_]+%.rs)$")
+      local in_table = folder and architecture:find("`" .. folder .. "/`", 1, true)
+        or base and architecture:find("`" .. base .. "`", 1, true)
+      local in_layout = folder and layout:find("src/" .. folder .. "/", 1, true)
+        or base and (layout:find("src/" .. base, 1, true) or layout:find(", src/" .. base, 1, true))
+      if not in_table then unnamed[#unnamed + 1] = "ARCHITECTURE.md: " .. file end
+      if not in_layout then unnamed[#unnamed + 1] = "README Layout: " .. file end
+    end
+    assert.are.same({}, unnamed)
+  end)
+
+  it("catch panics only through contained.rs, whose results have no destructor", function()
+    if #files == 0 then pending("no src/ here (an installed rock)") return end
+    local elsewhere = {}
+    for _, file in ipairs(files) do
+      if file ~= "src/contained.rs" then
+        local n = 0
+        for line in io.lines(file) do
+          n = n + 1
+          if not line:match("^%s*//") and line:find("catch_unwind", 1, true) then
+            elsewhere[#elsewhere + 1] = file .. ":" .. n
+          end
+        end
+      end
+    end
+    assert.are.same({}, elsewhere)
+  end)
+
   it("are checked by a test that sees an unsafe function without its contract", function()
     local lines = {
       "/// Does a thing.", "///", "/// # Safety", "/// `state` is alive.", "#[inline]",

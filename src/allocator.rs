@@ -27,12 +27,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_int, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::Arc;
 
 use mlua::ffi::{self, lua_Alloc, lua_State};
 
+use crate::contained::contained;
 use crate::vm::Vm;
 
 struct Shim {
@@ -64,7 +64,7 @@ unsafe extern "C" fn shim_alloc(
             // A panic must not unwind into Lua's allocator call; if one
             // happened the free goes on, as it did before the VM was
             // wrapped.
-            let _ = catch_unwind(AssertUnwindSafe(|| freeing(&shim.vm, block as usize)));
+            contained((), || freeing(&shim.vm, block as usize));
         }
         if osize == shim.thread_size.get() {
             shim.vm.move_watch_epoch();

@@ -17,11 +17,11 @@
 //! `delivery_mask` in [`crate::arming`].
 
 use std::ffi::{c_char, c_int, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
 
 use crate::arming;
+use crate::contained::contained;
 use crate::vm::{self, Id, Verdict};
 use crate::watch::Locate;
 
@@ -128,23 +128,24 @@ unsafe fn decide(
     event: c_int,
 ) -> (Verdict, Option<lua_Hook>) {
     // SAFETY (all the calls below): as the caller promised.
-    catch_unwind(AssertUnwindSafe(|| match unsafe { vm::of_state(state) } {
-        Some(vm) => unsafe {
-            vm.on_hook(
-                state,
-                || id_of_thread(state, None),
-                || at_c_function(state, ar, event),
-                event,
-            )
-        },
-        None => {
-            // SAFETY: we are on `state`'s own thread, inside its hook; the VM
-            // is closing or unknown, so nobody else arms this state.
-            unsafe { arming::remove(state) };
-            (Verdict::Continue, None)
+    contained((Verdict::Continue, None), || {
+        match unsafe { vm::of_state(state) } {
+            Some(vm) => unsafe {
+                vm.on_hook(
+                    state,
+                    || id_of_thread(state, None),
+                    || at_c_function(state, ar, event),
+                    event,
+                )
+            },
+            None => {
+                // SAFETY: we are on `state`'s own thread, inside its hook; the VM
+                // is closing or unknown, so nobody else arms this state.
+                unsafe { arming::remove(state) };
+                (Verdict::Continue, None)
+            }
         }
-    }))
-    .unwrap_or((Verdict::Continue, None))
+    })
 }
 
 /// Whether the event is the call or the return of a C function. Nothing is

@@ -5,7 +5,6 @@
 //! Lua side is to raise `message` (a plain string, as mtint's errors are).
 
 use std::ffi::c_int;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,6 +12,7 @@ use mlua::ffi::{self, lua_State};
 use mlua::{Function, Lua, MultiValue, Table, Thread, UserData, UserDataRef, Value};
 
 use crate::arming::Side;
+use crate::contained::contained;
 use crate::errors;
 use crate::gate::{self, WhenClosed};
 use crate::registry::{self, Id, Target};
@@ -165,13 +165,12 @@ unsafe extern "C-unwind" fn interrupt_known(state: *mut lua_State) -> c_int {
     vm.note_owner();
     // A panic must not cross into Lua: it answers nothing, and the long
     // way says what went wrong.
-    let answer = catch_unwind(AssertUnwindSafe(|| interrupt(vm, number as Id, request)));
-    match answer {
-        Ok(Some(alive)) => {
+    match contained(None, || interrupt(vm, number as Id, request)) {
+        Some(alive) => {
             unsafe { ffi::lua_pushboolean(state, c_int::from(alive)) };
             1
         }
-        Ok(None) | Err(_) => 0,
+        None => 0,
     }
 }
 

@@ -10,6 +10,7 @@ mod barrier;
 mod clock;
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 mod collector;
+mod contained;
 mod corowatch;
 mod entry;
 mod errors;

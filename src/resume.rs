@@ -21,12 +21,12 @@
 
 use std::ffi::{c_int, c_void};
 use std::mem::MaybeUninit;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mlua::ffi::{self, lua_State};
 
 use crate::allowhook;
 use crate::clock::{self, Nanos};
+use crate::contained::contained;
 #[cfg(feature = "luajit")]
 use crate::hook;
 use crate::vm::Vm;
@@ -391,7 +391,7 @@ unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
     let Some(id) = hook::id_of_thread(state, Some(1)) else {
         return;
     };
-    let _ = catch_unwind(AssertUnwindSafe(|| vm.arm_for_resume(id)));
+    contained((), || vm.arm_for_resume(id));
 }
 
 /// Whether `co` can be resumed by `lua_resume` as `coroutine.resume` would:
@@ -623,7 +623,7 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 }
 
 // The calls into the VM, in frames of their own (they lock), with panics
-// kept out of C. Each has the safety contract of the `Vm` method it calls:
+// kept out of C (`contained`). Each has the safety contract of the `Vm` method it calls:
 // `resumer` is the running thread (this is its resume, on its OS thread),
 // and every thread on the chain is held alive (anchored, or on a stack).
 
@@ -631,7 +631,7 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 /// As for [`Vm::plan_enter`]: `resumer` is the running thread, on its
 /// OS thread, and every thread on the chain is held alive.
 unsafe fn plan_enter(vm: &Vm, resumer: *mut lua_State) -> Plan {
-    catch_unwind(AssertUnwindSafe(|| unsafe { vm.plan_enter(resumer) })).unwrap_or_default()
+    contained(Plan::default(), || unsafe { vm.plan_enter(resumer) })
 }
 
 /// # Safety
@@ -645,24 +645,25 @@ unsafe fn enter(
     limits: Option<Limits>,
     placing: (Plan, bool),
 ) -> usize {
-    catch_unwind(AssertUnwindSafe(|| {
+    contained(0, || {
         let now = clock::now();
         let watch = limits.map(|(kill, warn)| Watch::start(kill, warn, now));
         unsafe { vm.enter(resumer, co, watch, now, placing) }
-    }))
-    .unwrap_or(0)
+    })
 }
 
 /// # Safety
 /// As for [`Vm::leave`]: `resumer` is the running thread, on its OS
 /// thread, and every thread on the chain is held alive.
 unsafe fn leave(vm: &Vm, resumer: *mut lua_State, depth: usize) -> LeftChain {
-    catch_unwind(AssertUnwindSafe(|| unsafe { vm.leave(resumer, depth) })).unwrap_or_default()
+    contained(LeftChain::default(), || unsafe { vm.leave(resumer, depth) })
 }
 
 /// # Safety
 /// As for [`Vm::leave_root`]: `resumer` is the running thread, on its
 /// OS thread, and `co` is held alive.
 unsafe fn leave_root(vm: &Vm, resumer: *mut lua_State, co: *mut lua_State) -> LeftChain {
-    catch_unwind(AssertUnwindSafe(|| unsafe { vm.leave_root(resumer, co) })).unwrap_or_default()
+    contained(LeftChain::default(), || unsafe {
+        vm.leave_root(resumer, co)
+    })
 }
