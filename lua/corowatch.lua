@@ -34,7 +34,7 @@ local M = {
 }
 
 local KILL_MESSAGE = "Coroutine exceeded its allowed running time of %s seconds, without yielding"
-local WARN, KILL = 1, 2 -- events from the native hook; 3 is "killed again"
+local WARN = 1 -- events from the native hook: 1 warn, 2 kill
 
 -- The running thread, main thread included (Lua 5.1's coroutine.running()
 -- gives nil there).
@@ -107,12 +107,15 @@ local function dispatch(event, co, depth)
     local again = settings[CALLBACK]("warn")
     set_hooks(false)
     if again then reset(depth) end
-  elseif event == KILL then
-    killed[co] = settings[MESSAGE]
-    if settings[CALLBACK] then settings[CALLBACK]("kill") end
-    error(settings[MESSAGE], 0)
-  else
-    error(killed[co] or settings[MESSAGE], 0)
+  else -- KILL: at every event once the kill deadline passed
+    local message = killed[co]
+    if message == nil then
+      -- The first time: `killed` is the one record of it.
+      message = settings[MESSAGE]
+      killed[co] = message
+      if settings[CALLBACK] then settings[CALLBACK]("kill") end
+    end
+    error(message, 0)
   end
 end
 native.set_dispatcher(dispatch)

@@ -56,10 +56,12 @@ pub struct ChainMirror {
     /// Index of the first watched entry (`len` if none).
     watched_from: AtomicUsize,
     entries: Box<[AtomicPtr<lua_State>]>,
-    /// The chain's earliest deadline that is not killed ([`NEVER`]: none).
+    /// The chain's earliest deadline whose kill the hook has not seen due
+    /// ([`NEVER`]: none).
     earliest: AtomicU64,
-    /// Whether a killed coroutine is on the chain.
-    killed: AtomicBool,
+    /// Whether the hook saw the kill deadline of a coroutine on the chain
+    /// pass (a killed coroutine is on it, or is about to be).
+    kill_seen: AtomicBool,
     /// Our hook may be on threads named here (the watchdog armed, or is
     /// arming, them; or the owner did): a pop tells the arming record.
     armed: AtomicBool,
@@ -78,7 +80,7 @@ impl Default for ChainMirror {
                 .map(|_| AtomicPtr::new(std::ptr::null_mut()))
                 .collect(),
             earliest: AtomicU64::new(NEVER),
-            killed: AtomicBool::new(false),
+            kill_seen: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             alarm: AtomicU64::new(NEVER),
         }
@@ -103,7 +105,7 @@ impl ChainMirror {
             .store(chain.first_watched(), Ordering::Relaxed);
         let earliest = chain.next_deadline();
         self.earliest.store(earliest, Ordering::Relaxed);
-        self.killed.store(chain.has_killed(), Ordering::Relaxed);
+        self.kill_seen.store(chain.kill_seen(), Ordering::Relaxed);
         earliest
     }
 
@@ -112,8 +114,8 @@ impl ChainMirror {
         self.len() != 0
     }
 
-    pub fn has_killed(&self) -> bool {
-        self.killed.load(Ordering::Relaxed)
+    pub fn kill_seen(&self) -> bool {
+        self.kill_seen.load(Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {
@@ -131,7 +133,7 @@ impl ChainMirror {
 
     /// As [`Chain::needs_hook`], from what was published.
     pub fn needs_hook(&self, now: Nanos) -> bool {
-        self.has_killed() || self.next_deadline() <= now
+        self.kill_seen() || self.next_deadline() <= now
     }
 
     /// The threads from the first watched one up to the top, as the

@@ -249,10 +249,10 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
         return resume_through_original(vm, state, co, limits, false);
     }
     // `co` stays at index 1 throughout: alive while the chain names it.
-    let (outcome, killed) = tracked(vm, state, co, (limits, true), || {
+    let (outcome, kill_seen) = tracked(vm, state, co, (limits, true), || {
         resume_suspended(state, co)
     });
-    answer_direct(state, co, outcome, killed)
+    answer_direct(state, co, outcome, kill_seen)
 }
 
 /// `close(co)`: Lua 5.4's `coroutine.close`, with `co`'s watch in force
@@ -341,7 +341,8 @@ unsafe fn call_original_unprotected(state: *mut lua_State) -> c_int {
 /// if the coroutine watched itself meanwhile (`watch(nil)`). `direct`:
 /// `resume_co` is [`resume_suspended`], which leaves `co` alone on this
 /// stack while it runs. Returns what `resume_co` returned, and whether the
-/// coroutine was killed.
+/// hook saw the coroutine's kill deadline pass (then the `killed` table
+/// says whether it was killed).
 ///
 /// # Safety
 /// `state` runs `resume` or `close` on this OS thread with `co` at index
@@ -362,7 +363,7 @@ unsafe fn tracked<R>(
         }
         let left = leave_root(vm, state, co);
         unanchor(state, left);
-        return (outcome, left.killed);
+        return (outcome, left.kill_seen);
     }
     // Every step that may raise (anchoring can run out of memory) comes
     // before the chain names the coroutine, and none after it does until
@@ -373,7 +374,7 @@ unsafe fn tracked<R>(
     let outcome = resume_co();
     let left = leave(vm, state, depth);
     unanchor(state, left);
-    (outcome, left.killed)
+    (outcome, left.kill_seen)
 }
 
 /// LuaJIT: if an interrupt waits for the coroutine at index 1, arms the
@@ -446,8 +447,10 @@ unsafe fn resume_suspended(state: *mut lua_State, co: *mut lua_State) -> (c_int,
 /// The answer of a direct resume ([`resume_suspended`]): moves the outcome
 /// left on `co`'s stack to `state` as `coroutine.resume` returns it: `true,
 /// values...`, or `false, error`. A killed coroutine answers `false,
-/// message`. Returns the result count. [`answer_original`] is the same
-/// answer for the results of the original function.
+/// message`: it is in the `killed` table, looked up when the hook saw its
+/// kill deadline pass (`kill_seen`). Returns the result count.
+/// [`answer_original`] is the same answer for the results of the original
+/// function.
 ///
 /// # Safety
 /// `state` runs `resume` with `co` at index 1 and the killed table as
@@ -458,9 +461,10 @@ unsafe fn answer_direct(
     state: *mut lua_State,
     co: *mut lua_State,
     (status, nres): (c_int, c_int),
-    killed: bool,
+    kill_seen: bool,
 ) -> c_int {
-    if !killed && (status == ffi::LUA_OK || status == ffi::LUA_YIELD) {
+    let ran = status == ffi::LUA_OK || status == ffi::LUA_YIELD;
+    if ran && !(kill_seen && is_killed(state)) {
         if ffi::lua_checkstack(state, nres + 1) == 0 {
             ffi::lua_pop(co, nres);
             // 5.1 and LuaJIT raise this; later versions return it.
@@ -477,7 +481,7 @@ unsafe fn answer_direct(
         return nres + 1;
     }
     ffi::lua_pushboolean(state, 0);
-    if status == ffi::LUA_OK || status == ffi::LUA_YIELD {
+    if ran {
         ffi::lua_pop(co, nres);
         ffi::lua_pushnil(state);
     } else {
@@ -524,11 +528,11 @@ unsafe fn resume_through_original(
     // Keep `co` below everything: it stays alive while the chain names it.
     ffi::lua_pushvalue(state, 1);
     ffi::lua_insert(state, 1);
-    let (status, killed) = tracked(vm, state, co, (limits, false), || call_original(state));
+    let (status, kill_seen) = tracked(vm, state, co, (limits, false), || call_original(state));
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
-    answer_original(state, killed || killed_before)
+    answer_original(state, kill_seen || killed_before)
 }
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
@@ -545,15 +549,16 @@ unsafe fn call_original(state: *mut lua_State) -> c_int {
 
 /// The answer of a resume (or close) through the original function, whose
 /// results are on this stack above index 1: left as they are, unless the
-/// coroutine at index 1 was killed, then `false, message`. Returns the
-/// result count.
+/// coroutine at index 1 was killed, then `false, message` (the `killed`
+/// table is read when it failed or `maybe_killed`). Returns the result
+/// count.
 ///
 /// # Safety
 /// `state` runs `resume` or `close`, with the results of
 /// [`call_original`] on its stack and the killed table as upvalue.
-unsafe fn answer_original(state: *mut lua_State, killed: bool) -> c_int {
+unsafe fn answer_original(state: *mut lua_State, maybe_killed: bool) -> c_int {
     let failed = ffi::lua_type(state, 2) == ffi::LUA_TBOOLEAN && ffi::lua_toboolean(state, 2) == 0;
-    if killed || failed {
+    if maybe_killed || failed {
         ffi::lua_pushvalue(state, 1);
         ffi::lua_rawget(state, KILLED);
         if ffi::lua_isnil(state, -1) == 0 {
@@ -611,7 +616,7 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
     let vm = &*(ffi::lua_touserdata(state, YIELD_VM) as *const Vm);
     vm.note_owner();
-    if vm.has_killed() && ffi::lua_checkstack(state, 1) != 0 {
+    if vm.kill_seen() && ffi::lua_checkstack(state, 1) != 0 {
         ffi::lua_pushthread(state);
         ffi::lua_rawget(state, YIELD_KILLED);
         if ffi::lua_isnil(state, -1) == 0 {

@@ -17,21 +17,25 @@ use crate::state_ptr::StatePtr;
 pub enum Event {
     /// Call the callback with "warn"; a truthy answer resets the deadlines.
     Warn = 1,
-    /// Call the callback with "kill", then raise the kill error.
+    /// The kill deadline passed: the first time, the dispatcher marks the
+    /// coroutine killed (Lua's `killed` table, the one record of it) and
+    /// calls the callback with "kill"; every time, it raises the kill
+    /// error (a killed coroutine cannot survive).
     Kill = 2,
-    /// Raise the kill error again: a killed coroutine cannot survive.
-    Killed = 3,
 }
 
 /// The limits of a watched coroutine ([`NEVER`]: none) and, while it runs,
 /// its deadlines ([`NEVER`]: none), on [`crate::clock`].
+///
+/// Whether it was killed is not kept here: that is Lua's `killed` table.
+/// The chain only knows that the hook saw the kill deadline pass (see
+/// [`Chain::kill_seen`]), which is when the kill is raised.
 #[derive(Clone, Copy)]
 pub struct Watch {
     kill: Nanos,
     warn: Nanos,
     kill_at: Nanos,
     warn_at: Nanos,
-    killed: bool,
 }
 
 impl Watch {
@@ -43,7 +47,6 @@ impl Watch {
             warn,
             kill_at: NEVER,
             warn_at: NEVER,
-            killed: false,
         };
         watch.reset(now);
         watch
@@ -55,9 +58,11 @@ impl Watch {
         self.warn_at = clock::after(now, self.warn);
     }
 
+    /// The next deadline, unless the hook saw the kill deadline pass by
+    /// `seen` (then the kill is raised at every event, with no deadline).
     #[inline]
-    fn next_deadline(&self) -> Nanos {
-        if self.killed {
+    fn next_deadline(&self, seen: Nanos) -> Nanos {
+        if self.kill_at <= seen {
             return NEVER;
         }
         self.warn_at.min(self.kill_at)
@@ -103,11 +108,13 @@ struct Entry {
 }
 
 /// What leaving the chain (`leave`, `leave_root`) left for the caller:
-/// whether the coroutine that left was killed, and the depths whose
-/// anchors are now stale (`unanchor_from..=unanchor_to`, often empty).
+/// whether the hook saw the kill deadline of the coroutine that left pass
+/// (then Lua's `killed` table says whether it was killed, and with what
+/// message), and the depths whose anchors are now stale
+/// (`unanchor_from..=unanchor_to`, often empty).
 #[derive(Clone, Copy, Default)]
 pub struct LeftChain {
-    pub killed: bool,
+    pub kill_seen: bool,
     pub unanchor_from: usize,
     pub unanchor_to: usize,
 }
@@ -142,13 +149,17 @@ pub struct WatchAnchors {
 /// only ever lands in the watched coroutine or one it resumed.
 pub struct Chain {
     entries: Vec<Entry>,
-    /// The earliest deadline of a watched entry that is not killed, how
-    /// many entries are killed and where the first watched one is (the
-    /// length or more if none): kept with every change, so that the checks
-    /// made at every resume do not walk the entries.
+    /// The earliest deadline of a watched entry whose kill the hook has not
+    /// seen due, how many entries it has seen due and where the first
+    /// watched one is (the length or more if none): kept with every change,
+    /// so that the checks made at every resume do not walk the entries.
     earliest: Nanos,
-    killed: usize,
+    kills_seen: usize,
     first_watched: usize,
+    /// The clock when the hook last looked for an event ([`Chain::event`]):
+    /// a watch whose kill deadline is at or before it has its kill raised
+    /// at every event. It only grows, and a watch starts after it.
+    seen: Nanos,
     /// No anchor above this depth holds a thread (anchors of popped entries
     /// are cleared by the next `leave`).
     anchored_max: usize,
@@ -162,8 +173,9 @@ impl Default for Chain {
         Chain {
             entries: Vec::new(),
             earliest: NEVER,
-            killed: 0,
+            kills_seen: 0,
             first_watched: 0,
+            seen: 0,
             anchored_max: 0,
             low_water: 0,
         }
@@ -175,17 +187,18 @@ impl Chain {
         self.entries.len()
     }
 
-    /// Whether a killed coroutine is on the chain (it runs, or is about to
-    /// die): only then can the running thread be a killed one.
-    pub fn has_killed(&self) -> bool {
-        self.killed > 0
+    /// Whether the hook saw the kill deadline of a coroutine on the chain
+    /// pass (it runs, or is about to die): only then can the running
+    /// thread be a killed one.
+    pub fn kill_seen(&self) -> bool {
+        self.kills_seen > 0
     }
 
-    /// Recomputes the summary (`earliest`, `killed`, `first_watched`)
-    /// after a change of the entries.
+    /// Recomputes the summary (`earliest`, `kills_seen`, `first_watched`)
+    /// after a change of the entries or of `seen`.
     fn refresh(&mut self) {
         self.earliest = NEVER;
-        self.killed = 0;
+        self.kills_seen = 0;
         self.first_watched = self.entries.len();
         for (index, entry) in self.entries.iter().enumerate() {
             let Some(watch) = &entry.watch else {
@@ -194,8 +207,8 @@ impl Chain {
             if self.first_watched == self.entries.len() {
                 self.first_watched = index;
             }
-            self.killed += usize::from(watch.killed);
-            self.earliest = self.earliest.min(watch.next_deadline());
+            self.kills_seen += usize::from(watch.kill_at <= self.seen);
+            self.earliest = self.earliest.min(watch.next_deadline(self.seen));
         }
     }
 
@@ -267,7 +280,7 @@ impl Chain {
         self.truncate(len, gone);
         if len == 0 {
             self.earliest = NEVER;
-            self.killed = 0;
+            self.kills_seen = 0;
             self.first_watched = 0;
         } else {
             self.refresh();
@@ -368,8 +381,8 @@ impl Chain {
             if self.first_watched >= self.entries.len() {
                 self.first_watched = self.entries.len();
             }
-            self.killed += usize::from(watch.killed);
-            self.earliest = self.earliest.min(watch.next_deadline());
+            self.kills_seen += usize::from(watch.kill_at <= self.seen);
+            self.earliest = self.earliest.min(watch.next_deadline(self.seen));
         } else if self.first_watched >= self.entries.len() {
             self.first_watched = self.entries.len() + 1;
         }
@@ -386,15 +399,15 @@ impl Chain {
     /// The resume that entered at `depth` returned: that entry and any
     /// left above it go, each told to `gone`.
     pub fn leave(&mut self, depth: usize, mut gone: impl FnMut(StatePtr)) -> LeftChain {
-        let killed = self
+        let kill_seen = self
             .entries
             .get(depth.wrapping_sub(1))
             .and_then(|entry| entry.watch.as_ref())
-            .is_some_and(|watch| watch.killed);
+            .is_some_and(|watch| watch.kill_at <= self.seen);
         self.shrink_to(depth.saturating_sub(1), &mut gone);
         let len = self.entries.len();
         let left = LeftChain {
-            killed,
+            kill_seen,
             unanchor_from: len + 1,
             unanchor_to: self.anchored_max,
         };
@@ -514,7 +527,7 @@ impl Chain {
     /// Whether the running thread needs the hook now: a deadline passed, or
     /// a killed coroutine is still running (its kill must not be swallowed).
     pub fn needs_hook(&self, now: Nanos) -> bool {
-        self.killed > 0 || self.earliest <= now
+        self.kills_seen > 0 || self.earliest <= now
     }
 
     /// The hook fired on `state`: the event to dispatch, innermost first,
@@ -527,6 +540,10 @@ impl Chain {
         if self.top()?.0 != state {
             return None;
         }
+        // From here on a watch whose kill deadline has passed counts as
+        // seen (`kill_seen`, `LeftChain::kill_seen`), whether its kill is
+        // the event raised now or one raised at the next event.
+        self.seen = self.seen.max(now);
         let found = self
             .entries
             .iter_mut()
@@ -534,10 +551,7 @@ impl Chain {
             .rev()
             .find_map(|(index, entry)| {
                 let watch = entry.watch.as_mut()?;
-                let event = if watch.killed {
-                    Event::Killed
-                } else if watch.kill_at <= now {
-                    watch.killed = true;
+                let event = if watch.kill_at <= now {
                     Event::Kill
                 } else if watch.warn_at <= now {
                     watch.warn_at = NEVER;

@@ -104,8 +104,8 @@ impl Vm {
     }
 
     /// Whether a killed coroutine may be running in this VM.
-    pub fn has_killed(&self) -> bool {
-        self.mirror.has_killed()
+    pub fn kill_seen(&self) -> bool {
+        self.mirror.kill_seen()
     }
 
     /// Runs `change` on the chain, from the VM's own thread, and publishes
