@@ -30,4 +30,42 @@ describe("the watchdog's queue", function()
     -- This VM's alarm at most, and one more of someone else's at most.
     assert.is_true(jobs - before <= 2, ("watchdog jobs queued: %d, before: %d"):format(jobs, before))
   end)
+
+  -- The hook, once on for a deadline, delivers it itself: the watchdog
+  -- comes back for it on its retry (1 ms, doubling to 50 ms), not once per
+  -- hook event. (LuaJIT turned the hook on 150 us early and pushed an
+  -- alarm at every instruction of that stretch, each answered by a signal.)
+  it("goes off a few times for a kill, not once per hook event", function()
+    local before = core.watchdog_alarms()
+    local co = corowatch.watch(cw.create(function() while true do end end), 0.05)
+    local ok, err = cw.resume(co)
+    local alarms = core.watchdog_alarms() - before
+    assert.is_false(ok)
+    assert.matches("allowed running time", tostring(err))
+    assert.is_true(alarms <= 10, ("the watchdog went off %d times for one kill"):format(alarms))
+  end)
+
+  -- A coroutine resumed with the original resume is not on the chain: the
+  -- kill of the watched one that resumed it waits until it runs again. The
+  -- hook (LuaJIT's is the VM's) fires in the unseen coroutine meanwhile and
+  -- must not send the watchdog back at every event.
+  it("goes off on its retry while a coroutine it cannot see runs past a deadline", function()
+    local original_resume = coroutine.resume
+    if original_resume == cw.resume then pending("coroutine.resume is patched here") return end
+    local before
+    local outer = corowatch.watch(cw.create(function()
+      local unseen = coroutine.create(function()
+        wait(0.3)
+        return "done"
+      end)
+      before = core.watchdog_alarms()
+      return original_resume(unseen)
+    end), 0.05)
+    local ok = cw.resume(outer)
+    local alarms = core.watchdog_alarms() - before
+    -- Killed when it ran again (it resumed nothing else), or done if the
+    -- hook never got a chance: either way the count is what matters.
+    assert.is_boolean(ok)
+    assert.is_true(alarms <= 30, ("the watchdog went off %d times in 0.3 s"):format(alarms))
+  end)
 end)

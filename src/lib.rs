@@ -63,6 +63,8 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     core.set("clock", gate::gate(lua, &vm, clock, closing)?)?;
     let jobs = lua.create_function(|_, ()| Ok(watchdog::queued_jobs()))?;
     core.set("watchdog_jobs", gate::gate(lua, &vm, jobs, closing)?)?;
+    let alarms = lua.create_function(|_, ()| Ok(watchdog::alarms_run()))?;
+    core.set("watchdog_alarms", gate::gate(lua, &vm, alarms, closing)?)?;
     // LuaJIT: how many signals asked a VM's thread for the hook (specs).
     #[cfg(feature = "luajit")]
     {

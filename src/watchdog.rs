@@ -21,7 +21,7 @@
 //! task module's deadlines); a timer can be cancelled, which takes it out
 //! of the queue at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,20 @@ pub fn schedule_alarm(vm: Weak<dyn Alarm>, due: Instant) {
 /// When to wake for a deadline at `due`.
 fn early(due: Instant) -> Instant {
     due.checked_sub(EARLY).unwrap_or(due)
+}
+
+/// How many times the watchdog called a VM's `on_alarm`, in this process
+/// (diagnostics: specs check that a deadline costs it a few calls, not one
+/// per hook event).
+static ALARMS_RUN: AtomicUsize = AtomicUsize::new(0);
+
+pub fn alarms_run() -> usize {
+    ALARMS_RUN.load(Ordering::Relaxed)
+}
+
+fn on_alarm(vm: &dyn Alarm) -> Option<Instant> {
+    ALARMS_RUN.fetch_add(1, Ordering::Relaxed);
+    vm.on_alarm()
 }
 
 /// How many jobs wait in the queue (diagnostics: specs check that the
@@ -248,14 +262,14 @@ fn run() {
                     let Some(strong) = vm.upgrade() else {
                         continue;
                     };
-                    let mut next = strong.on_alarm();
+                    let mut next = on_alarm(&*strong);
                     // Woken early: spin through the last stretch, so that
                     // the hook is armed at the deadline. `on_alarm` arms
                     // and then asks to come back a retry later (1 ms or
                     // more), which ends the spinning.
                     while let Some(due) = next.filter(|due| *due <= Instant::now() + EARLY) {
                         spin_until(due);
-                        next = strong.on_alarm();
+                        next = on_alarm(&*strong);
                     }
                     if let Some(next) = next {
                         again.push(Scheduled {

@@ -65,11 +65,19 @@ impl Vm {
                     None => inner.take_interrupt(state, id_of_state),
                 };
                 self.mirror.publish(chain);
-                let watch_needs_hook = chain.top().is_some_and(|top| top.0 == state)
-                    && chain.needs_hook(hook_horizon(now));
+                let due = chain.needs_hook(hook_horizon(now));
+                let watch_needs_hook = due && chain.top().is_some_and(|top| top.0 == state);
                 inner.settle_hook(state, interrupt_stays || watch_needs_hook, chain, now);
                 self.mark_armed(&inner, chain);
-                self.set_alarm(&mut inner, chain.next_deadline());
+                // A deadline the hook stays on for is the hook's: the
+                // watchdog comes back on its retry alarm anyway. An alarm
+                // for it now would send the watchdog to arm the hook again
+                // at every event (LuaJIT's hook is the VM's and stays on,
+                // polling, while a coroutine the chain cannot see runs).
+                let hook_stays = watch_needs_hook || (cfg!(feature = "luajit") && due);
+                if !hook_stays {
+                    self.set_alarm(&mut inner, chain.next_deadline());
+                }
                 verdict
             })
         };
