@@ -326,6 +326,59 @@ describe("inheritance and nesting", function()
     end)
   end)
 
+  -- LuaJIT's hook is the VM's: past the deadline it polls every so many
+  -- instructions in whatever runs. With a fixed count, the polls could
+  -- fall into the same places of every round of the loop below, all in
+  -- the unseen helper, and never in the few instructions of the watched
+  -- one between two helpers (half the runs of the spec above hung).
+  it("keeps the watched coroutine's clock running while it resumes others, in every run", function()
+    -- In fresh processes: where the polls fall depends on when the hook
+    -- first went on. The body is the spec's above.
+    for run = 1, 10 do
+      local output, ok = run_file([[
+        if jit then jit.off() end
+        local corowatch = require("corowatch")
+        local cw = corowatch.export()
+        local function busy(n)
+          local x = 0
+          for i = 1, n or 1e4 do x = x + i end
+          return x
+        end
+        local outer = corowatch.watch(cw.create(function()
+          while true do
+            local helper = coroutine.create(function() busy(1e4) end)
+            coroutine.resume(helper)
+          end
+        end), 0.05)
+        print(cw.resume(outer))
+      ]], "timeout 5 ")
+      assert.is_true(ok, ("run %d: %s"):format(run, output))
+      assert.is_truthy(output:find("^false\t" .. KILL:sub(2)), output)
+    end
+  end)
+
+  -- Resumed while nothing was watched, `mid` is not on the chain when a
+  -- coroutine it resumed watches `outer`, which resumed it: once that one
+  -- returns, `mid` runs for `outer`, and the kill lands in it.
+  it("lands in the coroutine between a watched one and the one that watched it", function()
+    local started
+    local outer
+    outer = cw.create(function()
+      local mid = cw.create(function()
+        assert(cw.resume(cw.create(function() corowatch.watch(outer, 0.05) end)))
+        started = corowatch.gettime()
+        while corowatch.gettime() - started < 2 do end
+        return "mid survived"
+      end)
+      return "outer survived", cw.resume(mid)
+    end)
+    local ok, err = cw.resume(outer)
+    local elapsed = corowatch.gettime() - started
+    assert.is_false(ok, tostring(err))
+    assert.is_truthy(tostring(err):find(KILL), tostring(err))
+    assert.is_true(elapsed < 1, ("killed after %.3f s"):format(elapsed))
+  end)
+
   it("keeps the watched coroutine's clock running while it resumes others", function()
     local outer = corowatch.watch(cw.create(function()
       while true do

@@ -22,6 +22,8 @@ use crate::signal::Cell;
 
 /// How often an installed but idle hook of ours fires on LuaJIT: often
 /// enough to see what became due, rarely enough to cost nothing measurable.
+/// At most: each time the hook is put back, its count is drawn between
+/// half of this and this (see [`LuajitArming::lazy_count`]).
 pub const LAZY_COUNT: c_int = 1000;
 
 /// The VM-wide hook, and the user's hook it chains.
@@ -48,6 +50,8 @@ pub struct LuajitArming {
     /// from another thread. A count: a finalizer can change the hook
     /// inside a change.
     user_changing: u32,
+    /// The state of the generator that draws the lazy count.
+    draw: u32,
 }
 
 impl LuajitArming {
@@ -73,11 +77,12 @@ impl LuajitArming {
             // and a count to notice what becomes due in a loop that
             // sends none of them.
             (_, user) => {
-                let user = user.map_or((0, LAZY_COUNT), |u| {
+                let lazy = self.lazy_count();
+                let user = user.map_or((0, lazy), |u| {
                     let count = if u.mask & ffi::LUA_MASKCOUNT != 0 {
                         u.count
                     } else {
-                        LAZY_COUNT
+                        lazy
                     };
                     (u.mask, count)
                 });
@@ -108,6 +113,24 @@ impl LuajitArming {
             Some(cell) => cell.owner_writes(|| unsafe { install(state, func, mask, count) }),
             None => install(state, func, mask, count),
         }
+    }
+
+    /// The count of a lazy hook, drawn anew each time it is put back.
+    ///
+    /// With one count, the events could fall at the same places of every
+    /// round of a loop: in a coroutine the chain cannot see (resumed with
+    /// the original `resume`), never in the few instructions of the
+    /// watched one between two of them, whose kill then never landed.
+    /// Drawn, they wander over the whole round.
+    fn lazy_count(&mut self) -> c_int {
+        // A linear congruential generator (Numerical Recipes' constants);
+        // its high bits are the random ones.
+        self.draw = self
+            .draw
+            .wrapping_mul(1_664_525)
+            .wrapping_add(1_013_904_223);
+        let half = LAZY_COUNT / 2;
+        half + (self.draw >> 16) as c_int % half
     }
 
     fn take_handover(&mut self) -> bool {
