@@ -363,6 +363,12 @@ unsafe fn tracked<R>(
         }
         let left = leave_root(vm, state, co);
         unanchor(state, left);
+        if let Some(depth) = left.anchor_resumer_at {
+            // The slot exists (see `Chain::leave_root`): no allocation,
+            // nothing raised. This thread runs, so it is alive until then.
+            ffi::lua_pushthread(state);
+            ffi::lua_rawseti(state, ANCHORS, depth as _);
+        }
         return (outcome, left.kill_seen);
     }
     // Every step that may raise (anchoring can run out of memory) comes

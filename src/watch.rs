@@ -110,13 +110,16 @@ struct Entry {
 /// What leaving the chain (`leave`, `leave_root`) left for the caller:
 /// whether the hook saw the kill deadline of the coroutine that left pass
 /// (then Lua's `killed` table says whether it was killed, and with what
-/// message), and the depths whose anchors are now stale
-/// (`unanchor_from..=unanchor_to`, often empty).
+/// message), the depths whose anchors are now stale
+/// (`unanchor_from..=unanchor_to`, often empty), and where to anchor the
+/// resumer, if it took the place of the coroutine that left (see
+/// [`Chain::leave_root`]).
 #[derive(Clone, Copy, Default)]
 pub struct LeftChain {
     pub kill_seen: bool,
     pub unanchor_from: usize,
     pub unanchor_to: usize,
+    pub anchor_resumer_at: Option<usize>,
 }
 
 /// Where `enter` will put the resumed coroutine (its depth), and where the
@@ -410,19 +413,42 @@ impl Chain {
             kill_seen,
             unanchor_from: len + 1,
             unanchor_to: self.anchored_max,
+            anchor_resumer_at: None,
         };
         self.anchored_max = self.anchored_max.min(len);
         left
     }
 
-    /// Like `leave`, if `state` is the top: a coroutine that watched itself
-    /// (and so became the chain's root) returned to an unwatched resumer.
-    pub fn leave_root(&mut self, state: StatePtr, gone: impl FnMut(StatePtr)) -> LeftChain {
-        if self.top() == Some(state) {
-            self.leave(self.entries.len(), gone)
-        } else {
-            LeftChain::default()
+    /// Like `leave`, if `state` is the top: a coroutine that went on the
+    /// chain while it ran (it watched itself or one that resumed it, or
+    /// it was the running thread then) returned to `resumer`, which
+    /// resumed it while nothing watched ran.
+    ///
+    /// If something watched is left below, `resumer` now runs for it (it
+    /// was resumed by it, maybe through coroutines unseen here): it takes
+    /// the place of `state`, so that a kill lands in it. It may stop
+    /// running unseen, so it is anchored, at the depth `state` was
+    /// anchored at (that slot exists: writing it allocates nothing). A
+    /// `resumer` already on the chain stays where it is.
+    pub fn leave_root(
+        &mut self,
+        state: StatePtr,
+        resumer: StatePtr,
+        gone: impl FnMut(StatePtr),
+    ) -> LeftChain {
+        if self.top() != Some(state) {
+            return LeftChain::default();
         }
+        let depth = self.entries.len();
+        let was_anchored = self.entries[depth - 1].found == Found::Anchored;
+        let mut left = self.leave(depth, gone);
+        let runs_for_watched = self.first_watched < self.entries.len();
+        if was_anchored && runs_for_watched && self.threads().all(|thread| thread != resumer) {
+            self.push(resumer, None, Found::Anchored);
+            left.anchor_resumer_at = Some(self.entries.len());
+            left.unanchor_from = left.unanchor_from.max(self.entries.len() + 1);
+        }
+        left
     }
 
     /// The depths to anchor before [`Chain::watch_running`] watches

@@ -291,8 +291,10 @@ impl Vm {
         unsafe { self.change_chain(|chain, gone| chain.leave(depth, gone), back_on_top(resumer)) }
     }
 
-    /// A coroutine that watched itself (or a thread that resumed it)
-    /// returned to `resumer`, which resumed it unwatched.
+    /// A coroutine that went on the chain while it ran returned to
+    /// `resumer`, which resumed it while nothing watched ran; `resumer`
+    /// may take its place (see [`Chain::leave_root`]), and must then be
+    /// anchored where [`LeftChain::anchor_resumer_at`] says.
     ///
     /// # Safety
     /// As for [`Vm::leave`].
@@ -300,7 +302,7 @@ impl Vm {
         // SAFETY: the caller's contract.
         unsafe {
             self.change_chain(
-                |chain, gone| chain.leave_root(StatePtr(co), gone),
+                |chain, gone| chain.leave_root(StatePtr(co), StatePtr(resumer), gone),
                 back_on_top(resumer),
             )
         }
