@@ -295,6 +295,8 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
   if co == nil then key = running_key(); thread = nil end
   local current = watched[key]
   if current and current[EXPLICIT] then refuse(level + 1, name, "this coroutine is already watched") end
+  -- A new watch would give a killed coroutine new deadlines: it would live on.
+  if killed[key] ~= nil then refuse(level + 1, name, "this coroutine was killed") end
   -- The message names the limit as given (1 and 1.0 print apart on 5.3+).
   local signature, limit_type = stack_signature(level + 1), math_type(killlimit)
   if not (signature == last_signature and killlimit == last_limit and limit_type == last_limit_type) then
@@ -332,8 +334,8 @@ end
 -- @tparam ?integer hookcount accepted for compatibility, at least 1; no effect
 -- (the native watchdog replaced count-hook polling)
 -- @treturn thread co
--- @raise on bad arguments, or when `co` is already explicitly watched (a
--- refused watch leaves `co` as it was), at the caller's position
+-- @raise on bad arguments, or when `co` is already explicitly watched or
+-- was killed (a refused watch leaves `co` as it was), at the caller's position
 function M.watch(co, killlimit, warnlimit, cb, hookcount)
   local watched_co = watch("watch", 2, co, killlimit, warnlimit, cb, hookcount)
   return watched_co

@@ -379,6 +379,73 @@ describe("inheritance and nesting", function()
     assert.is_true(elapsed < 1, ("killed after %.3f s"):format(elapsed))
   end)
 
+  -- The coroutine between went back to the watched one unseen (the
+  -- original yield), and the watched one yielded in time: nothing runs
+  -- for it any more, and the chain must not keep either of them.
+  it("lets go of the coroutine between once the watched one stopped", function()
+    local function run_for(seconds)
+      local started = corowatch.gettime()
+      while corowatch.gettime() - started < seconds do end
+    end
+    local outer, mid
+    local calls = 0
+    outer = cw.create(function()
+      mid = coroutine.create(function()
+        assert(cw.resume(cw.create(function()
+          corowatch.watch(outer, 0.1, nil, function() calls = calls + 1 end)
+        end)))
+        coroutine.yield("mid yields unseen")
+        run_for(0.05)
+        return "mid done"
+      end)
+      assert(coroutine.resume(mid))
+      cw.yield("outer yields in time")
+      return "outer done"
+    end)
+    assert.are.same({ true, "outer yields in time" }, { cw.resume(outer) })
+    run_for(0.2) -- past outer's limit, while it does not run
+    assert.are.same({ true, "mid done" }, { coroutine.resume(mid) })
+    -- A watch of a running thread the chain does not know starts its clock.
+    local late = coroutine.create(function()
+      corowatch.watch(nil, 0.05)
+      run_for(1)
+      return "survived"
+    end)
+    local ok, err = coroutine.resume(late)
+    assert.is_false(ok, tostring(err))
+    assert.is_truthy(tostring(err):find(KILL), tostring(err))
+    assert.are.same({ true, "outer done" }, { cw.resume(outer) })
+    assert.are.equal(0, calls)
+  end)
+
+  it("cannot be undone by watching the killed coroutine again", function()
+    local refusals = {}
+    local co
+    -- Created by a watched coroutine, `co` inherits its watch: an explicit
+    -- one may be set over it.
+    assert(cw.resume(corowatch.watch(cw.create(function()
+      co = cw.create(function()
+        xpcall(function() while true do end end, function(e)
+          local ok, err = pcall(corowatch.watch, nil, 100)
+          refusals[#refusals + 1] = ok and "accepted" or err
+          return e
+        end)
+        cw.yield("survived its kill")
+        return "finished"
+      end)
+    end), 0.05)))
+    local ok, err = cw.resume(co)
+    assert.is_false(ok, tostring(err))
+    assert.is_truthy(tostring(err):find(KILL), tostring(err))
+    -- Where the message handler ran at all (it runs with the hook off on
+    -- PUC Lua), the watch was refused.
+    for _, refusal in ipairs(refusals) do
+      assert.is_truthy(tostring(refusal):find("this coroutine was killed", 1, true), tostring(refusal))
+    end
+    assert.are.same({ false, err }, { cw.resume(co) })
+    assert.are.equal("dead", cw.status(co))
+  end)
+
   it("keeps the watched coroutine's clock running while it resumes others", function()
     local outer = corowatch.watch(cw.create(function()
       while true do

@@ -419,10 +419,12 @@ impl Chain {
         left
     }
 
-    /// Like `leave`, if `state` is the top: a coroutine that went on the
-    /// chain while it ran (it watched itself or one that resumed it, or
-    /// it was the running thread then) returned to `resumer`, which
-    /// resumed it while nothing watched ran.
+    /// Like `leave`, at the depth of `state`, if it is on the chain: a
+    /// coroutine that went on the chain while it ran (it watched itself or
+    /// one that resumed it, or it was the running thread then) stopped
+    /// running and is back in `resumer`, which resumed it while nothing
+    /// watched ran. Nothing at or above it runs (what it resumed stopped
+    /// first, seen or not): those entries go.
     ///
     /// If something watched is left below, `resumer` now runs for it (it
     /// was resumed by it, maybe through coroutines unseen here): it takes
@@ -436,11 +438,11 @@ impl Chain {
         resumer: StatePtr,
         gone: impl FnMut(StatePtr),
     ) -> LeftChain {
-        if self.top() != Some(state) {
+        let Some(index) = self.entries.iter().rposition(|entry| entry.state == state) else {
             return LeftChain::default();
-        }
-        let depth = self.entries.len();
-        let was_anchored = self.entries[depth - 1].found == Found::Anchored;
+        };
+        let depth = index + 1;
+        let was_anchored = self.entries[index].found == Found::Anchored;
         let mut left = self.leave(depth, gone);
         let runs_for_watched = self.first_watched < self.entries.len();
         if was_anchored && runs_for_watched && self.threads().all(|thread| thread != resumer) {

@@ -299,6 +299,13 @@ impl Vm {
     /// # Safety
     /// As for [`Vm::leave`].
     pub unsafe fn leave_root(&self, resumer: *mut lua_State, co: *mut lua_State) -> LeftChain {
+        // A resume refused because `co` is normal (it resumed, maybe
+        // unseen, the thread that tried) leaves the chain as it is: `co`
+        // and what runs above it are still running.
+        // SAFETY: `co` is alive (the caller holds it) and of this VM.
+        if !unsafe { has_stopped(StatePtr(co)) } {
+            return LeftChain::default();
+        }
         // SAFETY: the caller's contract.
         unsafe {
             self.change_chain(
