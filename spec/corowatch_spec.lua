@@ -1061,6 +1061,54 @@ describe("the user's hook beside a watch", function()
     assert.is_true(math.abs(watched - plain) <= plain * 0.05, watched .. " vs " .. plain)
   end)
 
+  -- LuaJIT chains the user's hook through ours, whose count is at most
+  -- 1000: a user's count above it must not lose its remainder.
+  it("fires at the user's count above the hook's own, as it does without a watch", function()
+    local env = corowatch.export({ coroutine = {}, debug = {} })
+    for _, count in ipairs({ 1001, 1500, 2500 }) do
+      local function calls_with(sethook)
+        local calls = 0
+        sethook(function() calls = calls + 1 end, "", count)
+        busy(3e5)
+        sethook()
+        return calls
+      end
+      local plain = calls_with(debug.sethook)
+      local chained = calls_with(env.debug.sethook)
+      assert.is_true(math.abs(chained - plain) <= plain * 0.05 + 1,
+        ("count %d: %d calls, %d without corowatch"):format(count, chained, plain))
+    end
+  end)
+
+  -- The body of "keeps the watched coroutine's clock running while it
+  -- resumes others, in every run", with a user's count hook chained:
+  -- LuaJIT's hook then polled at the user's count, the same places of
+  -- every round again.
+  it("lets the kill reach a watched coroutine between unseen ones at any count", function()
+    for _, count in ipairs({ 100, 500, 1000, 1001, 2000 }) do
+      local output, ok = run_file(([[
+        if jit then jit.off() end
+        local corowatch = require("corowatch")
+        local cw = corowatch.export()
+        corowatch.sethook(function() end, "", %d)
+        local function busy(n)
+          local x = 0
+          for i = 1, n or 1e4 do x = x + i end
+          return x
+        end
+        local outer = corowatch.watch(cw.create(function()
+          while true do
+            local helper = coroutine.create(function() busy(1e4) end)
+            coroutine.resume(helper)
+          end
+        end), 0.05)
+        print(cw.resume(outer))
+      ]]):format(count), "timeout 5 ")
+      assert.is_true(ok, ("count %d: %s"):format(count, output))
+      assert.is_truthy(output:find("^false\t" .. KILL:sub(2)), output)
+    end
+  end)
+
   it("gets only the events it asked for, and a call-free loop is still killed", function()
     local env = corowatch.export({ coroutine = {}, debug = {} })
     local events = {}

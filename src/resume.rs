@@ -634,9 +634,10 @@ unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
 }
 
 // The calls into the VM, in frames of their own (they lock), with panics
-// kept out of C (`contained`). Each has the safety contract of the `Vm` method it calls:
-// `resumer` is the running thread (this is its resume, on its OS thread),
-// and every thread on the chain is held alive (anchored, or on a stack).
+// kept out of C (`contained`). Each has the safety contract of the `Vm`
+// method it calls: `resumer` is the running thread (this is its resume, on
+// its OS thread), and every thread on the chain is held alive (anchored,
+// or on a stack).
 
 /// # Safety
 /// As for [`Vm::plan_enter`]: `resumer` is the running thread, on its

@@ -22,8 +22,8 @@ use crate::signal::Cell;
 
 /// How often an installed but idle hook of ours fires on LuaJIT: often
 /// enough to see what became due, rarely enough to cost nothing measurable.
-/// At most: each time the hook is put back, its count is drawn between
-/// half of this and this (see [`LuajitArming::lazy_count`]).
+/// At most: while it polls for something due, its count is drawn anew
+/// each time it is put back (see [`LuajitArming::poll_count`]).
 pub const LAZY_COUNT: c_int = 1000;
 
 /// The VM-wide hook, and the user's hook it chains.
@@ -76,17 +76,26 @@ impl LuajitArming {
             // Poll, or rest beside the user's hook: the user's events,
             // and a count to notice what becomes due in a loop that
             // sends none of them.
-            (_, user) => {
-                let lazy = self.lazy_count();
-                let user = user.map_or((0, lazy), |u| {
-                    let count = if u.mask & ffi::LUA_MASKCOUNT != 0 {
-                        u.count
-                    } else {
-                        lazy
-                    };
-                    (u.mask, count)
-                });
-                (user.0 | ffi::LUA_MASKCOUNT, user.1.clamp(1, LAZY_COUNT))
+            (need, user) => {
+                let mask = user.map_or(0, |u| u.mask) | ffi::LUA_MASKCOUNT;
+                let user_count = user
+                    .filter(|u| u.mask & ffi::LUA_MASKCOUNT != 0)
+                    .map(|u| u.count);
+                let count = if need == Need::Poll {
+                    // Never past the user's next count event, which then
+                    // comes on time. The user's events come at fixed
+                    // places (every so many instructions, a line, a
+                    // call): after one, any place must be reachable by
+                    // the next poll.
+                    let cap = user_count.map_or(LAZY_COUNT, |_| self.countdown);
+                    let low = if user.is_some() { 1 } else { LAZY_COUNT / 2 };
+                    self.poll_count(low, cap.clamp(1, LAZY_COUNT))
+                } else {
+                    // Resting: the user's own count (what `debug.gethook`
+                    // shows), `forward` carrying what is left over.
+                    user_count.map_or(LAZY_COUNT, |count| count.clamp(1, LAZY_COUNT))
+                };
+                (mask, count)
             }
         };
         self.write(state, Some(hook), mask, count);
@@ -115,22 +124,23 @@ impl LuajitArming {
         }
     }
 
-    /// The count of a lazy hook, drawn anew each time it is put back.
+    /// The count of a polling hook, drawn anew each time it is put back,
+    /// between `low` and `cap`.
     ///
     /// With one count, the events could fall at the same places of every
     /// round of a loop: in a coroutine the chain cannot see (resumed with
     /// the original `resume`), never in the few instructions of the
     /// watched one between two of them, whose kill then never landed.
     /// Drawn, they wander over the whole round.
-    fn lazy_count(&mut self) -> c_int {
+    fn poll_count(&mut self, low: c_int, cap: c_int) -> c_int {
         // A linear congruential generator (Numerical Recipes' constants);
         // its high bits are the random ones.
         self.draw = self
             .draw
             .wrapping_mul(1_664_525)
             .wrapping_add(1_013_904_223);
-        let half = LAZY_COUNT / 2;
-        half + (self.draw >> 16) as c_int % half
+        let low = low.clamp(1, cap);
+        low + (self.draw >> 16) as c_int % (cap - low + 1)
     }
 
     fn take_handover(&mut self) -> bool {
@@ -302,11 +312,15 @@ impl HookArming for LuajitArming {
             return None;
         }
         if event == ffi::LUA_HOOKCOUNT {
+            // Our count never passes the countdown (see `apply`), except
+            // in a count the signal handler set: the remainder is
+            // carried, so the user's events keep their rate.
             self.countdown -= self.count;
             if self.countdown > 0 {
                 return None;
             }
-            self.countdown = user.count.max(1);
+            let period = user.count.max(1);
+            self.countdown = period + self.countdown % period;
         }
         Some(user.func)
     }
