@@ -50,7 +50,7 @@ pub struct LuajitArming {
     /// from another thread. A count: a finalizer can change the hook
     /// inside a change.
     user_changing: u32,
-    /// The state of the generator that draws the lazy count.
+    /// The state of the generator that draws the polling count.
     draw: u32,
 }
 
@@ -312,9 +312,10 @@ impl HookArming for LuajitArming {
             return None;
         }
         if event == ffi::LUA_HOOKCOUNT {
-            // Our count never passes the countdown (see `apply`), except
-            // in a count the signal handler set: the remainder is
-            // carried, so the user's events keep their rate.
+            // Polling, our count never passes the countdown (see
+            // `apply`); resting, or in a count the signal handler set, it
+            // may: the remainder is carried, so the user's events keep
+            // their rate.
             self.countdown -= self.count;
             if self.countdown > 0 {
                 return None;
