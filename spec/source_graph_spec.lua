@@ -86,6 +86,53 @@ local function unsafe_without_safety(name, lines)
   return missing
 end
 
+-- Lua API calls that push onto the stack they are given.
+local PUSHES = { "lua_push", "lua_rawget", "lua_newuserdata", "lua_newthread", "lua_getfield", "lua_createtable" }
+
+local function pushes(line)
+  if line:match("^%s*//") then return false end
+  for _, call in ipairs(PUSHES) do
+    if line:find("ffi::" .. call, 1, true) then return true end
+  end
+  return false
+end
+
+-- The functions in `lines` that push onto a Lua stack without a `Room`
+-- (src/stack_room.rs) for it: "name:line" for each. A function Lua calls
+-- (`extern`) makes its room on entry or asks `lua_checkstack`; in a `hot`
+-- file (the C functions of resume.rs, the hook) every other function that
+-- pushes is handed its room, or makes one.
+local function pushes_without_room(name, lines, hot)
+  local unaccounted = {}
+  local i = 1
+  while i <= #lines do
+    if lines[i]:match("^[%w_ ()\"-]*fn [%w_]+") then
+      local start, signature, body = i, "", {}
+      repeat
+        signature = signature .. lines[i]
+        i = i + 1
+      until signature:match("{%s*$") or signature:match("{.*}%s*$") or i > #lines
+      while i <= #lines and not lines[i]:match("^}") and not signature:match("}%s*$") do
+        body[#body + 1] = lines[i]
+        i = i + 1
+      end
+      local text = table.concat(body, "\n")
+      local pushing = false
+      for _, line in ipairs(body) do pushing = pushing or pushes(line) end
+      local makes_room = text:find("Room::<[^>]+>::on_entry%(%)")
+      local ok
+      if signature:find("extern \"C", 1, true) then
+        ok = makes_room or text:find("checkstack", 1, true)
+      else
+        ok = not hot or signature:find("Room<", 1, true) or makes_room
+      end
+      if pushing and not ok then unaccounted[#unaccounted + 1] = name .. ":" .. start end
+    end
+    i = i + 1
+  end
+  return unaccounted
+end
+
 describe("the native core's files", function()
   local files = source_files()
 
@@ -144,6 +191,33 @@ describe("the native core's files", function()
       end
     end
     assert.are.same({}, elsewhere)
+  end)
+
+  it("push onto Lua stacks only within a Room", function()
+    if #files == 0 then pending("no src/ here (an installed rock)") return end
+    local unaccounted = {}
+    for _, file in ipairs(files) do
+      local lines = {}
+      for line in io.lines(file) do lines[#lines + 1] = line end
+      local hot = file == "src/resume.rs" or file == "src/hook.rs"
+      for _, where in ipairs(pushes_without_room(file, lines, hot)) do unaccounted[#unaccounted + 1] = where end
+    end
+    assert.are.same({}, unaccounted)
+  end)
+
+  it("are checked by a test that sees a push without its room", function()
+    local lines = {
+      "unsafe extern \"C-unwind\" fn entered(state: *mut lua_State) -> c_int {",
+      "    let _result = Room::<1>::on_entry();", "    ffi::lua_pushnil(state);", "    1", "}",
+      "unsafe extern \"C-unwind\" fn bare(state: *mut lua_State) -> c_int {",
+      "    ffi::lua_pushnil(state);", "    1", "}",
+      "unsafe fn handed(state: *mut lua_State, _: Room<1>) {", "    ffi::lua_pushnil(state);", "}",
+      "unsafe fn unhanded(state: *mut lua_State) {",
+      "    // ffi::lua_pushnil(state) in a comment", "    ffi::lua_rawgeti(state, 1, 1);", "}",
+      "fn reads(state: *mut lua_State) -> bool {", "    ffi::lua_isnil(state, 1)", "}",
+    }
+    assert.are.same({ "x.rs:6", "x.rs:13" }, pushes_without_room("x.rs", lines, true))
+    assert.are.same({ "x.rs:6" }, pushes_without_room("x.rs", lines, false))
   end)
 
   it("are checked by a test that sees an unsafe function without its contract", function()

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use mlua::ffi::{self, lua_Alloc, lua_State};
 
 use crate::contained::contained;
+use crate::stack_room::Room;
 use crate::vm::Vm;
 
 struct Shim {
@@ -152,6 +153,9 @@ unsafe fn shim_of(state: *mut lua_State) -> &'static Shim {
 /// and where in the block the `lua_State` lies.
 #[cfg(any(feature = "lua51", feature = "luajit"))]
 unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua, nothing pushed yet; the new thread is the one
+    // value pushed.
+    let _thread = Room::<1>::on_entry();
     let mut thread = 0;
     let blocks = recording(state, || {
         thread = ffi::lua_newthread(state) as usize;
@@ -177,6 +181,10 @@ unsafe extern "C-unwind" fn calibrate(state: *mut lua_State) -> c_int {
     unsafe extern "C-unwind" fn nothing(_: *mut lua_State) -> c_int {
         0
     }
+    // SAFETY: called by Lua, nothing pushed yet; the new thread is the one
+    // value pushed here (the new thread's own stack starts with more than
+    // the one function pushed on it).
+    let _thread = Room::<1>::on_entry();
     let mut thread = std::ptr::null_mut();
     let blocks = recording(state, || thread = ffi::lua_newthread(state));
     let shim = shim_of(state);

@@ -13,6 +13,7 @@ use crate::clock;
 use crate::gate::{self, WhenClosed};
 use crate::hook::{self, ANCHORS_KEY, DISPATCH_KEY};
 use crate::resume;
+use crate::stack_room::Room;
 use crate::state;
 use crate::watch::Watch;
 
@@ -100,6 +101,9 @@ fn make_functions(
     let anchors = anchors(lua)?;
     // SAFETY: the closures consume exactly the values mlua pushed for them
     // and leave the function they make on the stack for mlua to take.
+    // `exec_raw` runs each in a C function under `lua_pcall`, with those
+    // values as its arguments and nothing pushed yet: the room Lua gives a
+    // C function is theirs.
     unsafe {
         let close = match original_close {
             Some(original_close) => Some(lua.exec_raw::<Function>(
@@ -109,20 +113,20 @@ fn make_functions(
                     killed.clone(),
                     anchors.clone(),
                 ),
-                move |state| resume::push_close(state, vm as *const _),
+                move |state| resume::push_close(state, vm as *const _, Room::on_entry()),
             )?),
             None => None,
         };
         let watched_for_set = watched.clone();
         let resume = lua
             .exec_raw::<Function>((original, watched, killed.clone(), anchors), move |state| {
-                resume::push_resume(state, vm as *const _)
+                resume::push_resume(state, vm as *const _, Room::on_entry())
             })?;
         let yield_ = lua.exec_raw::<Function>(killed, move |state| {
-            resume::push_yield(state, vm as *const _)
+            resume::push_yield(state, vm as *const _, Room::on_entry())
         })?;
         let set_watch = lua.exec_raw::<Function>(watched_for_set, move |state| {
-            resume::push_set_watch(state, vm as *const _)
+            resume::push_set_watch(state, vm as *const _, Room::on_entry())
         })?;
         lua.pack_multi((resume, yield_, close, set_watch))
     }
@@ -199,7 +203,8 @@ fn reset(lua: &Lua, depth: usize) -> mlua::Result<()> {
 /// `running_thread()`: the running thread, main thread included (Lua 5.1's
 /// `coroutine.running()` gives nil there).
 unsafe extern "C-unwind" fn lua_running_thread(state: *mut ffi::lua_State) -> std::ffi::c_int {
-    // SAFETY: Lua guarantees a C function room for one result.
+    // SAFETY: called by Lua, nothing pushed yet.
+    let _result = Room::<1>::on_entry();
     ffi::lua_pushthread(state);
     1
 }
@@ -214,7 +219,8 @@ unsafe extern "C-unwind" fn lua_set_hooks(state: *mut ffi::lua_State) -> std::ff
     // the dispatcher (see `crate::hook::handle`), so a nested hook may raise
     // through it.
     let done = allowhook::set(state, on);
-    // SAFETY: Lua guarantees a C function room for one result.
+    // SAFETY: called by Lua, nothing pushed yet.
+    let _result = Room::<1>::on_entry();
     ffi::lua_pushboolean(state, c_int::from(done));
     1
 }
@@ -247,6 +253,8 @@ unsafe extern "C-unwind" fn lua_stack_signature(state: *mut ffi::lua_State) -> c
         level += 1;
     }
     mix(level as u64);
+    // SAFETY: called by Lua, nothing pushed yet.
+    let _result = Room::<1>::on_entry();
     // A Lua 5.1 number is a double: keep 53 bits, exact there.
     ffi::lua_pushnumber(state, (hash >> 11) as ffi::lua_Number);
     1
@@ -254,7 +262,8 @@ unsafe extern "C-unwind" fn lua_stack_signature(state: *mut ffi::lua_State) -> c
 
 /// `gettime()`: seconds on a monotonic clock.
 unsafe extern "C-unwind" fn lua_gettime(state: *mut ffi::lua_State) -> std::ffi::c_int {
-    // SAFETY: Lua guarantees a C function room for one result.
+    // SAFETY: called by Lua, nothing pushed yet.
+    let _result = Room::<1>::on_entry();
     ffi::lua_pushnumber(state, gettime());
     1
 }

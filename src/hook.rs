@@ -22,6 +22,7 @@ use mlua::ffi::{self, lua_Debug, lua_Hook, lua_State};
 
 use crate::arming;
 use crate::contained::contained;
+use crate::stack_room::Room;
 use crate::vm::{self, Id, Verdict};
 use crate::watch::Locate;
 
@@ -48,17 +49,20 @@ pub fn key(key: &'static u8) -> *const c_void {
 /// raise too; all leave this frame by longjmp (PUC Lua) or by a foreign
 /// unwind (LuaJIT).
 pub unsafe extern "C-unwind" fn handle(state: *mut lua_State, ar: *mut lua_Debug) {
+    // SAFETY: Lua gives a hook `LUA_MINSTACK` free slots, as it does a C
+    // function (`luaD_hook`; LuaJIT's `callhook`); nothing pushed yet.
+    let room = Room::<{ ffi::LUA_MINSTACK }>::on_entry();
     // SAFETY: Lua passes the hook a valid `lua_Debug` for this call.
     let event = (*ar).event;
     // SAFETY: Lua calls the hook on the running thread, on its OS thread.
-    let (verdict, user_hook) = decide(state, ar, event);
+    let (verdict, user_hook) = decide(state, ar, event, room.part());
     match verdict {
         Verdict::Continue => {}
         Verdict::Deliver { id, handlers } => {
-            if handlers && push_handler(state) {
+            if handlers && push_handler(state, room.part()) {
                 ffi::lua_call(state, 0, 0);
             } else {
-                push_interrupted_message(state, id);
+                push_interrupted_message(state, id, room.part());
                 ffi::lua_error(state);
             }
         }
@@ -66,7 +70,7 @@ pub unsafe extern "C-unwind" fn handle(state: *mut lua_State, ar: *mut lua_Debug
             ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&DISPATCH_KEY));
             if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
                 ffi::lua_pushinteger(state, event as ffi::lua_Integer);
-                push_watched(state, depth, locate);
+                push_watched(state, depth, locate, room.above::<2, 2>());
                 ffi::lua_pushinteger(state, depth as ffi::lua_Integer);
                 ffi::lua_call(state, 3, 0);
             } else {
@@ -85,9 +89,9 @@ pub unsafe extern "C-unwind" fn handle(state: *mut lua_State, ar: *mut lua_Debug
 /// `locate` says (nil if its anchor is missing).
 ///
 /// # Safety
-/// `state` runs its hook, with the room Lua gives a hook (`LUA_MINSTACK`
-/// slots); `locate` was read from the chain in this same hook call.
-unsafe fn push_watched(state: *mut lua_State, depth: usize, locate: Locate) {
+/// `state` runs its hook; `locate` was read from the chain in this same
+/// hook call.
+unsafe fn push_watched(state: *mut lua_State, depth: usize, locate: Locate, _: Room<2>) {
     match locate {
         Locate::Running => {
             ffi::lua_pushthread(state);
@@ -126,6 +130,7 @@ unsafe fn decide(
     state: *mut lua_State,
     ar: *mut lua_Debug,
     event: c_int,
+    room: Room<2>,
 ) -> (Verdict, Option<lua_Hook>) {
     // SAFETY (all the calls below): as the caller promised.
     contained((Verdict::Continue, None), || {
@@ -133,7 +138,7 @@ unsafe fn decide(
             Some(vm) => unsafe {
                 vm.on_hook(
                     state,
-                    || id_of_thread(state, None),
+                    || id_of_thread(state, None, room),
                     || at_c_function(state, ar, event),
                     event,
                 )
@@ -173,12 +178,12 @@ unsafe fn at_c_function(state: *mut lua_State, ar: *mut lua_Debug, event: c_int)
 /// returns false, leaving the stack as it was, if there is no such table.
 ///
 /// # Safety
-/// `state` is the running thread, with two free stack slots (a hook has
-/// `LUA_MINSTACK`); this allocates nothing.
+/// `state` is the running thread; this allocates nothing.
 unsafe fn push_thread_entry(
     state: *mut lua_State,
     table_key: &'static u8,
     thread: Option<c_int>,
+    _: Room<2>,
 ) -> bool {
     ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(table_key));
     if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
@@ -201,8 +206,12 @@ unsafe fn push_thread_entry(
 ///
 /// # Safety
 /// As for [`push_thread_entry`].
-pub unsafe fn id_of_thread(state: *mut lua_State, thread: Option<c_int>) -> Option<Id> {
-    if !push_thread_entry(state, &IDS_KEY, thread) {
+pub unsafe fn id_of_thread(
+    state: *mut lua_State,
+    thread: Option<c_int>,
+    room: Room<2>,
+) -> Option<Id> {
+    if !push_thread_entry(state, &IDS_KEY, thread, room) {
         return None;
     }
     let id = ffi::lua_tonumber(state, -1);
@@ -216,8 +225,8 @@ pub unsafe fn id_of_thread(state: *mut lua_State, thread: Option<c_int>) -> Opti
 ///
 /// # Safety
 /// As for [`push_thread_entry`].
-unsafe fn push_handler(state: *mut lua_State) -> bool {
-    if !push_thread_entry(state, &HANDLERS_KEY, None) {
+unsafe fn push_handler(state: *mut lua_State, room: Room<2>) -> bool {
+    if !push_thread_entry(state, &HANDLERS_KEY, None, room) {
         return false;
     }
     if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION {
@@ -234,10 +243,10 @@ unsafe fn push_handler(state: *mut lua_State) -> bool {
 /// hand: `write!` costs more than the rest of the delivery.
 ///
 /// # Safety
-/// `state` is the running thread, in its hook, with a free stack slot;
-/// the push may raise (out of memory), so nothing with a destructor may
-/// be alive in the caller's frame.
-unsafe fn push_interrupted_message(state: *mut lua_State, id: Id) {
+/// `state` is the running thread, in its hook; the push may raise (out
+/// of memory), so nothing with a destructor may be alive in the caller's
+/// frame.
+unsafe fn push_interrupted_message(state: *mut lua_State, id: Id, _: Room<1>) {
     const PREFIX: &str = ": interruptible id ";
     let name = crate::errors::INTERRUPTED.as_bytes();
     // The name, the prefix and an id's at most 20 digits.

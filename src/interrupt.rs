@@ -16,6 +16,7 @@ use crate::contained::contained;
 use crate::errors;
 use crate::gate::{self, WhenClosed};
 use crate::registry::{self, Id, Target};
+use crate::stack_room::Room;
 use crate::state;
 use crate::vm::{Request, Vm};
 use crate::watchdog;
@@ -145,9 +146,11 @@ fn interrupt_id(lua: &Lua, (id, name): (Id, String)) -> mlua::Result<MultiValue>
 /// finalizer, runs inside) or raises.
 unsafe extern "C-unwind" fn interrupt_known(state: *mut lua_State) -> c_int {
     // SAFETY: made by `gate::raw`, called with its own state, as every
-    // call below is: a C function may read its arguments and push one
-    // value (Lua gives it `LUA_MINSTACK` slots).
+    // call below is: a C function may read its arguments and push its
+    // result (the room made here).
     let vm = unsafe { gate::closure_vm(state) };
+    // SAFETY: called by Lua, nothing pushed yet.
+    let _result = unsafe { Room::<1>::on_entry() };
     if vm.is_closed() || unsafe { ffi::lua_type(state, 1) } != ffi::LUA_TNUMBER {
         return 0;
     }

@@ -25,6 +25,7 @@ mod registry;
 mod resume;
 #[cfg(feature = "luajit")]
 mod signal;
+mod stack_room;
 mod state;
 mod state_ptr;
 mod task;

@@ -29,6 +29,7 @@ use crate::clock::{self, Nanos};
 use crate::contained::contained;
 #[cfg(feature = "luajit")]
 use crate::hook;
+use crate::stack_room::Room;
 use crate::vm::Vm;
 use crate::watch::{LeftChain, Plan, Watch};
 
@@ -76,8 +77,8 @@ struct ResumeState {
 /// # Safety
 /// The stack of `state` holds the four Lua values on top; may raise (out
 /// of memory): call it protected.
-pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm) {
-    push_tracking(state, vm, resume);
+pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm, room: Room<2>) {
+    push_tracking(state, vm, resume, room);
 }
 
 /// Pushes `close`, closed over the same values as `resume` (the original
@@ -85,15 +86,20 @@ pub unsafe fn push_resume(state: *mut lua_State, vm: *const Vm) {
 ///
 /// # Safety
 /// As for [`push_resume`].
-pub unsafe fn push_close(state: *mut lua_State, vm: *const Vm) {
-    push_tracking(state, vm, close);
+pub unsafe fn push_close(state: *mut lua_State, vm: *const Vm, room: Room<2>) {
+    push_tracking(state, vm, close, room);
 }
 
 /// Pushes `function` closed over what [`push_resume`] says.
 ///
 /// # Safety
 /// As for [`push_resume`].
-unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua_CFunction) {
+unsafe fn push_tracking(
+    state: *mut lua_State,
+    vm: *const Vm,
+    function: ffi::lua_CFunction,
+    _: Room<2>,
+) {
     let size = std::mem::size_of::<ResumeState>();
     let resume_state = ffi::lua_newuserdata(state, size) as *mut ResumeState;
     // SAFETY: a fresh block of that size, aligned for any type by Lua.
@@ -115,7 +121,7 @@ unsafe fn push_tracking(state: *mut lua_State, vm: *const Vm, function: ffi::lua
 ///
 /// # Safety
 /// The stack of `state` holds that table on top.
-pub unsafe fn push_yield(state: *mut lua_State, vm: *const Vm) {
+pub unsafe fn push_yield(state: *mut lua_State, vm: *const Vm, _: Room<1>) {
     ffi::lua_pushlightuserdata(state, vm as *mut c_void);
     ffi::lua_pushcclosure(state, yield_, 2);
 }
@@ -125,7 +131,7 @@ pub unsafe fn push_yield(state: *mut lua_State, vm: *const Vm) {
 ///
 /// # Safety
 /// The stack of `state` holds that table on top.
-pub unsafe fn push_set_watch(state: *mut lua_State, vm: *const Vm) {
+pub unsafe fn push_set_watch(state: *mut lua_State, vm: *const Vm, _: Room<1>) {
     ffi::lua_pushlightuserdata(state, vm as *mut c_void);
     ffi::lua_pushcclosure(state, set_watch, 2);
 }
@@ -151,9 +157,9 @@ type Limits = (Nanos, Nanos);
 /// A settings record `{kill, warn, ...}`: limit `index`, if it is one.
 ///
 /// # Safety
-/// `state` is the running thread, with a free stack slot, and `record`
-/// an absolute index of a table on its stack.
-unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int) -> Nanos {
+/// `state` is the running thread and `record` an absolute index of a
+/// table on its stack.
+unsafe fn limit(state: *mut lua_State, record: c_int, index: c_int, _: Room<1>) -> Nanos {
     ffi::lua_rawgeti(state, record, index as _);
     let seconds = ffi::lua_tonumber(state, -1);
     ffi::lua_pop(state, 1);
@@ -176,6 +182,7 @@ unsafe fn watch_limits(
     state: *mut lua_State,
     co: *mut lua_State,
     resume_state: &mut ResumeState,
+    room: Room<2>,
 ) -> Option<Limits> {
     let epoch = (*resume_state.vm).watch_epoch();
     // Epoch 0: the VM cannot tell (its allocator could not be wrapped); a
@@ -187,7 +194,7 @@ unsafe fn watch_limits(
     {
         return resume_state.cached_limits;
     }
-    let limits = look_up_limits(state, resume_state);
+    let limits = look_up_limits(state, resume_state, room);
     resume_state.cached_co = co;
     resume_state.cached_epoch = epoch;
     resume_state.cached_limits = limits;
@@ -206,15 +213,23 @@ unsafe fn allocator_sees_frees(state: *mut lua_State) -> bool {
 ///
 /// # Safety
 /// `state` runs `resume` or `close` (their upvalues are in place), with
-/// the coroutine at index 1 and two free stack slots.
-unsafe fn look_up_limits(state: *mut lua_State, resume_state: &mut ResumeState) -> Option<Limits> {
+/// the coroutine at index 1.
+unsafe fn look_up_limits(
+    state: *mut lua_State,
+    resume_state: &mut ResumeState,
+    room: Room<2>,
+) -> Option<Limits> {
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, WATCHED);
     let limits = if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
         let record = ffi::lua_topointer(state, -1);
         if record != resume_state.last_record {
             let index = ffi::lua_gettop(state);
-            resume_state.last_limits = (limit(state, index, 1), limit(state, index, 2));
+            let above_record = room.above::<1, 1>();
+            resume_state.last_limits = (
+                limit(state, index, 1, above_record),
+                limit(state, index, 2, above_record),
+            );
             resume_state.last_record = record;
             ffi::lua_pushvalue(state, index);
             ffi::lua_replace(state, LAST_RECORD);
@@ -234,25 +249,25 @@ unsafe fn look_up_limits(state: *mut lua_State, resume_state: &mut ResumeState) 
 /// here: it may end in `lua_error`, and the Rust calls that lock run in
 /// their own frames.
 unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
-    // Stack room: Lua gives a C function `LUA_MINSTACK` (20) free slots
-    // above its arguments, and this function and those it calls push at
-    // most 4 before the arguments go to `co` (`answer_direct` checks for the
-    // results).
-    let (co, vm, limits) = match begin(state) {
+    // SAFETY: called by Lua, nothing pushed yet. The arguments only leave
+    // this stack (for `co`'s) before the answer: every room handed down
+    // counts from the top on entry or lower.
+    let room = Room::<{ ffi::LUA_MINSTACK }>::on_entry();
+    let (co, vm, limits) = match begin(state, room.part()) {
         Ok(begun) => begun,
         Err(results) => return results,
     };
     #[cfg(feature = "luajit")]
-    arm_pending_interrupt(vm, state);
+    arm_pending_interrupt(vm, state, room.part());
     let narg = ffi::lua_gettop(state) - 1;
     if !is_suspended(state, co) || (narg > 0 && ffi::lua_checkstack(co, narg) == 0) {
-        return resume_through_original(vm, state, co, limits, false);
+        return resume_through_original(vm, state, co, limits, false, room.part());
     }
     // `co` stays at index 1 throughout: alive while the chain names it.
-    let (outcome, kill_seen) = tracked(vm, state, co, (limits, true), || {
+    let (outcome, kill_seen) = tracked(vm, state, co, (limits, true), room.part(), || {
         resume_suspended(state, co)
     });
-    answer_direct(state, co, outcome, kill_seen)
+    answer_direct(state, co, outcome, kill_seen, room.part())
 }
 
 /// `close(co)`: Lua 5.4's `coroutine.close`, with `co`'s watch in force
@@ -269,7 +284,9 @@ unsafe extern "C-unwind" fn resume(state: *mut lua_State) -> c_int {
 /// would run out of every watch's reach (see [`crate::allowhook`]); for a
 /// coroutine that died otherwise they are on already.
 unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
-    let (co, vm, limits) = match begin(state) {
+    // SAFETY: called by Lua, nothing pushed yet.
+    let room = Room::<{ ffi::LUA_MINSTACK }>::on_entry();
+    let (co, vm, limits) = match begin(state, room.part()) {
         Ok(begun) => begun,
         Err(results) => return results,
     };
@@ -279,8 +296,8 @@ unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
         // OS thread this is.
         allowhook::set(co, true);
     }
-    let killed_before = is_killed(state);
-    resume_through_original(vm, state, co, limits, killed_before)
+    let killed_before = is_killed(state, room.part());
+    resume_through_original(vm, state, co, limits, killed_before, room.part())
 }
 
 /// What `resume` and `close` begin with: the coroutine at index 1, the VM
@@ -292,10 +309,11 @@ unsafe extern "C-unwind" fn close(state: *mut lua_State) -> c_int {
 #[inline(always)]
 unsafe fn begin<'vm>(
     state: *mut lua_State,
+    room: Room<2>,
 ) -> Result<(*mut lua_State, &'vm Vm, Option<Limits>), c_int> {
     let co = ffi::lua_tothread(state, 1);
     if co.is_null() {
-        return Err(call_original_unprotected(state));
+        return Err(call_original_unprotected(state, room.part()));
     }
     // SAFETY: the upvalue is the `ResumeState` that `push_tracking` made;
     // its `vm` is kept alive for the process's life.
@@ -304,16 +322,16 @@ unsafe fn begin<'vm>(
     vm.note_owner();
     // SAFETY: borrowed only for this call, which runs no Lua code (so no
     // nested `resume` borrows it meanwhile).
-    let limits = watch_limits(state, co, &mut *resume_state);
+    let limits = watch_limits(state, co, &mut *resume_state, room);
     Ok((co, vm, limits))
 }
 
-/// Whether the coroutine at index 1 was killed. Needs one free stack slot.
+/// Whether the coroutine at index 1 was killed.
 ///
 /// # Safety
-/// `state` runs `resume`, `close` or `yield` with the coroutine at index
-/// 1 and the killed table as upvalue, and a free stack slot.
-unsafe fn is_killed(state: *mut lua_State) -> bool {
+/// `state` runs `resume` or `close` with the coroutine at index 1 and the
+/// killed table as upvalue.
+unsafe fn is_killed(state: *mut lua_State, _: Room<1>) -> bool {
     ffi::lua_pushvalue(state, 1);
     ffi::lua_rawget(state, KILLED);
     let killed = ffi::lua_isnil(state, -1) == 0;
@@ -328,7 +346,7 @@ unsafe fn is_killed(state: *mut lua_State) -> bool {
 /// # Safety
 /// `state` runs `resume` or `close` (the original is an upvalue); it may
 /// raise, so nothing with a destructor may be alive in the caller's frame.
-unsafe fn call_original_unprotected(state: *mut lua_State) -> c_int {
+unsafe fn call_original_unprotected(state: *mut lua_State, _: Room<1>) -> c_int {
     ffi::lua_pushvalue(state, ORIGINAL);
     ffi::lua_insert(state, 1);
     ffi::lua_call(state, ffi::lua_gettop(state) - 1, ffi::LUA_MULTRET);
@@ -344,16 +362,21 @@ unsafe fn call_original_unprotected(state: *mut lua_State) -> c_int {
 /// hook saw the coroutine's kill deadline pass (then the `killed` table
 /// says whether it was killed).
 ///
+/// `room` holds above the stack as `resume_co` leaves it, too: the chain's
+/// bookkeeping after it pushes.
+///
 /// # Safety
 /// `state` runs `resume` or `close` on this OS thread with `co` at index
 /// 1, a coroutine of its VM held there until `resume_co` returns;
 /// `resume_co` leaves the stack as [`answer_direct`] or
-/// [`answer_original`] expects and raises nothing (it catches errors).
+/// [`answer_original`] expects, with `room` free above it, and raises
+/// nothing (it catches errors).
 unsafe fn tracked<R>(
     vm: &Vm,
     state: *mut lua_State,
     co: *mut lua_State,
     (limits, direct): (Option<Limits>, bool),
+    room: Room<1>,
     resume_co: impl FnOnce() -> R,
 ) -> (R, bool) {
     if limits.is_none() && !vm.is_active() {
@@ -362,7 +385,7 @@ unsafe fn tracked<R>(
             return (outcome, false);
         }
         let left = leave_root(vm, state, co);
-        unanchor(state, left);
+        unanchor(state, left, room);
         if let Some(depth) = left.anchor_resumer_at {
             // The slot exists (see `Chain::leave_root`): no allocation,
             // nothing raised. This thread runs, so it is alive until then.
@@ -375,11 +398,11 @@ unsafe fn tracked<R>(
     // before the chain names the coroutine, and none after it does until
     // the chain has let it go: no error leaves the chain half told.
     let plan = plan_enter(vm, state);
-    anchor(state, plan, direct);
+    anchor(state, plan, direct, room);
     let depth = enter(vm, state, co, limits, (plan, direct));
     let outcome = resume_co();
     let left = leave(vm, state, depth);
-    unanchor(state, left);
+    unanchor(state, left, room);
     (outcome, left.kill_seen)
 }
 
@@ -388,14 +411,13 @@ unsafe fn tracked<R>(
 /// PUC Lua, where the hook waits on the coroutine itself.
 ///
 /// # Safety
-/// `state` runs `resume`, with the coroutine at index 1 and two free
-/// stack slots.
+/// `state` runs `resume`, with the coroutine at index 1.
 #[cfg(feature = "luajit")]
-unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State) {
+unsafe fn arm_pending_interrupt(vm: &Vm, state: *mut lua_State, room: Room<2>) {
     if !vm.has_pending_interrupts() {
         return;
     }
-    let Some(id) = hook::id_of_thread(state, Some(1)) else {
+    let Some(id) = hook::id_of_thread(state, Some(1), room) else {
         return;
     };
     contained((), || vm.arm_for_resume(id));
@@ -468,18 +490,19 @@ unsafe fn answer_direct(
     co: *mut lua_State,
     (status, nres): (c_int, c_int),
     kill_seen: bool,
+    room: Room<3>,
 ) -> c_int {
     let ran = status == ffi::LUA_OK || status == ffi::LUA_YIELD;
-    if ran && !(kill_seen && is_killed(state)) {
+    if ran && !(kill_seen && is_killed(state, room.part())) {
         if ffi::lua_checkstack(state, nres + 1) == 0 {
             ffi::lua_pop(co, nres);
             // 5.1 and LuaJIT raise this; later versions return it.
             if cfg!(any(feature = "lua51", feature = "luajit")) {
-                push_str(state, "too many results to resume");
+                push_str(state, "too many results to resume", room.part());
                 ffi::lua_error(state);
             }
             ffi::lua_pushboolean(state, 0);
-            push_str(state, "too many results to resume");
+            push_str(state, "too many results to resume", room.above::<1, 1>());
             return 2;
         }
         ffi::lua_pushboolean(state, 1);
@@ -506,10 +529,9 @@ unsafe fn answer_direct(
 }
 
 /// # Safety
-/// `state` is the running thread, with a free stack slot; the push may
-/// raise (out of memory), so nothing with a destructor may be alive in
-/// the caller's frame.
-unsafe fn push_str(state: *mut lua_State, text: &'static str) {
+/// `state` is the running thread; the push may raise (out of memory), so
+/// nothing with a destructor may be alive in the caller's frame.
+unsafe fn push_str(state: *mut lua_State, text: &'static str, _: Room<1>) {
     ffi::lua_pushlstring(state, text.as_ptr().cast(), text.len());
 }
 
@@ -530,28 +552,53 @@ unsafe fn resume_through_original(
     co: *mut lua_State,
     limits: Option<Limits>,
     killed_before: bool,
+    room: Room<2>,
 ) -> c_int {
     // Keep `co` below everything: it stays alive while the chain names it.
     ffi::lua_pushvalue(state, 1);
     ffi::lua_insert(state, 1);
-    let (status, kill_seen) = tracked(vm, state, co, (limits, false), || call_original(state));
+    let above_co = room.above::<1, 1>();
+    let (status, kill_seen) = tracked(vm, state, co, (limits, false), above_co, || {
+        call_original(state, above_co)
+    });
+    if status == TOO_MANY_RESULTS {
+        push_str(state, "too many results to resume", room.above::<1, 1>());
+    }
     if status != ffi::LUA_OK {
         ffi::lua_error(state);
     }
-    answer_original(state, kill_seen || killed_before)
+    // `call_original` left the room above its results.
+    answer_original(state, kill_seen || killed_before, above_co)
 }
 
 /// Calls the original resume on the stack `[co, co, args...]` (the first
 /// `co` stays, keeping the coroutine alive). Returns the pcall status.
 ///
+/// The results may take the room `room` counted: the stack is grown so
+/// that `room` holds above them too, for [`tracked`], which pushes once
+/// this returns (to clear an anchor). If it cannot grow (a stack at Lua's
+/// limit), the results are dropped and the answer is [`TOO_MANY_RESULTS`],
+/// an error raised once the chain is right (pushing its message here
+/// could raise, out of memory): the same refusal as `coroutine.resume`'s.
+///
 /// # Safety
-/// `state` runs `resume` or `close` with its arguments on the stack and
-/// room for the protected call's function; it raises nothing.
-unsafe fn call_original(state: *mut lua_State) -> c_int {
+/// `state` runs `resume` or `close` with its arguments on the stack; it
+/// raises nothing.
+unsafe fn call_original(state: *mut lua_State, _: Room<1>) -> c_int {
     ffi::lua_pushvalue(state, ORIGINAL);
     ffi::lua_insert(state, 2);
-    ffi::lua_pcall(state, ffi::lua_gettop(state) - 2, ffi::LUA_MULTRET, 0)
+    let status = ffi::lua_pcall(state, ffi::lua_gettop(state) - 2, ffi::LUA_MULTRET, 0);
+    if ffi::lua_checkstack(state, 1) != 0 {
+        return status;
+    }
+    // Below the top the room was counted from: it holds again.
+    ffi::lua_settop(state, 1);
+    TOO_MANY_RESULTS
 }
+
+/// What [`call_original`] answers for results that left no room: not a
+/// status Lua uses.
+const TOO_MANY_RESULTS: c_int = -1;
 
 /// The answer of a resume (or close) through the original function, whose
 /// results are on this stack above index 1: left as they are, unless the
@@ -561,8 +608,9 @@ unsafe fn call_original(state: *mut lua_State) -> c_int {
 ///
 /// # Safety
 /// `state` runs `resume` or `close`, with the results of
-/// [`call_original`] on its stack and the killed table as upvalue.
-unsafe fn answer_original(state: *mut lua_State, maybe_killed: bool) -> c_int {
+/// [`call_original`] on its stack, `room` free above them, and the killed
+/// table as upvalue.
+unsafe fn answer_original(state: *mut lua_State, maybe_killed: bool, _: Room<1>) -> c_int {
     let failed = ffi::lua_type(state, 2) == ffi::LUA_TBOOLEAN && ffi::lua_toboolean(state, 2) == 0;
     if maybe_killed || failed {
         ffi::lua_pushvalue(state, 1);
@@ -587,9 +635,8 @@ unsafe fn answer_original(state: *mut lua_State, maybe_killed: bool) -> c_int {
 ///
 /// # Safety
 /// `state` runs `resume` with the coroutine at index 1 and the anchors
-/// table as upvalue; the slots `plan` names exist (as the chain planned
-/// them), so this allocates nothing and cannot raise.
-unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool) {
+/// table as upvalue.
+unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool, _: Room<1>) {
     if let Some(depth) = plan.anchor_resumer_at {
         ffi::lua_pushthread(state);
         ffi::lua_rawseti(state, ANCHORS, depth as _);
@@ -605,8 +652,8 @@ unsafe fn anchor(state: *mut lua_State, plan: Plan, direct: bool) {
 /// nothing and cannot raise.
 ///
 /// # Safety
-/// As for [`anchor`]: the slots of `left` exist.
-unsafe fn unanchor(state: *mut lua_State, left: LeftChain) {
+/// As for [`anchor`]; the slots of `left` exist.
+unsafe fn unanchor(state: *mut lua_State, left: LeftChain, _: Room<1>) {
     for depth in left.unanchor_from.max(1)..=left.unanchor_to {
         ffi::lua_pushboolean(state, 0);
         ffi::lua_rawseti(state, ANCHORS, depth as _);
@@ -619,18 +666,29 @@ unsafe fn unanchor(state: *mut lua_State, left: LeftChain) {
 /// instruction, so this check is a second line; it costs a table lookup
 /// only while a killed coroutine is on the chain.)
 unsafe extern "C-unwind" fn yield_(state: *mut lua_State) -> c_int {
+    // SAFETY: called by Lua, nothing pushed yet.
+    let room = Room::<1>::on_entry();
     // SAFETY: the upvalue is a `Vm` kept alive for the process's life.
     let vm = &*(ffi::lua_touserdata(state, YIELD_VM) as *const Vm);
     vm.note_owner();
-    if vm.kill_seen() && ffi::lua_checkstack(state, 1) != 0 {
-        ffi::lua_pushthread(state);
-        ffi::lua_rawget(state, YIELD_KILLED);
-        if ffi::lua_isnil(state, -1) == 0 {
-            ffi::lua_error(state);
-        }
-        ffi::lua_pop(state, 1);
+    if vm.kill_seen() && is_running_killed(state, room) {
+        ffi::lua_error(state);
     }
     ffi::lua_yield(state, ffi::lua_gettop(state))
+}
+
+/// Whether the running thread was killed; if so, its message is pushed.
+///
+/// # Safety
+/// `state` runs `yield`, whose upvalue is the killed table.
+unsafe fn is_running_killed(state: *mut lua_State, _: Room<1>) -> bool {
+    ffi::lua_pushthread(state);
+    ffi::lua_rawget(state, YIELD_KILLED);
+    if ffi::lua_isnil(state, -1) == 0 {
+        return true;
+    }
+    ffi::lua_pop(state, 1);
+    false
 }
 
 // The calls into the VM, in frames of their own (they lock), with panics
