@@ -47,6 +47,25 @@ local function cancel_from_here(mode)
 end
 
 describe("corowatch.task.cancel_id from another OS thread", function()
+  it("does not interrupt the thread that drives the scheduler while no task runs", function()
+    -- Spawned outside `run`, not yet run: no task runs on this thread.
+    local gettime = require("corowatch").gettime
+    local t = task.spawn(function() return "ran" end)
+    local thread = threads.start(function(channel, id)
+      channel:send(tostring(require("corowatch.task").cancel_id(tonumber(id), "from afar")))
+    end, t:id())
+    local ok, err = pcall(function()
+      local stop = gettime() + 0.3
+      while gettime() < stop do end
+    end)
+    assert.are.equal("true", thread:receive(TIMEOUT))
+    assert.is_true(thread:join())
+    assert(ok, err)
+    local done, cancel_err = t:pawait()
+    assert.is_false(done)
+    assert.are.equal("from afar", cancel_err.reason)
+  end)
+
   it("cancels a running CPU-bound task at its next instruction", function()
     local outcome, latency = cancel_from_here("spin")
     assert.are.equal("false cancelled from_afar", outcome)

@@ -40,8 +40,11 @@ local gettime = corowatch.gettime
 local mtint_id, mtint_sethook, mtint_interrupt = mtint.id, mtint.sethook, mtint.interrupt
 local raw_running = coroutine.running
 -- Lua 5.4: a coroutine that died by an error keeps its pending <close>
--- variables until coroutine.close.
-local coroutine_close = coroutine.close
+-- variables until coroutine.close. corowatch's close runs them with the
+-- task's limit in force and with its hooks on: a cancel or a kill raised
+-- from a hook left them off for good, and Lua's own close would run the
+-- handlers out of every interrupt's and watch's reach.
+local coroutine_close = corowatch.close
 local traceback, getinfo = debug.traceback, debug.getinfo
 local LIBRARY_SOURCE = getinfo(1, "S").source -- this file's
 local error, pcall, xpcall, type, select, tostring, setmetatable, getmetatable, next =
@@ -87,7 +90,11 @@ local cell_set, deadline_cancel = native.cell_set, native.deadline_cancel
 local mailbox = native.mailbox()
 local mailbox_fd = native.mailbox_fd(mailbox) -- readable when a cross-thread cancel came
 local backend -- set with task.use: waits in a host's event loop
-local cell = native.cell(mtint_id()) -- the thread that runs a task now
+-- The thread that runs a task now; none (no id is 0) while none runs.
+local NO_THREAD = 0
+local cell = native.cell(NO_THREAD)
+-- An interrupt was asked for as the last task stopped (see `run_task`).
+local asked_meanwhile = false
 native.mailbox_set_cell(mailbox, cell)
 
 local by_thread = setmetatable({}, { __mode = "k" }) -- thread -> task
@@ -178,13 +185,23 @@ local function task_label(t)
   return t.name and ("task '" .. t.name .. "'") or ("task " .. tostring(t._id))
 end
 
+-- A value as text, whatever it is: one whose `__tostring` fails, or
+-- answers no string (5.1, 5.2 and LuaJIT pass that on), is named by its
+-- type. The scheduler's bookkeeping must not fail on a user's value.
+local function describe(value)
+  if type(value) == "string" then return value end
+  local ok, text = pcall(tostring, value)
+  if ok and type(text) == "string" then return text end
+  return "(a " .. type(value) .. " value that tostring cannot print)"
+end
+
 local function new_error(kind, t, reason, seconds)
   local message
   if kind == M.error.timeout then
     message = ("%s: %s timed out after %s seconds"):format(kind, task_label(t), tostring(seconds))
   else
     message = ("%s: %s was cancelled"):format(kind, task_label(t))
-    if reason ~= nil then message = message .. " (" .. tostring(reason) .. ")" end
+    if reason ~= nil then message = message .. " (" .. describe(reason) .. ")" end
   end
   return setmetatable({ kind = kind, task = t, reason = reason, message = message }, Error)
 end
@@ -200,7 +217,7 @@ local is_cancellation = M.is_cancellation
 --- Called with `(err, task)` for an error of a task that nobody awaited.
 -- The default writes one line and the traceback to `io.stderr`.
 function M.on_error(err, t)
-  local text = tostring(err)
+  local text = describe(err)
   if t and t._traceback and not is_cancellation(err) then
     text = text .. "\n" .. t._traceback
   end
@@ -251,9 +268,11 @@ local function enqueue(t)
   ready[#ready + 1] = t
 end
 
--- Wakes a waiting task, if it still waits for the wait numbered `gen`.
+-- Wakes a waiting task, if it still waits for the wait numbered `gen`
+-- (not for its children, once its body ended: a waiter it left behind on
+-- a future, say, must not resume its dead coroutine).
 local function wake(t, gen, ...)
-  if t._status == "waiting" and t._gen == gen then
+  if t._status == "waiting" and t._gen == gen and not t._body_done then
     local timer = t._timer
     if timer then
       t._timer = nil
@@ -359,7 +378,10 @@ end
 local function expire_scope(scope)
   if scope.closed then return end
   local t = scope.task
-  if t._status == "waiting" and not t._body_done then wake(t, t._gen) end
+  -- Not a wait shielded from this scope (a shield begun inside it).
+  if t._status == "waiting" and not t._body_done and scope.shield >= t._shield then
+    wake(t, t._gen)
+  end
   for child in next, t._children do
     if inside(child._scope, scope) then cancel(child, "timeout") end
   end
@@ -436,6 +458,40 @@ local LEAD = 0.001
 -- keeps the handler warm until the timer is taken.
 local function expires_soon()
   return heap_n > 0 and heap[1].at <= gettime() + LEAD
+end
+
+-- How early a deadline's first interrupt comes (src/task/deadline.rs's
+-- LEAD): the one that may have reached no thread.
+local DEADLINE_LEAD = jit and 0.0003 or 0.00015
+
+-- Whether the task about to run, `t`, must be interrupted for what came
+-- while no interrupt could reach it (the cell named no thread, or another
+-- task's): a timeout scope's deadline within its lead (the earliest timer,
+-- whoever's: the deadline's own early interrupt goes to whatever task
+-- runs, and its handler sorts it out); with `plain` (it stopped at a
+-- plain `coroutine.yield`, no wait point) a cancel or an expired scope of
+-- its own too (a wait point it comes back to raises those itself).
+local function due_on_resume(t, plain)
+  local now
+  local first = heap_n > 0 and heap[1]
+  if first and first.scope and not first.scope.closed then
+    now = gettime()
+    if first.at <= now + DEADLINE_LEAD and now < first.at then return true end
+  end
+  if not plain then return false end
+  local shield = t._shield
+  if shield == 0 and t._cancel_err and not t._delivered then return true end
+  local scopes = t._scopes
+  if scopes[1] == nil then return false end
+  now = now or gettime()
+  local soon = now + DEADLINE_LEAD
+  for i = 1, #scopes do
+    local scope = scopes[i]
+    if not scope.closed and not scope.fired and scope.shield >= shield and soon >= scope.at then
+      return true
+    end
+  end
+  return false
 end
 
 -- The mtint interrupt handler of every task's threads: runs on the
@@ -537,7 +593,8 @@ function cancel(t, reason, kind)
   if t._cancel_err then return true end
   t._cancel_err = new_error(kind or M.error.cancelled, t, reason)
   if t._status == "waiting" then
-    wake(t, t._gen)
+    -- A shielded wait goes on: the cancel is raised once the shield ends.
+    if t._shield == 0 then wake(t, t._gen) end
   elseif t._status == "running" then
     mtint_interrupt(t._stack[#t._stack], nil)
   end
@@ -559,7 +616,8 @@ function settle(t)
   local waiters = t._waiters
   t._waiters = nil
   if waiters then
-    for i = 1, #waiters do waiters[i](t) end
+    local gens = waiters.gens
+    for i = 1, #waiters do wake(waiters[i], gens[waiters[i]]) end
   end
   local parent = t._parent
   if parent then
@@ -604,14 +662,14 @@ local function body_end(t, ok, res)
     local err = res[2]
     if not ok and not is_cancellation(err) then
       -- Cleanup failed after the cancel: not lost.
-      t._traceback = traceback(t._co, tostring(err))
+      t._traceback = traceback(t._co, describe(err))
       report(err, t)
     end
   elseif ok then
     t._outcome, t._results = "done", res
   else
     t._outcome, t._err = "failed", res[2]
-    t._traceback = traceback(t._co, tostring(res[2]))
+    t._traceback = traceback(t._co, describe(res[2]))
   end
   -- After the traceback was taken: closing unwinds the stack.
   if coroutine_close and not ok and t._started then
@@ -657,13 +715,28 @@ local function run_task(t)
   local previous = current
   current = t
   local stack = t._stack
-  cell_set(cell, stack[#stack])
+  -- An interrupt asked for while the cell named no thread reached nobody
+  -- (or, just as the last task stopped, that task's thread): what it
+  -- brought (a cross-thread cancel, a timer) is taken now.
+  if cell_set(cell, stack[#stack]) or asked_meanwhile then
+    asked_meanwhile = false
+    poll()
+  end
   if hard_error(t) then
     -- Past its grace period while it waited elsewhere: sticky from the start.
     t._sticky = true
     mtint_interrupt(stack[#stack], true)
+  elseif due_on_resume(t, t._plain_yield) then
+    -- Cancelled or timed out (or about to be) while it was not running:
+    -- it lands at its next instruction, as if it had run all along.
+    mtint_interrupt(stack[#stack])
   end
   local res = pack(cw_resume(t._co, unpack(args, 1, args.n)))
+  -- No task runs now: a deadline or a cross-thread cancel interrupts
+  -- nobody, not the thread that drives the scheduler; the scheduler looks
+  -- at what they brought before it runs a task (an interrupt asked for
+  -- just as this task stopped: before the next one).
+  asked_meanwhile = cell_set(cell, NO_THREAD) or asked_meanwhile
   current = previous
   if cw_status(t._co) == "dead" then
     if res[1] then
@@ -673,9 +746,11 @@ local function run_task(t)
     return body_end(t, false, res)
   elseif res[2] == WAIT then
     t._status = "waiting"
+    t._plain_yield = false
   else
     -- task.yield(), or a plain coroutine.yield in a task: run again later.
     t._status = "ready"
+    t._plain_yield = res[2] ~= YIELD
     enqueue(t)
   end
 end
@@ -802,7 +877,7 @@ local drive_until
 local function wait_for(me, object, what)
   while not object:_ended() do
     local gen = begin_wait(me, what)
-    object:_on_end(function() wake(me, gen) end)
+    object:_on_end(me, gen)
     suspend(me)
   end
   check(me)
@@ -812,10 +887,14 @@ function Task:_ended()
   return ended_status[self._status] ~= nil
 end
 
-function Task:_on_end(waiter)
+-- Who waits for this task (or future) to end: each waiting task once, in
+-- the order they began, with the number of its latest wait. An await
+-- given up (to a timeout, say) and tried again leaves nothing behind.
+function Task:_on_end(me, gen)
   local waiters = self._waiters
-  if not waiters then waiters = {}; self._waiters = waiters end
-  waiters[#waiters + 1] = waiter
+  if not waiters then waiters = { gens = {} }; self._waiters = waiters end
+  if not waiters.gens[me] then waiters[#waiters + 1] = me end
+  waiters.gens[me] = gen
 end
 
 local function await(self, name)
@@ -900,7 +979,8 @@ local function finish_future(f, name, ok, values)
   local waiters = f._waiters
   f._waiters = nil
   if waiters then
-    for i = 1, #waiters do waiters[i](f) end
+    local gens = waiters.gens
+    for i = 1, #waiters do wake(waiters[i], gens[waiters[i]]) end
   end
   leave_critical(t)
 end
@@ -976,7 +1056,7 @@ local function pcall_on_coroutine(t, f, ...)
   local stack = t._stack
   local caller = stack[#stack]
   stack[#stack + 1] = id
-  cell_set(cell, id)
+  if cell_set(cell, id) then poll() end
   if hard_error(t) then
     t._sticky = true
     mtint_interrupt(id, true)
@@ -993,9 +1073,10 @@ local function pcall_on_coroutine(t, f, ...)
   cell_set(cell, caller)
   by_thread[co] = nil
   -- An interrupt that reached `co` after its end is lost there: bring what
-  -- is due here (raised once the caller's bookkeeping is done).
+  -- is due, or about to be, here (raised once the caller's bookkeeping is
+  -- done; a deadline's early interrupt spent on `co` comes again).
   poll()
-  if overdue(t) then mtint_interrupt(caller) end
+  if overdue(t) or due_on_resume(t, true) then mtint_interrupt(caller) end
   -- No interrupt is pending on this thread here: the caller closes its
   -- scope (task.timeout's handler) before after_pcall raises what is due.
   return unpack(res, 1, res.n)
@@ -1039,7 +1120,9 @@ function M.shield(fn, ...)
   t._shield = t._shield + 1
   local res = pack(ypcall(fn, ...))
   t._shield = t._shield - 1
-  if t._shield == 0 then check(t) end
+  -- What the shield deferred, at its level: a cancel once no shield is
+  -- left, a timeout scope opened inside an outer shield at once.
+  check(t)
   if not res[1] then error(res[2], 0) end
   return unpack(res, 2, res.n)
 end
@@ -1123,8 +1206,13 @@ function Group:spawn(spec, ...)
   return child
 end
 
+-- A child that ends cancelled has no results either (cancelled from
+-- outside the group, by a sibling, or by the group's function): its
+-- cancellation error is the group's, as a failure's is. Those the group
+-- cancels after a failure come when `_err` is set already.
 function Group:_child_ended(child)
-  if child._status == "failed" and not self._err then
+  local status = child._status
+  if (status == "failed" or status == "cancelled") and not self._err then
     self._err = child._err
     self._failed = child
     for i = 1, #self._children do
@@ -1369,10 +1457,19 @@ function M.wrap_callback(fn, opts)
       end
     end
     local handle = fn(unpack(args, 1, args.n))
+    if result then
+      -- Called back at once, inside `fn` (a cache hit, an immediate
+      -- error): nothing to wait for.
+      me._waiting_on = nil
+      return unpack(result, 1, result.n)
+    end
     local ok, err = ypcall(suspend, me)
     if not result then
       abandoned = true
       if on_cancel then on_cancel(handle) end
+    elseif not ok and cleanup then
+      -- It arrived after the cancel, before the task ran again: not lost.
+      cleanup(unpack(result, 1, result.n))
     end
     if not ok then error(err, 0) end
     return unpack(result, 1, result.n)

@@ -6,8 +6,18 @@
 //! the interrupt handler there decides what is due, for that task or for
 //! the ancestor whose timeout or cancel covers it. A suspended task needs
 //! no interrupt: the scheduler checks it when it wakes.
+//!
+//! While no task runs the cell names no thread (id 0), and an interrupt
+//! asked for then reaches nobody. It is not lost: every interrupt asked
+//! for raises `asked` first, and moving the cell answers whether it was
+//! raised since the last move, so the scheduler looks (its mailbox, its
+//! timers) before the task it moves the cell to runs. The interrupter
+//! raises `asked`, then reads the thread; the scheduler writes the thread,
+//! then takes `asked` (both sequentially consistent): either the
+//! interrupter sees the new thread and interrupts it, or the scheduler
+//! sees `asked` and looks, or both.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mlua::UserData;
@@ -18,22 +28,33 @@ use crate::vm::Request;
 use crate::watchdog;
 
 /// Shared between the Lua side (which moves it), deadlines and the mailbox.
-pub struct Cell(AtomicU64);
+pub struct Cell {
+    thread: AtomicU64,
+    /// An interrupt was asked for since the cell last moved.
+    asked: AtomicBool,
+}
 
 impl Cell {
     pub fn new(id: Id) -> Arc<Cell> {
-        Arc::new(Cell(AtomicU64::new(id)))
-    }
-
-    pub fn get(&self) -> Id {
-        self.0.load(Ordering::SeqCst)
+        Arc::new(Cell {
+            thread: AtomicU64::new(id),
+            asked: AtomicBool::new(false),
+        })
     }
 
     /// Interrupts the thread the task runs on now, as `mtint.interrupt`
     /// does (`side` says whether the caller runs on that thread's VM).
-    /// Returns false if that thread is gone.
+    /// Returns false if no thread, or that thread is gone.
     pub fn interrupt(&self, request: Request, side: Side) -> bool {
-        interrupt_id(self.get(), request, side)
+        self.asked.store(true, Ordering::SeqCst);
+        interrupt_id(self.thread.load(Ordering::SeqCst), request, side)
+    }
+
+    /// Moves the cell to the thread with this id (0: none); returns
+    /// whether an interrupt was asked for since the last move.
+    fn move_to(&self, id: Id) -> bool {
+        self.thread.store(id, Ordering::SeqCst);
+        self.asked.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -54,9 +75,10 @@ pub fn interrupt_id(id: Id, request: Request, side: Side) -> bool {
 pub struct CellHandle(pub Arc<Cell>);
 
 impl CellHandle {
-    /// Moves the cell to the thread with this id (the Lua scheduler).
-    pub fn set(&self, id: Id) {
-        self.0 .0.store(id, Ordering::SeqCst);
+    /// Moves the cell to the thread with this id (the Lua scheduler);
+    /// returns whether an interrupt was asked for since its last move.
+    pub fn set(&self, id: Id) -> bool {
+        self.0.move_to(id)
     }
 }
 

@@ -66,7 +66,11 @@ impl Timer for Job {
         let (Some(grace), Some(me)) = (self.grace, self.me.upgrade()) else {
             return;
         };
-        let token = watchdog::schedule_timer(me, self.due.max(Instant::now()) + grace);
+        // A grace beyond the clock's range never ends: no timer.
+        let Some(at) = self.due.max(Instant::now()).checked_add(grace) else {
+            return;
+        };
+        let token = watchdog::schedule_timer(me, at);
         self.grace_token.store(token, Ordering::SeqCst);
         // `cancel` may have run between our check and the store, and then
         // did not see the token: take the timer out ourselves.
@@ -93,7 +97,13 @@ impl Deadline {
         grace: Option<Duration>,
         lead: bool,
     ) -> Deadline {
-        let due = Instant::now() + Duration::from_secs_f64(seconds);
+        // Beyond the clock's range: a deadline that never comes.
+        let Some(due) = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|ahead| Instant::now().checked_add(ahead))
+        else {
+            return Deadline::inert(cell);
+        };
         let job = Arc::new_cyclic(|me| Job {
             cell,
             request: if sticky || lead {
@@ -117,8 +127,8 @@ impl Deadline {
         Deadline { job, token }
     }
 
-    /// A deadline that was never scheduled: only to make mlua create the
-    /// type's metatable at load.
+    /// A deadline that was never scheduled: to make mlua create the type's
+    /// metatable at load, and for one beyond the clock's range.
     pub fn inert(cell: Arc<Cell>) -> Deadline {
         let job = Arc::new_cyclic(|me| Job {
             cell,

@@ -67,10 +67,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     )?;
     task.set(
         "cell_set",
-        lua.create_function(|_, (cell, id): (UserDataRef<CellHandle>, Id)| {
-            cell.set(id);
-            Ok(())
-        })?,
+        lua.create_function(|_, (cell, id): (UserDataRef<CellHandle>, Id)| Ok(cell.set(id)))?,
     )?;
     task.set(
         "deadline_cancel",
@@ -112,9 +109,11 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
         "mailbox_sleep",
         lua.create_function(
             |_, (mailbox, seconds): (UserDataRef<MailboxHandle>, Option<f64>)| {
+                // Beyond what a `Duration` holds (about 5.8e11 years):
+                // as long as it takes, like no timeout.
                 let timeout = seconds
                     .filter(|s| s.is_finite())
-                    .map(|s| Duration::from_secs_f64(s.max(0.0)));
+                    .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok());
                 Ok(mailbox.0.sleep(timeout))
             },
         )?,
