@@ -15,10 +15,10 @@ local cw = require("corowatch")
 
 local cw_create, cw_resume, cw_yield, cw_watch, gettime =
   cw.create, cw.resume, cw.yield, cw.watch, cw.gettime
-local raw_status = coroutine.status
+local raw_status, raw_running = coroutine.status, coroutine.running
 local traceback, getinfo = debug.traceback, debug.getinfo
-local error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, rawequal =
-  error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, rawequal
+local error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, pairs, rawequal =
+  error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, pairs, rawequal
 local concat, sort, remove = table.concat, table.sort, table.remove
 local date, io = os.date, io
 
@@ -45,6 +45,9 @@ local RESTARTS = { permanent = true, transient = true, temporary = true }
 local RETURNED = setmetatable({}, { __tostring = function() return "returned" end })
 -- Yielded by `supervisor.run`: "deliver me whatever my own actors wait for".
 local NESTED = setmetatable({}, { __tostring = function() return "nested supervisor" end })
+-- `supervisor.run`'s coroutine -> the supervisor its `init` is building:
+-- if the actor ends before it first waits, its actors are stopped.
+local building = setmetatable({}, { __mode = "k" })
 
 local KILLED = "^Coroutine exceeded its allowed running time"
 local DONE_REASON = "done() was called"
@@ -80,21 +83,44 @@ local function default_log(line)
   io.stderr:write(date("!%F %T "), line, "\n")
 end
 
+-- A value (an error, an event) as text, whatever it is: one whose
+-- `__tostring` fails, or answers something other than a string (5.1, 5.2
+-- and LuaJIT pass that on), is named by its type.
+local function describe(value)
+  if type(value) == "string" then return value end
+  local ok, text = pcall(tostring, value)
+  if ok and type(text) == "string" then return text end
+  return "(a " .. type(value) .. " value that tostring cannot print)"
+end
+
+-- PUC Lua 5.1's `pcall` cannot be yielded across.
+local PCALL_BLOCKS_YIELDS = _VERSION == "Lua 5.1" and not jit
+
+-- Runs the log function protected. Inside a coroutine, where `pcall` would
+-- let a yield through (5.2 on, LuaJIT), on a coroutine of its own: one that
+-- yields must not yield through the supervisor. A corowatch coroutine, so
+-- that the watch of an actor that logs reaches it.
+local function run_log(log, line)
+  local running, main = raw_running()
+  if running == nil or main or PCALL_BLOCKS_YIELDS then return pcall(log, line) end
+  local co = cw_create(function() return log(line) end)
+  local ok, err = cw_resume(co)
+  if ok and raw_status(co) ~= "dead" then
+    return false, "it yielded (a log function must not)"
+  end
+  return ok, err
+end
+
 -- Logs one line; a failing log function is reported on stderr, never
 -- allowed to break the supervisor.
 local function say(self, line)
   local log = self.log
   if log then
-    local ok, err = pcall(log, line)
-    if not ok then default_log("corowatch.supervisor: the log function failed: " .. tostring(err)) end
+    local ok, err = run_log(log, line)
+    if not ok then
+      pcall(default_log, "corowatch.supervisor: the log function failed: " .. describe(err))
+    end
   end
-end
-
--- An error value as text (a table error, a failing __tostring).
-local function describe(err)
-  if type(err) == "string" then return err end
-  local ok, text = pcall(tostring, err)
-  return ok and text or "(error object is a " .. type(err) .. " value)"
 end
 
 -- corowatch's own file: a killed coroutine's stack begins with the frames of
@@ -173,14 +199,30 @@ local function unwait(self, rec)
   rec.list, rec.slot, rec.nested_wait = nil, nil, nil
 end
 
+-- A nested supervisor's actor that is busy inside it (it runs the actor
+-- that is signalling now, or resumed it): its supervisor takes a signal
+-- directly, as from one of its own actors.
+local function busy_inner(rec)
+  local co = rec.co
+  return co ~= nil and rec.inner ~= nil and raw_status(co) == "normal"
+end
+
 -- Does anyone under this supervisor (nested supervisors included) wait for
--- `event`?
+-- `event`, or is still to get the signal of it in progress?
 local function waits(self, event)
   local list = self.events[event]
   if list and live(list) then return true end
+  local delivering = self.delivering[event]
+  if delivering then
+    for i = 1, delivering.n do
+      if delivering[i] then return true end
+    end
+  end
   if self.nested > 0 then
     for _, rec in ipairs(self.actors) do
-      if rec.inner and rec.nested_wait and waits(rec.inner, event) then return true end
+      if rec.inner and (rec.nested_wait or busy_inner(rec)) and waits(rec.inner, event) then
+        return true
+      end
     end
   end
   return false
@@ -190,7 +232,8 @@ end
 -- Running actors
 -- ----------------------------------------------------------------------
 
-local settle -- (self, rec, co, cw.resume's results): what the actor did next
+local settle -- (self, depth, rec, co, cw.resume's results): what the actor did next
+local salvage -- (self, depth, co): finishes calls an actor that died left half done
 
 local function clear_inner(self, rec)
   local inner = rec.inner
@@ -230,7 +273,11 @@ local function start(self, rec)
   local co = cw_create(function(...) return RETURNED, fn(...) end)
   if rec.limit then cw_watch(co, rec.limit) end
   rec.co, rec.state = co, RUNNING
-  return settle(self, rec, co, cw_resume(co, unpack(args, 1, args.n)))
+  -- Counted as a call that resumes an actor (see `salvage`).
+  local depth = self.depth + 1
+  self.depth = depth
+  settle(self, depth, rec, co, cw_resume(co, unpack(args, 1, args.n)))
+  self.depth = depth - 1
 end
 
 local function forget(self, rec)
@@ -251,11 +298,13 @@ local function stop_all(self)
   end
 end
 
+-- Stopped before its actors are: a `<close>` handler that stopping runs
+-- cannot introduce an actor that nothing would stop.
 local function shut_down(self, reason)
-  say(self, "Supervisor shutting down: " .. reason)
   self.finished = true
-  stop_all(self)
   self.stopped_because = reason
+  say(self, "Supervisor shutting down: " .. reason)
+  stop_all(self)
 end
 
 -- The actors a restart of `rec` concerns, in start order.
@@ -289,11 +338,15 @@ local function allow_restart(self)
   return #kept <= self.intensity
 end
 
+local sweep
+
 local function restart(self, rec)
   if not allow_restart(self) then
     return shut_down(self, ("more than %d restart%s within %s seconds (the last for %s)")
       :format(self.intensity, self.intensity == 1 and "" or "s", tostring(self.period), rec.name))
   end
+  -- A restart under way from here (see `salvage`), its stops included.
+  self.sweeping = self.depth
   local set = affected(self, rec)
   for i = #set, 1, -1 do
     local r = set[i]
@@ -308,7 +361,14 @@ local function restart(self, rec)
       end
     end
   end
-  self.sweeping = true
+  return sweep(self, set)
+end
+
+-- Starts the actors of `set` a restart stopped, in start order, then
+-- handles those that failed meanwhile. `sweeping` holds the depth of the
+-- call that sweeps (see `salvage`).
+function sweep(self, set)
+  self.sweeping = self.depth
   for _, r in ipairs(set) do
     if self.finished then break end
     if r.state == RESTARTING and r.co == nil then
@@ -335,8 +395,12 @@ local function ended(self, rec, co, how, err)
     if text:find(KILLED) then
       -- The kill message's first line; the rest is where the watch was set.
       text = text:match("^[^\n]*")
-      log_traceback(self, co, name, "killed at its limit of " .. tostring(rec.limit) .. " seconds", text,
-        below_kill(co))
+      -- Its own limit, or that of an actor it ran for (one that signalled
+      -- it, or introduced it), whose clock ran on meanwhile.
+      local own = text:find("time of " .. tostring(rec.limit) .. " seconds", 1, true)
+      local what = own and "killed at its limit of " .. tostring(rec.limit) .. " seconds"
+        or "killed at the limit of an actor it ran for"
+      log_traceback(self, co, name, what, text, below_kill(co))
     else
       log_traceback(self, co, name, "failed with error", text)
     end
@@ -344,12 +408,30 @@ local function ended(self, rec, co, how, err)
   elseif how == "request" then
     rec.last_error = err
     log_traceback(self, co, name, err, "bad return value")
+  elseif how == "lost" then
+    rec.last_error = err
+    log_traceback(self, co, name, "lost its request", err)
   end
-  rec.co = nil
+  if rec.co ~= co then
+    -- Restarted or stopped meanwhile (a log function signalled an actor
+    -- whose failure restarted this one): its new life stands; the old
+    -- coroutine is only closed.
+    if how ~= "returned" then close(self, name, co, how == "error", err) end
+    return
+  end
   unwait(self, rec)
   clear_inner(self, rec)
+  local half_built = building[co]
+  if half_built then
+    building[co] = nil
+    pcall(half_built.done, half_built)
+  end
   if how ~= "returned" then close(self, name, co, how == "error", err) end
-
+  -- Restarted or stopped meanwhile, by a `<close>` handler of its: as above.
+  if rec.co ~= co then return end
+  -- Its coroutine goes only now: a kill that cuts this short (a slow
+  -- `<close>` handler, a log) leaves an actor `salvage` ends again.
+  rec.co = nil
   local policy = rec.restart
   if policy == "temporary" then
     rec.state = STOPPED
@@ -388,12 +470,21 @@ end
 
 -- The common case first: the actor waits again for a valid event.
 -- (`Supervisor:signal` has its own copy of this, inline, and of `new_list`.)
-function settle(self, rec, co, ok, todo, what)
+-- `depth`: that of the call that resumed the actor; deeper calls still
+-- counted were left half done inside it (it died there, or an error it
+-- caught left them), and are finished first.
+function settle(self, depth, rec, co, ok, todo, what)
+  if self.depth ~= depth then salvage(self, depth, co) end
   if ok and todo == "waitfor" and what ~= nil and what == what and rec.co == co then
     local list = self.events[what] or new_list(self, what)
     local n = list.n + 1
-    list.n, list[n] = n, rec
-    rec.list, rec.slot = list, n
+    -- One store per statement, in this order (a multiple assignment
+    -- stores right to left): a kill between two leaves a record that is
+    -- not waiting, which `salvage` mends, never a waiter a count misses.
+    rec.list = list
+    rec.slot = n
+    list.n = n
+    list[n] = rec
     return
   end
   return settle_other(self, rec, co, ok, todo, what)
@@ -454,6 +545,7 @@ function M.new(options)
     pending = {},    -- actors that failed while a restart sweep started them
     sweeping = false,
     finished = false,
+    depth = 0,       -- how many calls that resume actors are under way
   }, Supervisor)
 end
 
@@ -493,26 +585,148 @@ end
 local function run_deferred(self, event)
   local queue = self.deferred[event]
   if queue.draining then return end
-  queue.draining = true
-  local i = 1
-  while i <= queue.n and not self.finished do
+  queue.draining = self.depth -- the depth of the signal that drains it
+  -- The position is kept in the queue: a drain that `salvage` takes over
+  -- goes on from there.
+  while (queue.i or 1) <= queue.n and not self.finished do
+    local i = queue.i or 1
     local args = queue[i]
-    queue[i], i = nil, i + 1
+    queue[i], queue.i = nil, i + 1
     self:signal(event, unpack(args, 1, args.n))
   end
   self.deferred[event] = nil
 end
 
--- Resumes the nested supervisors that have actors waiting for `event`.
+-- ----------------------------------------------------------------------
+-- Calls an actor left half done
+-- ----------------------------------------------------------------------
+-- Each call that resumes actors (a signal, the start of an actor) counts
+-- itself in `self.depth` while it runs, and a signal marks the list it
+-- delivers, and the deferred queue it drains, with its depth. An actor
+-- that dies inside such a call (it signalled, or introduced an actor, and
+-- was killed there, at its own limit or at that of whoever resumed it; an
+-- error raised there), or whose own `pcall` caught an error raised there,
+-- leaves the call half done. The call that resumed that actor finds deeper
+-- calls still counted when the actor comes back to it, and finishes their
+-- work: the waiters a signal had not reached yet wait again, ahead of
+-- those that began waiting since; the signals deferred meanwhile are
+-- delivered; an actor whose answer the cut call lost is ended, logged, and
+-- handled by its restart type like any failure (with its kill message, if
+-- it was killed); a restart or a shutdown is carried to its end.
+-- `back`: the coroutine of the actor that came back (its call settles it).
+
+local LOST_RESULT = "it ended while the call that resumed it was cut short: its result was lost"
+local LOST_ANSWER = "its request was lost: the call that resumed it was cut short"
+
+function salvage(self, depth, back)
+  if self.depth <= depth then return end
+  self.depth = depth
+  local events, delivering, deferred = self.events, self.delivering, self.deferred
+  local drain = {}
+  for event, list in pairs(delivering) do
+    if list.depth > depth then
+      delivering[event] = nil
+      local again = events[event]
+      if again and again ~= list then
+        for i = 1, again.n do
+          local rec = again[i]
+          if rec then
+            local n = list.n + 1
+            list.n = n
+            list[n] = rec
+            rec.list = list
+            rec.slot = n
+          end
+        end
+      end
+      events[event] = live(list) and list or nil
+      if deferred[event] then drain[#drain + 1] = event end
+    end
+  end
+  for event, queue in pairs(deferred) do
+    -- Drained by a dead call, or queued for a delivery that ended and
+    -- never drained (the call died between the two).
+    local draining = queue.draining
+    if (draining and draining > depth) or (not draining and not delivering[event]) then
+      queue.draining = nil
+      drain[#drain + 1] = event
+    end
+  end
+  local copy = {}
+  for i, rec in ipairs(self.actors) do copy[i] = rec end
+  local stranded = false
+  for _, rec in ipairs(copy) do
+    local co = rec.co
+    if co == nil and rec.state == RUNNING then
+      -- Being introduced, stopped or ended when the call died: started
+      -- again (a temporary one is let go).
+      if rec.restart == "temporary" then
+        rec.state = STOPPED
+        forget(self, rec)
+      else
+        rec.state, stranded = RESTARTING, true
+      end
+    elseif co and co ~= back and rec.state == RUNNING and not rec.nested_wait and not waiting(rec) then
+      local status = raw_status(co)
+      if status == "dead" then
+        -- Its error, if it can be had: 5.4's close answers it (and runs the
+        -- pending `<close>` handlers now); a killed coroutine's resume
+        -- answers its kill message.
+        local why
+        if coclose then why = select(2, coclose(co)) end
+        if why == nil then
+          why = select(2, cw_resume(co))
+          if not (type(why) == "string" and why:find(KILLED)) then why = nil end
+        end
+        ended(self, rec, co, "error", why or LOST_RESULT)
+      elseif status == "suspended" then
+        ended(self, rec, co, "lost", LOST_ANSWER)
+      end
+    end
+  end
+  for _, event in ipairs(drain) do
+    if deferred[event] and not deferred[event].draining and not delivering[event] then
+      run_deferred(self, event)
+    end
+  end
+  -- A restart the dead call made: the actors it stopped and had not
+  -- started yet (or had marked for a restart it did not begin) are
+  -- started, those that failed meanwhile restarted.
+  local live_sweep = self.sweeping and self.sweeping <= depth
+  if not live_sweep then
+    for _, rec in ipairs(self.actors) do
+      if rec.state == RESTARTING and rec.co == nil then stranded = true end
+    end
+  end
+  if not live_sweep and (stranded or self.sweeping or self.pending[1]) then
+    local queued = {}
+    for _, rec in ipairs(self.pending) do queued[rec] = true end
+    local set = {}
+    for _, rec in ipairs(self.actors) do
+      if rec.state == RESTARTING and rec.co == nil and not queued[rec] then set[#set + 1] = rec end
+    end
+    sweep(self, set)
+  end
+  -- A shutdown the dead call made: every actor stops.
+  if self.finished then stop_all(self) end
+end
+
+-- Resumes the nested supervisors that have actors waiting for `event`;
+-- one busy inside its own work (an actor of it signals through this one)
+-- gets the signal directly, queued there if it delivers that event now.
 local function signal_nested(self, event, ...)
   local actors = self.actors
   local copy = {}
   for i = 1, #actors do copy[i] = actors[i] end
   for _, rec in ipairs(copy) do
-    if rec.inner and rec.nested_wait and waits(rec.inner, event) then
+    local inner = rec.inner
+    if inner and rec.nested_wait and waits(inner, event) then
       rec.nested_wait = nil
       local co = rec.co
-      settle(self, rec, co, cw_resume(co, event, ...))
+      local depth = self.depth
+      settle(self, depth, rec, co, cw_resume(co, event, ...))
+    elseif inner and busy_inner(rec) and not inner.stopped_because and waits(inner, event) then
+      inner:signal(event, ...)
     end
   end
 end
@@ -574,10 +788,16 @@ function Supervisor:introduce(name, fn, ...)
     end
     forget(self, old)
   end
-  local rec = { name = name, fn = fn, args = args, restart = restart_type, limit = limit, restarts = 0 }
+  -- Counted from here (see `salvage`): a record added and not started yet
+  -- is started if its caller dies first.
+  local depth = self.depth + 1
+  self.depth = depth
+  local rec = { name = name, fn = fn, args = args, restart = restart_type, limit = limit, restarts = 0,
+    state = RUNNING }
   self.actors[#self.actors + 1] = rec
   self.by_name[name] = rec
   start(self, rec)
+  self.depth = depth - 1
   return state_of(rec)
 end
 
@@ -605,10 +825,15 @@ function Supervisor:signal(event, ...)
     say(self, "Event " .. describe(event) .. " dropped into the bit bucket")
     return nil
   end
+  -- Counted as a call that resumes actors (see `salvage`).
+  local depth = self.depth + 1
+  self.depth = depth
   if list then
-    -- Take the list out: whoever waits again lands in another one.
-    events[event] = nil
+    -- Take the list out: whoever waits again lands in another one. (In
+    -- this order: a kill between two steps leaves what `salvage` mends.)
+    list.depth = depth
     delivering[event] = list
+    events[event] = nil
     -- Resume each actor in it; `settle`'s common case inline, and
     -- `new_list`'s too.
     for i = 1, list.n do
@@ -617,6 +842,7 @@ function Supervisor:signal(event, ...)
         list[i] = nil
         local co = rec.co
         local ok, todo, what = cw_resume(co, event, ...)
+        if self.depth ~= depth then salvage(self, depth, co) end -- see `settle`
         if ok and todo == "waitfor" and what ~= nil and what == what and rec.co == co then
           local again = events[what]
           if not again then
@@ -629,8 +855,10 @@ function Supervisor:signal(event, ...)
             events[what] = again
           end
           local n = again.n + 1
-          again.n, again[n] = n, rec
-          rec.list, rec.slot = again, n
+          rec.list = again -- one store per statement: see `settle`
+          rec.slot = n
+          again.n = n
+          again[n] = rec
         else
           settle_other(self, rec, co, ok, todo, what)
         end
@@ -646,6 +874,7 @@ function Supervisor:signal(event, ...)
     self.spare = list
   end
   if self.deferred[event] then run_deferred(self, event) end
+  self.depth = depth - 1
   if self.finished then return false end
   list = events[event]
   if list and (list[list.n] or live(list)) then return true end
@@ -663,7 +892,9 @@ function Supervisor:status()
   end
   local rows = {}
   for i, rec in ipairs(self.actors) do
-    rows[i] = { name = rec.name, state = state_of(rec), event = waiting(rec) and rec.list.event or nil,
+    local event -- `false` is an event too
+    if waiting(rec) then event = rec.list.event end
+    rows[i] = { name = rec.name, state = state_of(rec), event = event,
       restarts = rec.restarts, last_error = rec.last_error }
   end
   sort(rows, function(a, b) return a.name < b.name end)
@@ -685,8 +916,8 @@ function Supervisor:done()
   end
   if self.finished then return end
   self.finished = true
-  stop_all(self)
   self.stopped_because = self.stopped_because or DONE_REASON
+  stop_all(self)
 end
 
 -- ----------------------------------------------------------------------
@@ -789,7 +1020,10 @@ end
 function M.run(options, init, ...)
   if type(init) ~= "function" then argerror(2, "run", "function", init) end
   local sup = M.new(options)
+  local co = raw_running()
+  building[co] = sup
   init(sup, ...)
+  building[co] = nil
   if serve_nested(sup) then return relay(sup, cw_yield(NESTED, sup)) end
 end
 return M
