@@ -406,22 +406,6 @@ function poll()
   end
 end
 
--- Whether anything is due for `t` that no interrupt may have brought yet:
--- a cancel not raised, or a timeout scope expired and not raised.
-local function overdue(t)
-  local shield = t._shield
-  if shield == 0 and t._cancel_err and not t._delivered then return true end
-  local now, scopes = gettime(), t._scopes
-  for i = 1, #scopes do
-    local scope = scopes[i]
-    if not scope.closed and not scope.fired and scope.shield >= shield
-        and now >= scope.at then
-      return true
-    end
-  end
-  return false
-end
-
 -- This file's code is the scheduler's bookkeeping: an error raised in it
 -- could leave a timeout scope on its task or the cell on a dead thread.
 -- Code that this file calls and that runs no user code: C functions (on
@@ -1057,10 +1041,13 @@ local function pcall_on_coroutine(t, f, ...)
   local caller = stack[#stack]
   stack[#stack + 1] = id
   if cell_set(cell, id) then poll() end
+  -- A deadline's sticky lead belongs to the thread it was armed on.
+  local warm = t._warm
+  t._warm = nil
   if hard_error(t) then
     t._sticky = true
     mtint_interrupt(id, true)
-  elseif overdue(t) then
+  elseif warm or due_on_resume(t, true) then
     -- Interrupted just before the cell moved: the interrupt waits on the
     -- caller's thread, which does not run while `co` does.
     mtint_interrupt(id)
@@ -1076,7 +1063,9 @@ local function pcall_on_coroutine(t, f, ...)
   -- is due, or about to be, here (raised once the caller's bookkeeping is
   -- done; a deadline's early interrupt spent on `co` comes again).
   poll()
-  if overdue(t) or due_on_resume(t, true) then mtint_interrupt(caller) end
+  warm = t._warm
+  t._warm = nil
+  if warm or due_on_resume(t, true) then mtint_interrupt(caller) end
   -- No interrupt is pending on this thread here: the caller closes its
   -- scope (task.timeout's handler) before after_pcall raises what is due.
   return unpack(res, 1, res.n)
