@@ -555,6 +555,13 @@ local function begin_wait(t, what)
 end
 
 local function after_wait(t, ...)
+  -- A wait for a task or a future that was given up (a cancel, a timeout)
+  -- leaves nothing on its list of waiters.
+  local awaited = t._awaiting
+  if awaited then
+    t._awaiting = nil
+    awaited:_forget(t)
+  end
   check(t)
   return ...
 end
@@ -587,6 +594,7 @@ function cancel(t, reason, kind)
 end
 
 local settle
+local wake_waiters -- wake_waiters(object): a task or future ended
 
 local function unobserved_failure(t)
   return t._status == "failed" and not t._observed and not t._group
@@ -597,12 +605,7 @@ function settle(t)
   t._status = t._outcome
   t._outcome = nil
   if t._grace_deadline then deadline_cancel(t._grace_deadline); t._grace_deadline = nil end
-  local waiters = t._waiters
-  t._waiters = nil
-  if waiters then
-    local gens = waiters.gens
-    for i = 1, #waiters do wake(waiters[i], gens[waiters[i]]) end
-  end
+  wake_waiters(t)
   local parent = t._parent
   if parent then
     parent._children[t] = nil
@@ -872,13 +875,70 @@ function Task:_ended()
 end
 
 -- Who waits for this task (or future) to end: each waiting task once, in
--- the order they began, with the number of its latest wait. An await
--- given up (to a timeout, say) and tried again leaves nothing behind.
+-- the order they began, with the number of its wait (`gens`) and its
+-- place in the list (`at`). A task that gives its wait up is taken off
+-- (its place left `false`, the list compacted once half of it is holes):
+-- a long-lived task or future keeps no waiter that stopped waiting.
 function Task:_on_end(me, gen)
   local waiters = self._waiters
-  if not waiters then waiters = { gens = {} }; self._waiters = waiters end
-  if not waiters.gens[me] then waiters[#waiters + 1] = me end
-  waiters.gens[me] = gen
+  if not waiters then
+    waiters = { n = 0, holes = 0, gens = {}, at = {} }
+    self._waiters = waiters
+  end
+  local i = waiters.at[me]
+  if not i then
+    i = waiters.n + 1
+    waiters.n = i
+    waiters[i] = me
+    waiters.at[me] = i
+  end
+  waiters.gens[i] = gen
+  me._awaiting = self
+end
+
+local function compact(waiters)
+  local n, gens, at = 0, waiters.gens, waiters.at
+  for i = 1, waiters.n do
+    local waiter = waiters[i]
+    if waiter then
+      n = n + 1
+      waiters[n] = waiter
+      gens[n] = gens[i]
+      at[waiter] = n
+    end
+  end
+  for i = n + 1, waiters.n do
+    waiters[i] = nil
+    gens[i] = nil
+  end
+  waiters.n = n
+  waiters.holes = 0
+end
+
+-- `me` stopped waiting for this task or future before it ended.
+function Task:_forget(me)
+  local waiters = self._waiters
+  local i = waiters and waiters.at[me]
+  if not i then return end
+  waiters.at[me] = nil
+  waiters[i] = false
+  waiters.holes = waiters.holes + 1
+  if waiters.holes * 2 > waiters.n then compact(waiters) end
+end
+
+-- The task or future `object` ended: wakes who waits for it.
+function wake_waiters(object)
+  local waiters = object._waiters
+  if not waiters then return end
+  object._waiters = nil
+  local gens = waiters.gens
+  for i = 1, waiters.n do
+    local waiter = waiters[i]
+    if waiter then
+      if waiter._awaiting == object then waiter._awaiting = nil end
+      wake(waiter, gens[i])
+    end
+  end
 end
 
 local function await(self, name)
@@ -960,12 +1020,7 @@ local function finish_future(f, name, ok, values)
   end
   local t = enter_critical()
   f._done, f._ok, f._values = true, ok, values
-  local waiters = f._waiters
-  f._waiters = nil
-  if waiters then
-    local gens = waiters.gens
-    for i = 1, #waiters do wake(waiters[i], gens[waiters[i]]) end
-  end
+  wake_waiters(f)
   leave_critical(t)
 end
 
@@ -991,6 +1046,7 @@ end
 
 function Future:_ended() return self._done end
 Future._on_end = Task._on_end
+Future._forget = Task._forget
 
 local function future_wait(self, name)
   checkfuture(1, name, self)
