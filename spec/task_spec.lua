@@ -1020,6 +1020,111 @@ describe("corowatch.task.shield against a hostile user", function()
   end)
 end)
 
+describe("corowatch.task timeouts and cancels after a raise elsewhere", function()
+  it("lands an outer timeout on time after an inner one with nearly its deadline was caught", function()
+    -- The inner raise clears the thread's interrupt: the outer deadline's
+    -- early interrupt with it, or (both past) the outer scope was marked
+    -- fired while the inner error was raised.
+    local worst = 0
+    for try = 1, 10 do
+      local inner = try % 2 == 0 and 0.0499 or 0.04998
+      task.run({ function()
+        local deadline = gettime() + 0.05
+        task.pcall(task.timeout, 0.05, function()
+          local ok, err = task.pcall(task.timeout, inner, spin, 10)
+          -- Catches the inner timeout only.
+          if not ok and not tostring(err.message):find("after " .. inner .. " seconds", 1, true) then
+            error(err, 0)
+          end
+          spin(5)
+        end)
+        worst = math.max(worst, gettime() - deadline)
+      end, grace = 0.6 })
+    end
+    assert.is_true(worst < 0.3, "the outer timeout landed " .. worst .. " s late")
+  end)
+
+  it("land on time after a task.pcall whose timeout became a hard error", function()
+    -- A timeout swallowed by plain pcall until its grace period ends (5.1
+    -- runs task.pcall on a coroutine of its own, where the hard error's
+    -- sticky interrupt is armed).
+    local function hard_error_in_pcall()
+      task.pcall(task.timeout, 0.01, function()
+        while true do pcall(spin, 0.001) end
+      end)
+    end
+    local took, cancelled, outcome
+    task.run(function()
+      local timed = task.spawn({ function()
+        hard_error_in_pcall()
+        local started = gettime()
+        task.pcall(task.timeout, 0.05, spin, 5)
+        took = gettime() - started
+      end, grace = 0.3 })
+      local cancelled_self = task.spawn({ function()
+        hard_error_in_pcall()
+        local started = gettime()
+        outcome = { task.pcall(function()
+          task.current():cancel("self")
+          spin(2)
+          return "cancel not raised"
+        end) }
+        cancelled = gettime() - started
+      end, grace = 0.3 })
+      timed:pawait()
+      cancelled_self:pawait()
+    end)
+    assert.is_true(took < 0.2, "a 0.05 s timeout took " .. took .. " s")
+    assert.is_false(outcome[1])
+    assert.are.equal("self", outcome[2].reason)
+    assert.is_true(cancelled < 0.2, "the cancel took " .. cancelled .. " s")
+  end)
+
+  it("keep reaching a task whose task.pcall could not wait across a C call", function()
+    local outcome, took, failed
+    task.run(function()
+      local t = task.spawn({ function()
+        local started = gettime()
+        outcome = { task.pcall(task.timeout, 0.05, function()
+          -- The wait fails: on 5.1 past task.pcall (it runs its function
+          -- on a coroutine of its own), elsewhere inside it.
+          failed = { pcall(string.gsub, "a", "a", function()
+            local ok, err = task.pcall(task.sleep, 0.001)
+            if not ok then error(err, 0) end
+          end) }
+          spin(3)
+          return "not timed out"
+        end) }
+        took = gettime() - started
+      end, grace = 0.3 })
+      t:pawait()
+    end)
+    assert.is_false(failed[1])
+    assert.matches("yield across", failed[2])
+    assert.is_false(outcome[1])
+    assert.are.equal(task.error.timeout, kind_of(outcome[2]))
+    assert.is_true(took < 0.2, "a 0.05 s timeout took " .. took .. " s")
+  end)
+
+  it("leave no task on a future's waiters when its wait failed across a C call", function()
+    local tasks = setmetatable({}, { __mode = "k" })
+    local f
+    task.run(function()
+      f = task.future()
+      for _ = 1, 3 do
+        local t = task.spawn(function()
+          pcall(table.sort, { 1, 2 }, function(a, b) f:await(); return a < b end)
+        end)
+        tasks[t] = true
+        t:await()
+      end
+    end)
+    collectgarbage(); collectgarbage()
+    assert.is_nil(next(tasks), "an ended task is kept")
+    assert.is_false(f:done())
+  end)
+end)
+
 describe("corowatch.task awaits given up", function()
   -- KB of Lua heap that `tries` calls of `give_up` leave behind. A GC
   -- every 50 calls: weak tables keyed by dead coroutines (ids, handlers;

@@ -444,6 +444,19 @@ local function expires_soon()
   return heap_n > 0 and heap[1].at <= gettime() + LEAD
 end
 
+-- Whether another of `t`'s timeout scopes comes due within LEAD: its
+-- deadline's early interrupt may have come, and been cleared by a raise.
+local function scope_due_soon(t)
+  local scopes = t._scopes
+  if scopes[1] == nil then return false end
+  local soon = gettime() + LEAD
+  for i = 1, #scopes do
+    local scope = scopes[i]
+    if not scope.closed and not scope.fired and scope.at <= soon then return true end
+  end
+  return false
+end
+
 -- How early a deadline's first interrupt comes (src/task/deadline.rs's
 -- LEAD): the one that may have reached no thread.
 local DEADLINE_LEAD = jit and 0.0003 or 0.00015
@@ -505,11 +518,14 @@ local function on_interrupt()
       else
         -- Sticky only for a timeout's lead (or once, and taken): off, so
         -- that the unwinding runs without the handler. A cancel that
-        -- another thread sent meanwhile had its interrupt cleared too,
-        -- and comes first.
+        -- another thread sent meanwhile had its interrupt cleared too: it
+        -- comes again once this error is caught. (Not raised instead:
+        -- `due` has marked this error's scope fired.)
         mtint_interrupt(mtint_id(), false)
         poll()
-        err = due(t, true) or err
+        if t._cancel_err and not t._delivered or scope_due_soon(t) then
+          mtint_interrupt(mtint_id())
+        end
       end
     end
     error(err, 0)
@@ -630,6 +646,12 @@ end
 -- The body of `t` returned (ok) or raised; results in `res`.
 local function body_end(t, ok, res)
   t._body_done = true
+  -- A wait that raised before it suspended left the task on a list.
+  local awaited = t._awaiting
+  if awaited then
+    t._awaiting = nil
+    awaited:_forget(t)
+  end
   by_thread[t._co] = nil
   by_id[t._id] = nil
   native.mailbox_unregister(mailbox, t._id)
@@ -880,6 +902,10 @@ end
 -- (its place left `false`, the list compacted once half of it is holes):
 -- a long-lived task or future keeps no waiter that stopped waiting.
 function Task:_on_end(me, gen)
+  -- A wait that raised before it suspended (a yield across a C call)
+  -- left its task on that list.
+  local left = me._awaiting
+  if left then left:_forget(me) end
   local waiters = self._waiters
   if not waiters then
     waiters = { n = 0, holes = 0, gens = {}, at = {} }
@@ -1086,6 +1112,24 @@ local function after_pcall(t, ok, ...)
   return ok, ...
 end
 
+-- PUC Lua 5.1: moves task `t` onto the thread `id` (already on top of its
+-- stack). The cell follows; an interrupt armed on the thread it leaves
+-- (a deadline's sticky lead, a hard error's sticky interrupt) does not,
+-- so the new thread is interrupted for what was due there, or about to
+-- be, and for what reached the old one as it stopped.
+local function move_onto(t, id)
+  if cell_set(cell, id) then poll() end
+  local warm = t._warm
+  t._warm = nil
+  t._sticky = false
+  if hard_error(t) then
+    t._sticky = true
+    mtint_interrupt(id, true)
+  elseif warm or due_on_resume(t, true) then
+    mtint_interrupt(id)
+  end
+end
+
 -- PUC Lua 5.1: runs `f(...)` on a coroutine of its own, passing its
 -- waits through to the scheduler; returns as pcall does.
 local function pcall_on_coroutine(t, f, ...)
@@ -1096,34 +1140,30 @@ local function pcall_on_coroutine(t, f, ...)
   local stack = t._stack
   local caller = stack[#stack]
   stack[#stack + 1] = id
-  if cell_set(cell, id) then poll() end
-  -- A deadline's sticky lead belongs to the thread it was armed on.
-  local warm = t._warm
-  t._warm = nil
-  if hard_error(t) then
-    t._sticky = true
-    mtint_interrupt(id, true)
-  elseif warm or due_on_resume(t, true) then
-    -- Interrupted just before the cell moved: the interrupt waits on the
-    -- caller's thread, which does not run while `co` does.
-    mtint_interrupt(id)
-  end
+  move_onto(t, id)
   local res = pack(cw_resume(co, ...))
   while cw_status(co) ~= "dead" do
-    res = pack(cw_resume(co, cw_yield(unpack(res, 2, res.n))))
+    -- While `co` waits the task is the caller's again: a yield that fails
+    -- here (a C call between the task and this pcall) raises on the
+    -- caller's thread, and leaves nothing pointing at `co`. Nothing is
+    -- taken here: a timer taken before the task is marked waiting would
+    -- not wake it (the scheduler looks once it is).
+    stack[#stack] = nil
+    t._warm = nil
+    t._sticky = false
+    if cell_set(cell, caller) then asked_meanwhile = true end
+    local back = pack(cw_yield(unpack(res, 2, res.n)))
+    stack[#stack + 1] = id
+    move_onto(t, id)
+    res = pack(cw_resume(co, unpack(back, 1, back.n)))
   end
   stack[#stack] = nil
-  cell_set(cell, caller)
   by_thread[co] = nil
-  -- An interrupt that reached `co` after its end is lost there: bring what
-  -- is due, or about to be, here (raised once the caller's bookkeeping is
-  -- done; a deadline's early interrupt spent on `co` comes again).
+  -- An interrupt that reached `co` after its end is lost there: it is
+  -- raised here once the caller's bookkeeping is done (a deadline's early
+  -- interrupt spent on `co` comes again).
   poll()
-  warm = t._warm
-  t._warm = nil
-  if warm or due_on_resume(t, true) then mtint_interrupt(caller) end
-  -- No interrupt is pending on this thread here: the caller closes its
-  -- scope (task.timeout's handler) before after_pcall raises what is due.
+  move_onto(t, caller)
   return unpack(res, 1, res.n)
 end
 

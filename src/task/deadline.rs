@@ -12,7 +12,10 @@
 //!
 //! And a lead: it fires [`LEAD`] before its time, sticky, so that the
 //! handler runs at every instruction for the last stretch and raises at
-//! the deadline itself. The handler's first run after a CPU-bound stretch
+//! the deadline itself. It fires again at its time: the sticky interrupt
+//! the lead armed may be spent before then (another scope's raise clears
+//! the thread's interrupt), and the deadline must not wait for its grace
+//! period. The handler's first run after a CPU-bound stretch
 //! is all cache misses (tens of µs here); fired at the deadline, that was
 //! most of a timeout's overshoot. The same idea as the hook's lead for
 //! kills on LuaJIT (`crate::vm`).
@@ -42,19 +45,27 @@ struct Job {
     /// The deadline itself (the first firing may come [`LEAD`] earlier).
     due: Instant,
     cancelled: AtomicBool,
-    /// After the first firing, fire again this much later, sticky.
+    /// Set until the lead's firing happened, if the deadline has a lead.
+    lead_pending: AtomicBool,
+    /// After the firing at `due`, fire again this much later, sticky.
     grace: Option<Duration>,
-    /// This job, to queue it again for the grace period.
+    /// This job, to queue it again (at `due` after its lead, and for the
+    /// grace period).
     me: Weak<Job>,
-    /// Set once the first firing happened (the next one is the grace's).
+    /// Set once the firing at `due` happened (the next one is the grace's).
     fired: AtomicBool,
-    /// The token of the grace period's timer, once queued (0 before).
-    grace_token: AtomicU64,
+    /// The token of the timer queued by the last firing (0 before one).
+    follow_up_token: AtomicU64,
 }
 
 impl Timer for Job {
     fn fire(&self) {
         if self.cancelled.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.lead_pending.swap(false, Ordering::SeqCst) {
+            self.cell.interrupt(Request::Sticky, Side::Afar);
+            self.follow_up(self.due);
             return;
         }
         let first = !self.fired.swap(true, Ordering::SeqCst);
@@ -63,15 +74,24 @@ impl Timer for Job {
             return;
         }
         self.cell.interrupt(self.request, Side::Afar);
-        let (Some(grace), Some(me)) = (self.grace, self.me.upgrade()) else {
-            return;
-        };
         // A grace beyond the clock's range never ends: no timer.
-        let Some(at) = self.due.max(Instant::now()).checked_add(grace) else {
+        if let Some(at) = self
+            .grace
+            .and_then(|grace| self.due.max(Instant::now()).checked_add(grace))
+        {
+            self.follow_up(at);
+        }
+    }
+}
+
+impl Job {
+    /// Queues this job's next firing.
+    fn follow_up(&self, at: Instant) {
+        let Some(me) = self.me.upgrade() else {
             return;
         };
         let token = watchdog::schedule_timer(me, at);
-        self.grace_token.store(token, Ordering::SeqCst);
+        self.follow_up_token.store(token, Ordering::SeqCst);
         // `cancel` may have run between our check and the store, and then
         // did not see the token: take the timer out ourselves.
         if self.cancelled.load(Ordering::SeqCst) {
@@ -113,10 +133,11 @@ impl Deadline {
             },
             due,
             cancelled: AtomicBool::new(false),
+            lead_pending: AtomicBool::new(lead),
             grace,
             me: me.clone(),
             fired: AtomicBool::new(false),
-            grace_token: AtomicU64::new(0),
+            follow_up_token: AtomicU64::new(0),
         });
         let first = if lead {
             due.checked_sub(LEAD).unwrap_or(due)
@@ -135,10 +156,11 @@ impl Deadline {
             request: Request::Once,
             due: Instant::now(),
             cancelled: AtomicBool::new(true),
+            lead_pending: AtomicBool::new(false),
             grace: None,
             me: me.clone(),
             fired: AtomicBool::new(false),
-            grace_token: AtomicU64::new(0),
+            follow_up_token: AtomicU64::new(0),
         });
         Deadline { job, token: 0 }
     }
@@ -146,9 +168,9 @@ impl Deadline {
     pub fn cancel(&self) {
         if !self.job.cancelled.swap(true, Ordering::SeqCst) {
             watchdog::cancel_timer(self.token);
-            // Queued by the first firing, if it happened (else `fire`
+            // Queued by the last firing, if one happened (else `fire`
             // sees the flag).
-            match self.job.grace_token.load(Ordering::SeqCst) {
+            match self.job.follow_up_token.load(Ordering::SeqCst) {
                 0 => {}
                 token => watchdog::cancel_timer(token),
             }
