@@ -1305,3 +1305,66 @@ describe("a supervisor whose signalling actor dies anywhere in its code", functi
     end)
   end
 end)
+
+describe("a supervisor whose call an error on the host's thread cut short", function()
+  local mtint = require("mtint")
+  after_each(function() mtint.sethook(nil) end)
+
+  it("mends it at the next call, as a dead actor's caller does", function()
+    if jit then
+      pending("LuaJIT: the interrupt lands at the hook's next poll, not between two steps of signal")
+      return
+    end
+    -- The host's own interrupt handler raises on the main thread while
+    -- `signal` is between two steps; the host catches the error.
+    local main = mtint.id()
+    mtint.sethook(function() error("host stop", 0) end)
+    local sup, lines = recorded()
+    local journal, interrupt = {}, true
+    sup:introduce("a", function()
+      while true do
+        local _, value = yield("waitfor", "go")
+        journal[#journal + 1] = value
+        if interrupt then
+          interrupt = false
+          mtint.interrupt(main)
+        end
+      end
+    end)
+    sup:introduce("b", listener(journal, "b"))
+    local ok, err = pcall(sup.signal, sup, "go", 1)
+    mtint.sethook(nil)
+    assert.is_false(ok)
+    assert.are.equal("host stop", err)
+    assert.is_true(sup:signal("go", 2))
+    -- b never got the event of the call that died; a, its answer lost
+    -- with that call, was restarted.
+    assert.are.same({ "start b", 1, "b 2", 2 }, journal)
+    local rows = sup:status()
+    assert.are.same({ "waiting", "waiting" }, { rows[1].state, rows[2].state })
+    assert.truthy(find_line(lines, "Coroutine a lost its request"))
+  end)
+
+  it("leaves a call that a log function makes inside a live one alone", function()
+    local sup
+    local lines, states = {}, {}
+    sup = supervisor.new{ intensity = 10, log = function(line)
+      lines[#lines + 1] = line
+      -- Called while the signal below delivers: it is under way.
+      if line:find("fails on purpose", 1, true) then
+        local rows = sup:status()
+        states[#states + 1] = rows[1].state .. " " .. rows[2].state
+      end
+    end }
+    local journal = {}
+    sup:introduce("a", listener(journal, "a"))
+    sup:introduce("b", listener(journal, "b"))
+    assert.is_true(sup:signal("go", "fail"))
+    -- While a's failure is logged b still waits in the list being delivered.
+    assert.are.same({ "running waiting", "waiting running" }, states)
+    assert.are.same({ "start a", "start b", "a fail", "start a", "b fail", "start b" }, journal)
+    assert.is_nil(find_line(lines, "lost"))
+    local rows = sup:status()
+    assert.are.same({ 1, 1 }, { rows[1].restarts, rows[2].restarts })
+  end)
+end)
