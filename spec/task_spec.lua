@@ -740,6 +740,15 @@ describe("corowatch.task errors and options", function()
     end)
   end)
 
+  it("task.xpcall answers a message handler that fails as xpcall does", function()
+    local answer
+    task.run(function()
+      answer = { task.xpcall(function() task.yield(); error("a") end, function() error("b") end) }
+    end)
+    local plain = { xpcall(function() error("a") end, function() error("b") end) }
+    assert.are.same(plain, answer) -- false, "error in error handling"
+  end)
+
   it("calls outside a task fail clearly", function()
     assert.has_error(function() task.sleep(1) end, "corowatch.task.sleep: called outside a task")
     assert.has_error(function() task.timeout(1, print) end, "corowatch.task.timeout: called outside a task")
@@ -1042,6 +1051,32 @@ describe("corowatch.task timeouts and cancels after a raise elsewhere", function
       end, grace = 0.6 })
     end
     assert.is_true(worst < 0.3, "the outer timeout landed " .. worst .. " s late")
+  end)
+
+  it("let no inner timeout take the place of an outer one on its way out", function()
+    -- The outer timeout is caught inside the inner scope, which re-raises
+    -- it after a cleanup that outlasts the inner deadline.
+    local outcome, took
+    task.run({ function()
+      local started = gettime()
+      outcome = { task.pcall(task.timeout, 0.05, function()
+        local ok, err = task.pcall(task.timeout, 0.052, function()
+          local _, caught = task.pcall(spin, 0.5)
+          spin(0.005)
+          error(caught, 0)
+        end)
+        -- Catches the inner timeout only.
+        if not ok and not tostring(err.message):find("after 0.052 seconds", 1, true) then
+          error(err, 0)
+        end
+        spin(0.5)
+        return "the outer timeout was lost"
+      end) }
+      took = gettime() - started
+    end, grace = 0.3 })
+    assert.is_false(outcome[1])
+    assert.matches("after 0.05 seconds", outcome[2].message, 1, true)
+    assert.is_true(took < 0.2, "the outer timeout took " .. took .. " s")
   end)
 
   it("land on time after a task.pcall whose timeout became a hard error", function()

@@ -337,6 +337,9 @@ function due(t, from_hook)
     elseif not from_hook or now >= t._grace_at then
       return err
     end
+    -- Raised, and on its way out or caught, within its grace period: no
+    -- timeout inside may take its place.
+    return nil
   end
   local scopes = t._scopes
   for i = 1, #scopes do
@@ -358,6 +361,10 @@ function due(t, from_hook)
       elseif not from_hook or now >= scope._grace_at then
         return scope.err
       end
+      -- Fired, and on its way out or caught, within its grace period: no
+      -- scope inside it may fire in its place (the error it raised would
+      -- replace this one, and be caught by its own scope).
+      return nil
     end
   end
   return nil
@@ -1190,7 +1197,10 @@ function M.xpcall(f, handler, ...)
   end
   local res = pack(pcall_on_coroutine(t, f, ...))
   if res[1] then return unpack(res, 1, res.n) end
-  return after_pcall(t, false, handler(res[2]))
+  -- A handler that fails is answered as xpcall answers it.
+  local handled, value = pcall(handler, res[2])
+  if not handled then value = "error in error handling" end
+  return after_pcall(t, false, value)
 end
 
 -- ----------------------------------------------------------------------
