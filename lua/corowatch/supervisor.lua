@@ -111,30 +111,12 @@ local function run_log(log, line)
   return ok, err
 end
 
--- A call of the supervisor that runs code which may call it again on the
--- same thread (a log function, `<close>` handlers, its own deferred
--- signals) marks it, with its depth: such a call is one under way, not one
--- that died (see `recover`). Returns the mark, for `reentered`.
-local function reenter(self)
-  local reentries = self.reentries
-  local n = #reentries + 1
-  reentries[n] = self.depth
-  return n
-end
-
-local function reentered(self, n)
-  local reentries = self.reentries
-  for i = #reentries, n, -1 do reentries[i] = nil end
-end
-
 -- Logs one line; a failing log function is reported on stderr, never
 -- allowed to break the supervisor.
 local function say(self, line)
   local log = self.log
   if log then
-    local reentry = reenter(self)
     local ok, err = run_log(log, line)
-    reentered(self, reentry)
     if not ok then
       pcall(default_log, "corowatch.supervisor: the log function failed: " .. describe(err))
     end
@@ -268,9 +250,7 @@ end
 -- answers again.
 local function close(self, name, co, failed, err)
   if coclose and (failed or raw_status(co) == "suspended") then
-    local reentry = reenter(self)
     local ok, why = coclose(co)
-    reentered(self, reentry)
     if not ok and not (failed and rawequal(why, err)) then
       say(self, "Coroutine " .. name .. " failed while closing: " .. describe(why))
     end
@@ -292,7 +272,6 @@ local function start(self, rec)
   local fn, args = rec.fn, rec.args
   local co = cw_create(function(...) return RETURNED, fn(...) end)
   if rec.limit then cw_watch(co, rec.limit) end
-  self.of_co[co] = rec
   rec.co, rec.state = co, RUNNING
   -- Counted as a call that resumes an actor (see `salvage`).
   local depth = self.depth + 1
@@ -567,8 +546,6 @@ function M.new(options)
     sweeping = false,
     finished = false,
     depth = 0,       -- how many calls that resume actors are under way
-    of_co = setmetatable({}, { __mode = "k" }), -- an actor's coroutine -> its record
-    reentries = {},  -- the depths of the calls making a reentry (see `reenter`)
   }, Supervisor)
 end
 
@@ -611,14 +588,12 @@ local function run_deferred(self, event)
   queue.draining = self.depth -- the depth of the signal that drains it
   -- The position is kept in the queue: a drain that `salvage` takes over
   -- goes on from there.
-  local reentry = reenter(self)
   while (queue.i or 1) <= queue.n and not self.finished do
     local i = queue.i or 1
     local args = queue[i]
     queue[i], queue.i = nil, i + 1
     self:signal(event, unpack(args, 1, args.n))
   end
-  reentered(self, reentry)
   self.deferred[event] = nil
 end
 
@@ -646,11 +621,6 @@ local LOST_ANSWER = "its request was lost: the call that resumed it was cut shor
 function salvage(self, depth, back)
   if self.depth <= depth then return end
   self.depth = depth
-  -- Reentries the dead calls made died with them.
-  local reentries = self.reentries
-  for i = #reentries, 1, -1 do
-    if reentries[i] > depth then reentries[i] = nil else break end
-  end
   local events, delivering, deferred = self.events, self.delivering, self.deferred
   local drain = {}
   for event, list in pairs(delivering) do
@@ -741,31 +711,6 @@ function salvage(self, depth, back)
   if self.finished then stop_all(self) end
 end
 
--- Whether a call of this supervisor is under way below the running code:
--- one made a reentry (see `reenter`), or the running thread is one of its
--- actors, or an actor waits for a coroutine it resumed to come back (an
--- actor is resumed by its supervisor only).
-local function call_under_way(self)
-  if self.reentries[1] then return true end
-  local running = raw_running()
-  if running and self.of_co[running] then return true end
-  local actors = self.actors
-  for i = 1, #actors do
-    local co = actors[i].co
-    if co and raw_status(co) == "normal" then return true end
-  end
-  return false
-end
-
--- A call counted in `self.depth` and none under way: it died, of an error
--- raised inside the supervisor's own code on a thread that no actor
--- resumed (an interrupt's handler on the host's main thread, say), and its
--- caller caught the error. Nobody resumed an actor for it to salvage its
--- work: the next call does.
-local function recover(self)
-  if not call_under_way(self) then salvage(self, 0) end
-end
-
 -- Resumes the nested supervisors that have actors waiting for `event`;
 -- one busy inside its own work (an actor of it signals through this one)
 -- gets the signal directly, queued there if it delivers that event now.
@@ -799,7 +744,6 @@ end
 -- @raise on bad arguments, a name already in use, a stopped supervisor
 function Supervisor:introduce(name, fn, ...)
   check_self(self, "introduce")
-  if self.depth > 0 then recover(self) end
   local restart_type, limit, args = "transient", self.limit
   if type(name) == "table" then
     local spec = name
@@ -870,7 +814,6 @@ function Supervisor:signal(event, ...)
   -- costs about half a resume). A bad self is told apart where it fails.
   local events = self.events
   if events == nil or self.stopped_because then check_self(self, "signal") end
-  if self.depth > 0 then recover(self) end
   local list, delivering
   if event ~= nil then
     list = events[event]
@@ -947,7 +890,6 @@ function Supervisor:status()
   if getmetatable(self) ~= Supervisor then
     error(("calling 'status' on bad self (supervisor expected, got %s)"):format(type(self)), 2)
   end
-  if self.depth > 0 then recover(self) end
   local rows = {}
   for i, rec in ipairs(self.actors) do
     local event -- `false` is an event too
@@ -973,7 +915,6 @@ function Supervisor:done()
     error(("calling 'done' on bad self (supervisor expected, got %s)"):format(type(self)), 2)
   end
   if self.finished then return end
-  if self.depth > 0 then recover(self) end
   self.finished = true
   self.stopped_because = self.stopped_because or DONE_REASON
   stop_all(self)
