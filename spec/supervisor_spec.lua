@@ -1305,3 +1305,62 @@ describe("a supervisor whose signalling actor dies anywhere in its code", functi
     end)
   end
 end)
+
+describe("a supervisor signalled by finalizers", function()
+  it("loses nobody when they run inside its own signal, on the host's thread", function()
+    -- A permanent actor that returns is restarted inside signal, on the
+    -- host's thread: its new coroutine's allocation runs GC steps, whose
+    -- finalizers signal the supervisor while that signal is under way.
+    local sup, lines = recorded({ intensity = 1e9 })
+    local got = { a = 0, w = 0, freed = 0 }
+    local inside = 0
+    local function finalized()
+      local gc = function()
+        local _, main = coroutine.running()
+        if sup.depth > 0 and (main or coroutine.running() == nil) then inside = inside + 1 end
+        if not sup.stopped_because then sup:signal("freed") end
+      end
+      if newproxy then
+        local proxy = newproxy(true)
+        getmetatable(proxy).__gc = gc
+        return proxy
+      end
+      return setmetatable({}, { __gc = gc })
+    end
+    sup:introduce{ name = "a", restart = "permanent", fn = function()
+      supervisor.waitfor("go")
+      got.a = got.a + 1
+      for _ = 1, 3 do finalized() end
+    end }
+    sup:introduce("w", function()
+      while true do supervisor.waitfor("go"); got.w = got.w + 1 end
+    end)
+    sup:introduce("f", function()
+      while true do supervisor.waitfor("freed"); got.freed = got.freed + 1 end
+    end)
+    local modern = _VERSION == "Lua 5.4"
+    collectgarbage("restart")
+    if modern then
+      collectgarbage("incremental", 1, 1000)
+    else
+      collectgarbage("setpause", 1); collectgarbage("setstepmul", 1000)
+    end
+    local answers = {}
+    for i = 1, 500 do
+      local answer = sup:signal("go", i)
+      answers[tostring(answer)] = (answers[tostring(answer)] or 0) + 1
+    end
+    if modern then
+      collectgarbage("incremental", 200, 100)
+    else
+      collectgarbage("setpause", 200); collectgarbage("setstepmul", 200)
+    end
+    assert.is_true(inside > 0, "no finalizer ran inside a signal")
+    assert.are.same({ ["true"] = 500 }, answers)
+    assert.are.same({ 500, 500 }, { got.a, got.w })
+    assert.is_nil(find_line(lines, "lost"))
+    assert.is_nil(find_line(lines, "bit bucket"))
+    local rows = sup:status()
+    assert.are.same({ "waiting", "waiting", "waiting" }, { rows[1].state, rows[2].state, rows[3].state })
+  end)
+end)
