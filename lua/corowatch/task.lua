@@ -577,14 +577,20 @@ local function begin_wait(t, what)
   return t._gen
 end
 
-local function after_wait(t, ...)
-  -- A wait for a task or a future that was given up (a cancel, a timeout)
-  -- leaves nothing on its list of waiters.
+-- Takes `t` off the list of waiters of the task or future it waited for,
+-- if it is still on it.
+local function stop_awaiting(t)
   local awaited = t._awaiting
   if awaited then
     t._awaiting = nil
     awaited:_forget(t)
   end
+end
+
+local function after_wait(t, ...)
+  -- A wait for a task or a future that was given up (a cancel, a timeout)
+  -- leaves nothing on its list of waiters.
+  stop_awaiting(t)
   check(t)
   return ...
 end
@@ -654,11 +660,7 @@ end
 local function body_end(t, ok, res)
   t._body_done = true
   -- A wait that raised before it suspended left the task on a list.
-  local awaited = t._awaiting
-  if awaited then
-    t._awaiting = nil
-    awaited:_forget(t)
-  end
+  stop_awaiting(t)
   by_thread[t._co] = nil
   by_id[t._id] = nil
   native.mailbox_unregister(mailbox, t._id)
@@ -910,9 +912,8 @@ end
 -- a long-lived task or future keeps no waiter that stopped waiting.
 function Task:_on_end(me, gen)
   -- A wait that raised before it suspended (a yield across a C call)
-  -- left its task on that list.
-  local left = me._awaiting
-  if left then left:_forget(me) end
+  -- left its task on a list.
+  stop_awaiting(me)
   local waiters = self._waiters
   if not waiters then
     waiters = { n = 0, holes = 0, gens = {}, at = {} }
