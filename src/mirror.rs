@@ -91,7 +91,7 @@ impl ChainMirror {
     /// Publishes `chain` after a change (the owner thread, which alone
     /// changes it). Rewrites only the entries the change may have touched.
     /// Returns the earliest deadline published.
-    #[inline]
+    #[inline(always)]
     pub fn publish(&self, chain: &mut Chain) -> u64 {
         let len = chain.len();
         let from = chain.take_changed_from();

@@ -245,7 +245,7 @@ impl Chain {
     }
 
     /// Pops the entries above `len`, each told to `gone`, the top first.
-    #[inline]
+    #[inline(always)]
     fn truncate(&mut self, len: usize, gone: &mut impl FnMut(StatePtr)) {
         let Some(popped) = self.entries.get(len..) else {
             return;
@@ -275,7 +275,7 @@ impl Chain {
 
     /// Pops every entry above `len`, and all of them if nothing watched
     /// is left, each told to `gone`; then refreshes the summary.
-    #[inline]
+    #[inline(always)]
     fn shrink_to(&mut self, len: usize, gone: &mut impl FnMut(StatePtr)) {
         // The first watched entry is the lowest: with it gone, nothing
         // watched is left.
@@ -351,6 +351,7 @@ impl Chain {
     /// Nothing runs Lua code between `plan` and `enter` (anchoring only
     /// allocates, and an emergency collection runs no finalizer), so the
     /// chain is still as `plan` left it.
+    #[inline(always)]
     pub fn enter(
         &mut self,
         resumer: StatePtr,
@@ -378,7 +379,7 @@ impl Chain {
     }
 
     /// Pushes an entry, keeping the summary (see [`Chain::refresh`]).
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, state: StatePtr, watch: Option<Watch>, found: Found) {
         if let Some(watch) = &watch {
             if self.first_watched >= self.entries.len() {
@@ -401,6 +402,7 @@ impl Chain {
 
     /// The resume that entered at `depth` returned: that entry and any
     /// left above it go, each told to `gone`.
+    #[inline(always)]
     pub fn leave(&mut self, depth: usize, mut gone: impl FnMut(StatePtr)) -> LeftChain {
         let kill_seen = self
             .entries

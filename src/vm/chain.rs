@@ -123,36 +123,39 @@ impl Vm {
     /// Called on the VM's own thread, outside every other use of the chain;
     /// the threads the chain names, and those `change` pops, are held alive
     /// until it returns (on stacks or in anchors: see the module comment).
+    #[inline(always)]
     unsafe fn change_chain<R>(
         &self,
         change: impl FnOnce(&mut Chain, &mut dyn FnMut(StatePtr)) -> R,
         check: impl FnOnce(&Chain) -> Option<Nanos>,
     ) -> R {
-        if self.mirror.is_armed() {
-            let mut inner = self.lock();
-            // SAFETY: the caller's contract.
-            return unsafe {
-                self.owner.with(|own| {
-                    let result = inner.change_chain(&mut own.chain, change);
-                    self.after_change_locked(&mut inner, &mut own.chain, check);
-                    result
-                })
-            };
-        }
+        // `change` and `check` are called at one place each, where the
+        // compiler inlines them: each resume of something watched comes
+        // through here twice.
+        let mut locked = self.mirror.is_armed().then(|| self.lock());
         // SAFETY: the caller's contract.
-        let (result, due, hook_time, popped) = unsafe {
+        let (result, now, popped, due, hook_time) = unsafe {
             self.owner.with(|own| {
                 let OwnerSide { chain, popped } = own;
                 popped.clear();
                 let result = change(chain, &mut |state| popped.push(state));
                 let now = check(chain);
+                if locked.is_some() {
+                    // Published under the lock, below.
+                    return (result, now, false, false, NEVER);
+                }
                 let due = now.is_some_and(|now| chain.needs_hook(hook_horizon(now)));
                 let earliest = self.mirror.publish(chain);
                 // When the hook must be on, if the alarm is to be checked.
                 let hook_time = now.map_or(NEVER, |_| hook_time(earliest));
-                (result, due, hook_time, !popped.is_empty())
+                (result, now, !popped.is_empty(), due, hook_time)
             })
         };
+        if let Some(inner) = &mut locked {
+            // SAFETY: the caller's contract; the popped threads are alive.
+            unsafe { self.settle_locked(inner, now) };
+            return result;
+        }
         barrier::light();
         let armed = popped && self.mirror.is_armed();
         let late_alarm = hook_time != NEVER && !self.mirror.alarm_by(hook_time);
@@ -160,24 +163,33 @@ impl Vm {
             let mut inner = self.lock();
             // SAFETY: the caller's contract; the popped threads are alive
             // and the watchdog, which held the lock, is done with them.
-            unsafe {
-                self.owner.with(|own| {
-                    let VmInner {
-                        arming,
-                        slots,
-                        ids_by_state,
-                        ..
-                    } = &mut *inner;
-                    for &state in &own.popped {
-                        release(arming, slots, ids_by_state, state);
-                    }
-                    self.after_change_locked(&mut inner, &mut own.chain, |_| {
-                        (due || late_alarm).then(clock::now)
-                    });
-                })
-            };
+            unsafe { self.settle_locked(&mut inner, (due || late_alarm).then(clock::now)) };
         }
         result
+    }
+
+    /// Under the lock, after a change of the chain: the threads it popped
+    /// go to the arming record, then [`Vm::after_change_locked`] looks at
+    /// the deadlines as of `now`, if given.
+    ///
+    /// # Safety
+    /// As for [`Vm::change_chain`], which calls it before it returns.
+    unsafe fn settle_locked(&self, inner: &mut VmInner, now: Option<Nanos>) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.owner.with(|own| {
+                let VmInner {
+                    arming,
+                    slots,
+                    ids_by_state,
+                    ..
+                } = &mut *inner;
+                for &state in &own.popped {
+                    release(arming, slots, ids_by_state, state);
+                }
+                self.after_change_locked(inner, &mut own.chain, |_| now);
+            })
+        }
     }
 
     /// The end of a change made under the lock: the deadlines as `check`
@@ -221,6 +233,26 @@ impl Vm {
     }
 
     /// The running thread `resumer` is about to resume a coroutine (with
+    /// something watched involved): where the coroutine will go, in the
+    /// common cases, which need no change of the chain (it is empty, or
+    /// `resumer` is its top). Reads only the mirror, and cannot panic:
+    /// callers take it outside their panic guard.
+    #[inline(always)]
+    pub fn plan_unchanged(&self, resumer: *mut lua_State) -> Option<Plan> {
+        let len = self.mirror.len();
+        if len == 0 {
+            return Some(Plan {
+                depth: 2,
+                anchor_resumer_at: None,
+            });
+        }
+        (self.mirror.top() == resumer).then_some(Plan {
+            depth: len + 1,
+            anchor_resumer_at: None,
+        })
+    }
+
+    /// The running thread `resumer` is about to resume a coroutine (with
     /// something watched involved): repairs the chain and says where the
     /// coroutine will go, for the caller to anchor it before `enter`.
     ///
@@ -228,20 +260,8 @@ impl Vm {
     /// `resumer` is the running thread, run by the calling OS thread; every
     /// thread on the chain is anchored (so alive).
     pub unsafe fn plan_enter(&self, resumer: *mut lua_State) -> Plan {
-        // The common cases need no change: the resumer is the top, or the
-        // chain is empty (and so it goes at depth 1).
-        let len = self.mirror.len();
-        if len == 0 {
-            return Plan {
-                depth: 2,
-                anchor_resumer_at: None,
-            };
-        }
-        if self.mirror.top() == resumer {
-            return Plan {
-                depth: len + 1,
-                anchor_resumer_at: None,
-            };
+        if let Some(plan) = self.plan_unchanged(resumer) {
+            return plan;
         }
         // SAFETY: the chain's threads are alive and belong to this VM, which
         // the calling OS thread runs (caller's contract).
@@ -263,6 +283,7 @@ impl Vm {
     /// `resumer` is the running thread, on its OS thread; `resumed` is a
     /// coroutine of this VM that the caller keeps alive (on its stack or
     /// anchored, as `plan` says) until the matching `leave`.
+    #[inline(always)]
     pub unsafe fn enter(
         &self,
         resumer: *mut lua_State,
@@ -286,6 +307,7 @@ impl Vm {
     /// # Safety
     /// `resumer` is the running thread, on its OS thread, and every thread
     /// on the chain is still held alive (the one leaving included).
+    #[inline(always)]
     pub unsafe fn leave(&self, resumer: *mut lua_State, depth: usize) -> LeftChain {
         // SAFETY: the caller's contract.
         unsafe { self.change_chain(|chain, gone| chain.leave(depth, gone), back_on_top(resumer)) }
