@@ -45,6 +45,26 @@ describe("the watchdog's queue", function()
     assert.is_true(alarms <= 10, ("the watchdog went off %d times for one kill"):format(alarms))
   end)
 
+  -- A diagnostic for benchmarks: a kill cannot land before its hook was
+  -- armed, so a late kill whose arming was as late shows the watchdog's
+  -- thread did not run in time.
+  it("reports how late it armed a deadline at worst, and starts over once read", function()
+    core.watchdog_lateness()
+    local co = corowatch.watch(cw.create(function() while true do end end), 0.02)
+    local started = corowatch.gettime()
+    local ok = cw.resume(co)
+    local overshoot = corowatch.gettime() - started - 0.02
+    local late = core.watchdog_lateness()
+    assert.is_false(ok)
+    assert.is_number(late)
+    assert.is_true(late >= 0, "negative lateness " .. late)
+    -- Both on the watches' clock, read in this order; 0.1 ms for rounding
+    -- (the hook's time is a whole number of nanoseconds before the limit's).
+    assert.is_true(late <= overshoot + 1e-4,
+      ("armed %.6f s late, but the kill landed %.6f s after the limit"):format(late, overshoot))
+    assert.are.equal(0, core.watchdog_lateness())
+  end)
+
   -- A coroutine resumed with the original resume is not on the chain: the
   -- kill of the watched one that resumed it waits until it runs again. The
   -- hook (LuaJIT's is the VM's) fires in the unseen coroutine meanwhile and

@@ -145,6 +145,21 @@ fn on_alarm(vm: &dyn Alarm) -> Option<Instant> {
     vm.on_alarm()
 }
 
+/// How late after a deadline the watchdog armed its hook at worst, in nanoseconds,
+/// since it was last read (diagnostics: a kill is late by at least that
+/// much, and the watchdog is late only when its thread did not run).
+static WORST_LATENESS: AtomicU64 = AtomicU64::new(0);
+
+/// The watchdog armed the hook `nanos` after a deadline.
+pub fn note_lateness(nanos: u64) {
+    WORST_LATENESS.fetch_max(nanos, Ordering::Relaxed);
+}
+
+/// The worst lateness noted since the last call, which starts over.
+pub fn take_worst_lateness() -> u64 {
+    WORST_LATENESS.swap(0, Ordering::Relaxed)
+}
+
 /// How many jobs wait in the queue (diagnostics: specs check that the
 /// watchdog's work is bounded).
 pub fn queued_jobs() -> usize {

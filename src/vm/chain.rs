@@ -421,6 +421,13 @@ impl Vm {
         barrier::heavy();
         let now = clock::now();
         if self.mirror.needs_hook(hook_horizon(now)) {
+            if inner.retry == Backoff::first() {
+                // The first arming for this deadline (a retry is late on
+                // purpose): how long after the deadline it came (LuaJIT
+                // arms ahead of it: 0 unless the lead was not enough).
+                let late = now.saturating_sub(self.mirror.next_deadline());
+                watchdog::note_lateness(late);
+            }
             inner.arm_chain(Side::Afar, self.mirror.watched_and_above());
             // Come back in case the arming is undone before the hook fires.
             let next = clock::after(now, clock::nanos(inner.retry.step()));
