@@ -25,6 +25,13 @@ pub(super) struct OwnerSide {
     pub(super) popped: Vec<StatePtr>,
 }
 
+/// Whether a thread the chain pops must be told to the arming record
+/// (PUC Lua, whose hooks are per thread: see [`HookArming::release`]).
+/// LuaJIT's hook is the VM's and its release does nothing, and the
+/// mirror's `armed` mark is never set there ([`Vm::mark_armed`]), so a
+/// watched resume collects nothing.
+const RELEASES_POPPED: bool = !cfg!(feature = "luajit");
+
 /// How long before a watch's deadline the hook goes on (LuaJIT). There
 /// another OS thread asks for it with a signal (see [`crate::signal`]),
 /// whose delivery took 30–80 µs on this kind of machine: armed that early,
@@ -138,7 +145,11 @@ impl Vm {
             self.owner.with(|own| {
                 let OwnerSide { chain, popped } = own;
                 popped.clear();
-                let result = change(chain, &mut |state| popped.push(state));
+                let result = change(chain, &mut |state| {
+                    if RELEASES_POPPED {
+                        popped.push(state);
+                    }
+                });
                 let now = check(chain);
                 if locked.is_some() {
                     // Published under the lock, below.
