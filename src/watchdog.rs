@@ -145,12 +145,13 @@ fn on_alarm(vm: &dyn Alarm) -> Option<Instant> {
     vm.on_alarm()
 }
 
-/// How late after a deadline the watchdog armed its hook at worst, in nanoseconds,
-/// since it was last read (diagnostics: a kill is late by at least that
-/// much, and the watchdog is late only when its thread did not run).
+/// How late the watchdog armed the hook for a deadline at worst, after the
+/// hook's time (the deadline, less LuaJIT's lead), in nanoseconds, since it
+/// was last read (diagnostics: a kill is late by at least that much, less
+/// the lead, and the watchdog is late only when its thread did not run).
 static WORST_LATENESS: AtomicU64 = AtomicU64::new(0);
 
-/// The watchdog armed the hook `nanos` after a deadline.
+/// The watchdog armed the hook for a deadline `nanos` after the hook's time.
 pub fn note_lateness(nanos: u64) {
     WORST_LATENESS.fetch_max(nanos, Ordering::Relaxed);
 }

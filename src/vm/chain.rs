@@ -116,7 +116,8 @@ impl Vm {
     }
 
     /// Runs `change` on the chain, from the VM's own thread, and publishes
-    /// the result; each thread it pops goes to the arming record. `check`,
+    /// the result; each thread it pops goes to the arming record (PUC Lua:
+    /// see [`RELEASES_POPPED`]). `check`,
     /// once the chain changed, says whether to look at its deadlines, as of
     /// when: the top is armed at once if one passed, and the watchdog's
     /// alarm moves earlier if needed.
@@ -432,12 +433,15 @@ impl Vm {
         barrier::heavy();
         let now = clock::now();
         if self.mirror.needs_hook(hook_horizon(now)) {
-            if inner.retry == Backoff::first() {
-                // The first arming for this deadline (a retry is late on
-                // purpose): how long after the deadline it came (LuaJIT
-                // arms ahead of it: 0 unless the lead was not enough).
-                let late = now.saturating_sub(self.mirror.next_deadline());
-                watchdog::note_lateness(late);
+            let deadline = self.mirror.next_deadline();
+            if deadline != NEVER && deadline != inner.lateness_timed_for {
+                // The first arming for this deadline (its re-arms are late
+                // on purpose; a kill already seen has none): how long after
+                // the hook's time it came (LuaJIT's is ahead of the
+                // deadline by the hook's lead, which a late watchdog eats
+                // into before the kill is late).
+                inner.lateness_timed_for = deadline;
+                watchdog::note_lateness(now.saturating_sub(hook_time(deadline)));
             }
             inner.arm_chain(Side::Afar, self.mirror.watched_and_above());
             // Come back in case the arming is undone before the hook fires.

@@ -52,7 +52,7 @@ use mlua::ffi::{self, lua_State};
 
 use crate::arming::{Arming, HookArming, Side};
 use crate::barrier;
-use crate::clock;
+use crate::clock::{self, Nanos};
 use crate::key_hash::{KeyHasher, KeyMap};
 use crate::mirror::ChainMirror;
 use crate::owner_only::OwnerOnly;
@@ -138,6 +138,10 @@ struct VmInner {
     /// (LuaJIT restores its hook mask after running a finalizer; 5.4 can
     /// clear the trap just set), and a kill must not wait forever.
     retry: Backoff,
+    /// The deadline whose arming the watchdog timed last (see
+    /// [`crate::watchdog::note_lateness`]): its re-arms are late on
+    /// purpose, and are not timed.
+    lateness_timed_for: Nanos,
     /// Lua 5.1 and LuaJIT: memory block of each coroutine with an id -> its id.
     #[cfg(any(feature = "lua51", feature = "luajit"))]
     blocks: KeyMap<usize, Id>,
@@ -263,6 +267,7 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             writing_afar,
             arming,
             retry: Backoff::first(),
+            lateness_timed_for: clock::NEVER,
             #[cfg(any(feature = "lua51", feature = "luajit"))]
             blocks: KeyMap::default(),
             #[cfg(any(feature = "lua51", feature = "luajit"))]
