@@ -66,9 +66,10 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     core.set("watchdog_jobs", gate::gate(lua, &vm, jobs, closing)?)?;
     let alarms = lua.create_function(|_, ()| Ok(watchdog::alarms_run()))?;
     core.set("watchdog_alarms", gate::gate(lua, &vm, alarms, closing)?)?;
-    // Seconds: how late the watchdog armed a deadline at worst, since the
-    // last call (benchmarks: a late kill whose arming was as late is the
-    // watchdog's thread not running, not the hook).
+    // Seconds: how late the watchdog armed the hook for a deadline at
+    // worst, after the hook's time, since the last call (benchmarks: a late
+    // kill whose arming was as late is the watchdog's thread not running,
+    // not the hook).
     let lateness = lua.create_function(|_, ()| Ok(watchdog::take_worst_lateness() as f64 / 1e9))?;
     core.set(
         "watchdog_lateness",
