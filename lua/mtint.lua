@@ -82,7 +82,8 @@ end
 --- The id of a thread.
 -- @tparam[opt] thread co a coroutine; the running coroutine or main state if nil
 -- @treturn integer an id, unique in the process, never reused, stable for
--- the thread's life; at least 2\^40 and below 10\^14
+-- the thread's life (a coroutine a finalizer brings back after it was
+-- collected gets a new one); at least 2\^40 and below 10\^14
 -- @raise `bad argument #1 to 'id'` if `co` is not a coroutine or nil
 function M.id(co)
   if co ~= nil and type(co) ~= "thread" then

@@ -401,6 +401,45 @@ describe("an id after its coroutine is collected", function()
     collectgarbage(); collectgarbage(); collectgarbage()
     assert.is_nil(next(weak))
   end)
+
+  -- A finalizer can bring a coroutine back (5.2-5.4: one of a table that
+  -- holds it; 5.1 and LuaJIT: of a userdata). Its id was ended with it, as
+  -- every other id of a collected coroutine; `id` must not hand out that
+  -- dead id again (interrupts to it answered unknown_object while the
+  -- coroutine ran on), but a new one that works.
+  it("gives a coroutine a finalizer brought back a new id that works", function()
+    local back
+    local function hold(co)
+      local holder = { co }
+      if newproxy then
+        local proxy = newproxy(true)
+        getmetatable(proxy).__gc = function() back = holder[1] end
+        holder.proxy = proxy
+      else
+        setmetatable(holder, { __gc = function(t) back = t[1] end })
+      end
+    end
+    local co = coroutine.create(function() while true do coroutine.yield(busy()) end end)
+    local old = mtint.id(co)
+    hold(co)
+    co = nil -- luacheck: ignore 311
+    collectgarbage(); collectgarbage()
+    assert.is_not_nil(back, "the finalizer did not bring the coroutine back")
+    local ok, err = pcall(mtint.interruptible, old)
+    if ok then
+      -- The old id is still known (5.1, LuaJIT: the coroutine's memory was
+      -- never freed, so it did not die): it must be the one `id` gives.
+      assert.are.equal(old, mtint.id(back))
+    else
+      assert.matches("^mtint%.error%.unknown_object", err)
+      assert.are_not.equal(old, mtint.id(back))
+    end
+    local id = mtint.id(back)
+    assert.is_true(mtint.interrupt(id))
+    local resumed, message = coroutine.resume(back)
+    assert.is_false(resumed)
+    assert.matches("^mtint%.error%.interrupted", message)
+  end)
 end)
 
 describe("bad arguments", function()

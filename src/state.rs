@@ -120,8 +120,14 @@ fn weak_keyed_table(lua: &Lua) -> mlua::Result<Table> {
 pub fn id_of(lua: &Lua, thread: &Thread) -> mlua::Result<Result<Id, String>> {
     let vm = vm(lua)?;
     let ids: Table = lua.named_registry_value(IDS)?;
+    let state = thread.to_pointer() as *mut ffi::lua_State;
     if let Some(id) = ids.raw_get::<Option<Id>>(thread)? {
-        return Ok(Ok(id));
+        // A coroutine a finalizer brought back keeps its entry here, but
+        // its id ended with its guard: it gets a new one (ids are never
+        // reused), as any other coroutine would.
+        if vm.names(id, state) {
+            return Ok(Ok(id));
+        }
     }
     let Some(target) = registry::create(vm.clone()) else {
         return Ok(Err(format!(
@@ -130,7 +136,6 @@ pub fn id_of(lua: &Lua, thread: &Thread) -> mlua::Result<Result<Id, String>> {
         )));
     };
     let id = target.id;
-    let state = thread.to_pointer() as *mut ffi::lua_State;
     // SAFETY: `thread` is alive (we hold it) and of this VM; the guard made
     // below reports its death (on 5.1 with its block's free, watched next;
     // the main thread dies with the VM).

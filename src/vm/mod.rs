@@ -333,6 +333,16 @@ impl Vm {
         (!inner.closed).then_some(inner.anchor.0)
     }
 
+    /// Whether `id` still names the thread `state`: its death was not
+    /// reported. A coroutine that a finalizer brought back (Lua 5.2–5.4)
+    /// outlives its guard, whose finalizer ended its id.
+    pub fn names(&self, id: Id, state: *mut lua_State) -> bool {
+        self.lock()
+            .slots
+            .get(&id)
+            .is_some_and(|slot| slot.state == StatePtr(state))
+    }
+
     /// Starts tracking a target whose thread is `state`.
     ///
     /// # Safety
