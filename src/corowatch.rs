@@ -54,6 +54,12 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 lua.create_function(get_user_hook)?,
                 nothing,
             ),
+            #[cfg(feature = "luajit")]
+            (
+                "watch_dispatch",
+                lua.create_function(watch_dispatch)?,
+                raise,
+            ),
         ],
     )?;
     // Plain C functions, which work at any point of `lua_close`.
@@ -273,6 +279,68 @@ fn gettime() -> f64 {
     static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
     // Start well above zero so that differences never look like a reset clock.
     1.0e3 + ORIGIN.elapsed().as_secs_f64()
+}
+
+/// LuaJIT: `watch_dispatch(f, limit)`: makes the first three upvalues of
+/// the Lua function `f` a dispatch probe (a count, a limit, a coroutine:
+/// see [`crate::probe`]), or tells the probe registered already that its
+/// loop delivers with limits as small as `limit` seconds. Returns whether
+/// `f` is a probe: false if its first two upvalues are not closed numbers
+/// (it was called before the function that declares them returned), or
+/// if the VM has no room for another probe.
+#[cfg(feature = "luajit")]
+fn watch_dispatch(lua: &Lua, (probe, limit): (Function, f64)) -> mlua::Result<bool> {
+    use crate::hook::PROBES_KEY;
+    use crate::probe::{locate, MAX_PROBES};
+    use crate::vm::Registered;
+    let limit = clock::nanos(seconds(limit, "corowatch.watch_dispatch: limit")?);
+    let vm = state::vm(lua)?;
+    let vm_at = Arc::as_ptr(&vm) as usize;
+    // SAFETY: the closure runs in a C function under `lua_pcall` with `f`
+    // at index 1 and the room Lua gives a C function; it holds only
+    // `Copy` values (the VM is held by `vm`, in this frame, which a Lua
+    // error does not skip), and leaves one boolean. The probe's function
+    // is anchored before the VM reads its upvalues from another thread.
+    let registered = unsafe {
+        lua.exec_raw::<bool>(probe, move |state| {
+            let vm = &*(vm_at as *const crate::vm::Vm);
+            let is_probe =
+                ffi::lua_iscfunction(state, 1) == 0 && !ffi::lua_getupvalue(state, 1, 3).is_null();
+            if is_probe {
+                ffi::lua_pop(state, 1);
+            }
+            let found = if is_probe {
+                locate(state, 1, 1).zip(locate(state, 1, 2))
+            } else {
+                None
+            };
+            // The anchors' table, with a slot for every probe made ahead:
+            // anchoring there cannot fail once the probe is registered.
+            ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&PROBES_KEY));
+            if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
+                ffi::lua_pop(state, 1);
+                ffi::lua_createtable(state, MAX_PROBES as c_int, 0);
+                for slot in 1..=MAX_PROBES {
+                    ffi::lua_pushboolean(state, 0);
+                    ffi::lua_rawseti(state, -2, slot as ffi::lua_Integer);
+                }
+                ffi::lua_pushvalue(state, -1);
+                ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&PROBES_KEY));
+            }
+            let registered = match found {
+                Some((count, limit_at)) => vm.add_probe(count, limit_at, limit),
+                None => Registered::Refused,
+            };
+            if let Registered::New(index) = registered {
+                ffi::lua_pushvalue(state, 1);
+                ffi::lua_rawseti(state, -2, index as ffi::lua_Integer + 1);
+            }
+            ffi::lua_settop(state, 0);
+            ffi::lua_pushboolean(state, c_int::from(registered != Registered::Refused));
+        })?
+    };
+    drop(vm);
+    Ok(registered)
 }
 
 /// `set_dispatcher(f)`: the function the hook calls with (event, co, depth).

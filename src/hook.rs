@@ -35,6 +35,10 @@ pub static HANDLERS_KEY: u8 = 0;
 pub static DISPATCH_KEY: u8 = 0;
 /// corowatch's anchors: `depth -> thread` for the running chain.
 pub static ANCHORS_KEY: u8 = 0;
+/// LuaJIT: the functions whose upvalues are the VM's dispatch probes, at
+/// their probe's index + 1 (see [`crate::probe`]).
+#[cfg(feature = "luajit")]
+pub static PROBES_KEY: u8 = 0;
 
 pub fn key(key: &'static u8) -> *const c_void {
     key as *const u8 as *const c_void
@@ -72,6 +76,23 @@ pub unsafe extern "C-unwind" fn handle(state: *mut lua_State, ar: *mut lua_Debug
                 ffi::lua_pushinteger(state, event as ffi::lua_Integer);
                 push_watched(state, depth, locate, room.above::<2, 2>());
                 ffi::lua_pushinteger(state, depth as ffi::lua_Integer);
+                ffi::lua_call(state, 3, 0);
+            } else {
+                ffi::lua_pop(state, 1);
+            }
+        }
+        #[cfg(feature = "luajit")]
+        Verdict::Probe(index) => {
+            // `dispatch(KILL, co, 0)`: the coroutine is watched (the loop
+            // watches each actor it probes), and the dispatcher kills it
+            // as at its own kill deadline.
+            ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&DISPATCH_KEY));
+            if ffi::lua_type(state, -1) == ffi::LUA_TFUNCTION
+                && push_probe_coroutine(state, index, room.above::<1, 3>())
+            {
+                ffi::lua_pushinteger(state, crate::watch::Event::Kill as ffi::lua_Integer);
+                ffi::lua_insert(state, -2);
+                ffi::lua_pushinteger(state, 0);
                 ffi::lua_call(state, 3, 0);
             } else {
                 ffi::lua_pop(state, 1);
@@ -130,7 +151,7 @@ unsafe fn decide(
     state: *mut lua_State,
     ar: *mut lua_Debug,
     event: c_int,
-    room: Room<2>,
+    room: Room<3>,
 ) -> (Verdict, Option<lua_Hook>) {
     // SAFETY (all the calls below): as the caller promised.
     contained((Verdict::Continue, None), || {
@@ -138,8 +159,9 @@ unsafe fn decide(
             Some(vm) => unsafe {
                 vm.on_hook(
                     state,
-                    || id_of_thread(state, None, room),
+                    || id_of_thread(state, None, room.part()),
                     || at_c_function(state, ar, event),
+                    |index| probe_runs(state, index, room),
                     event,
                 )
             },
@@ -151,6 +173,55 @@ unsafe fn decide(
             }
         }
     })
+}
+
+/// Whether the coroutine the probe at `index` names still runs (running,
+/// or "normal": it resumed the running thread); false on PUC Lua, which
+/// has no probes.
+///
+/// # Safety
+/// `state` is the running thread, in its hook; this allocates nothing.
+#[cfg_attr(not(feature = "luajit"), allow(unused_variables))]
+unsafe fn probe_runs(state: *mut lua_State, index: usize, room: Room<3>) -> bool {
+    #[cfg(feature = "luajit")]
+    if push_probe_coroutine(state, index, room) {
+        let co = ffi::lua_tothread(state, -1);
+        // SAFETY: `co` is alive (on our stack) and of this VM (a probe's
+        // upvalue); this is its OS thread.
+        let runs = !vm::has_stopped(crate::state_ptr::StatePtr(co));
+        ffi::lua_pop(state, 1);
+        return runs;
+    }
+    false
+}
+
+/// Pushes the coroutine the probe at `index` names (its function's third
+/// upvalue) and returns true; if that is not a thread, leaves the stack as
+/// it was and returns false.
+///
+/// # Safety
+/// `state` is the running thread, in its hook; this allocates nothing.
+#[cfg(feature = "luajit")]
+unsafe fn push_probe_coroutine(state: *mut lua_State, index: usize, _: Room<3>) -> bool {
+    ffi::lua_rawgetp(state, ffi::LUA_REGISTRYINDEX, key(&PROBES_KEY));
+    if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
+        ffi::lua_pop(state, 1);
+        return false;
+    }
+    ffi::lua_rawgeti(state, -1, index as ffi::lua_Integer + 1);
+    if ffi::lua_type(state, -1) != ffi::LUA_TFUNCTION || ffi::lua_getupvalue(state, -1, 3).is_null()
+    {
+        ffi::lua_pop(state, 2);
+        return false;
+    }
+    // The table, the function, the coroutine: keep the last.
+    ffi::lua_replace(state, -3);
+    ffi::lua_pop(state, 1);
+    if ffi::lua_type(state, -1) != ffi::LUA_TTHREAD {
+        ffi::lua_pop(state, 1);
+        return false;
+    }
+    true
 }
 
 /// Whether the event is the call or the return of a C function. Nothing is

@@ -21,6 +21,8 @@ mod interrupt;
 mod key_hash;
 mod mirror;
 mod owner_only;
+#[cfg(feature = "luajit")]
+mod probe;
 mod registry;
 mod resume;
 #[cfg(feature = "luajit")]

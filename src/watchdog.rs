@@ -59,6 +59,10 @@ enum Job {
     /// A one-shot timer, with the token that cancels it and the time it is
     /// due (it is queued [`EARLY`], like an alarm).
     Timer(Arc<dyn Timer>, u64, Instant),
+    /// A VM's probes to sample (LuaJIT: see `crate::probe`): on time, not
+    /// early, and never spun for.
+    #[cfg(feature = "luajit")]
+    Sample(Weak<dyn Sampler>),
 }
 
 /// A target whose pending interrupt the watchdog arms again until it is
@@ -73,6 +77,13 @@ pub trait Alarm: Send + Sync {
     /// The alarm went off: arm what is due; returns when to come back, if
     /// the watchdog should.
     fn on_alarm(&self) -> Option<Instant>;
+}
+
+/// A VM whose dispatch probes the watchdog samples (see `crate::probe`).
+#[cfg(feature = "luajit")]
+pub trait Sampler: Send + Sync {
+    /// Samples; returns when to come back, if the watchdog should.
+    fn sample(&self) -> Option<Instant>;
 }
 
 /// Something to do once, on the watchdog thread, at a given time. `fire`
@@ -123,6 +134,16 @@ pub fn schedule_alarm(vm: Weak<dyn Alarm>, due: Instant) {
     push(Scheduled {
         job: Job::Alarm(vm),
         due: early(due),
+    });
+}
+
+/// Asks the watchdog to call `vm.sample()` at `due` (one queued sample per
+/// VM, at the earlier time).
+#[cfg(feature = "luajit")]
+pub fn schedule_sample(vm: Weak<dyn Sampler>, due: Instant) {
+    push(Scheduled {
+        job: Job::Sample(vm),
+        due,
     });
 }
 
@@ -221,16 +242,19 @@ fn push(entry: Scheduled) {
 /// any, at the earlier of the two times. So the queue holds one alarm per
 /// VM whatever the number of watches that moved it, and `on_alarm` (which
 /// works out the next time from the VM's chain) is called once per time.
+/// A sample merges the same way.
 fn enqueue(entries: &mut Vec<Scheduled>, entry: Scheduled) {
-    if let Job::Alarm(vm) = &entry.job {
-        let queued = entries.iter_mut().find(|queued| match &queued.job {
-            Job::Alarm(other) => Weak::ptr_eq(vm, other),
-            Job::Rearm { .. } | Job::Timer(..) => false,
+    let queued = entries
+        .iter_mut()
+        .find(|queued| match (&queued.job, &entry.job) {
+            (Job::Alarm(other), Job::Alarm(vm)) => Weak::ptr_eq(vm, other),
+            #[cfg(feature = "luajit")]
+            (Job::Sample(other), Job::Sample(vm)) => Weak::ptr_eq(vm, other),
+            _ => false,
         });
-        if let Some(queued) = queued {
-            queued.due = queued.due.min(entry.due);
-            return;
-        }
+    if let Some(queued) = queued {
+        queued.due = queued.due.min(entry.due);
+        return;
     }
     entries.push(entry);
 }
@@ -273,6 +297,18 @@ fn run() {
                 Job::Timer(timer, _, due) => {
                     spin_until(due);
                     timer.fire();
+                }
+                #[cfg(feature = "luajit")]
+                Job::Sample(vm) => {
+                    let Some(strong) = vm.upgrade() else {
+                        continue;
+                    };
+                    if let Some(next) = strong.sample() {
+                        again.push(Scheduled {
+                            job: Job::Sample(vm),
+                            due: next,
+                        });
+                    }
                 }
                 Job::Alarm(vm) => {
                     let Some(strong) = vm.upgrade() else {

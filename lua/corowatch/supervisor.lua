@@ -13,8 +13,8 @@
 
 local cw = require("corowatch")
 
-local cw_create, cw_resume, cw_yield, cw_watch, gettime =
-  cw.create, cw.resume, cw.yield, cw.watch, cw.gettime
+local cw_create, cw_resume, cw_yield, cw_watch, cw_status, gettime =
+  cw.create, cw.resume, cw.yield, cw.watch, cw.status, cw.gettime
 local raw_status, raw_running = coroutine.status, coroutine.running
 local traceback, getinfo = debug.traceback, debug.getinfo
 local error, pcall, select, type, tostring, getmetatable, setmetatable, ipairs, pairs, rawequal =
@@ -50,6 +50,54 @@ local NESTED = setmetatable({}, { __tostring = function() return "nested supervi
 local building = setmetatable({}, { __mode = "k" })
 
 local KILLED = "^Coroutine exceeded its allowed running time"
+
+-- ----------------------------------------------------------------------
+-- LuaJIT: the dispatch probe
+-- ----------------------------------------------------------------------
+-- On LuaJIT corowatch's C `resume` costs more than a whole delivery
+-- through LuaJIT's own `coroutine.resume` (written in assembly). So
+-- `signal` resumes its watched actors with LuaJIT's own resume, and tells
+-- the core what it runs through these three upvalues, which the core's
+-- watchdog samples from its thread (src/probe.rs): a count moved at the
+-- start and the end of each delivery, the limit of the actor it delivers
+-- to (0 between deliveries) and its coroutine. An actor whose delivery
+-- runs past its limit is killed as corowatch kills (the same message, at
+-- every instruction until it dies), within an eighth of the limit more
+-- (at least 1 ms). One delivery at a time: a signal made while one runs
+-- (from inside an actor) takes corowatch's resume, under the outer
+-- delivery's probe, as everything else that resumes actors does.
+local raw_resume = coroutine.resume
+local PROBE_COUNT, PROBE_LIMIT, PROBE_CO = 0, 0, false
+-- Its upvalues, in this order, are the probe.
+local function probe() return PROBE_COUNT, PROBE_LIMIT, PROBE_CO end
+local watch_dispatch = jit and require("corowatch.core").corowatch.watch_dispatch
+-- Whether the core samples the probe (from the first watched supervisor on).
+local probed = false
+
+-- Tells the core about a limit its actors may be delivered with; the
+-- first time, registers the probe (its upvalues are closed by now: the
+-- module has returned).
+local function announce(limit)
+  if watch_dispatch and limit then
+    local ok, registered = pcall(watch_dispatch, probe, limit)
+    probed = probed or (ok and registered)
+  end
+end
+
+-- A probe left behind by a delivery cut short (an error in the loop's own
+-- thread) names a coroutine that no longer runs: it is cleared, so that it
+-- times nothing that runs later.
+-- Returns whether the probe is free now.
+local function clear_stale_probe()
+  if PROBE_LIMIT ~= 0 and PROBE_CO then
+    local status = raw_status(PROBE_CO)
+    if status == "running" or status == "normal" then return false end
+  end
+  PROBE_COUNT = PROBE_COUNT + 1
+  PROBE_LIMIT = 0
+  PROBE_CO = false
+  return true
+end
 local DONE_REASON = "done() was called"
 
 local Supervisor = {}
@@ -269,6 +317,7 @@ local function stop(self, rec)
 end
 
 local function start(self, rec)
+  if PROBE_LIMIT ~= 0 then clear_stale_probe() end
   local fn, args = rec.fn, rec.args
   local co = cw_create(function(...) return RETURNED, fn(...) end)
   if rec.limit then cw_watch(co, rec.limit) end
@@ -532,6 +581,7 @@ function M.new(options)
   if log ~= false and type(log) ~= "function" then
     error("corowatch.supervisor.new: log must be a function or false, got " .. type(log), 2)
   end
+  announce(limit)
   return setmetatable({
     strategy = strategy, intensity = intensity, period = period, limit = limit, log = log,
     actors = {},     -- records in start order
@@ -792,6 +842,7 @@ function Supervisor:introduce(name, fn, ...)
   -- is started if its caller dies first.
   local depth = self.depth + 1
   self.depth = depth
+  if limit ~= self.limit then announce(limit) end
   local rec = { name = name, fn = fn, args = args, restart = restart_type, limit = limit, restarts = 0,
     state = RUNNING }
   self.actors[#self.actors + 1] = rec
@@ -828,6 +879,9 @@ function Supervisor:signal(event, ...)
   -- Counted as a call that resumes actors (see `salvage`).
   local depth = self.depth + 1
   self.depth = depth
+  -- LuaJIT: through the probe, unless a delivery runs already.
+  local fast = probed and (PROBE_LIMIT == 0 or clear_stale_probe())
+  local resume = fast and raw_resume or cw_resume
   if list then
     -- Take the list out: whoever waits again lands in another one. (In
     -- this order: a kill between two steps leaves what `salvage` mends.)
@@ -841,7 +895,19 @@ function Supervisor:signal(event, ...)
       if rec then
         list[i] = nil
         local co = rec.co
-        local ok, todo, what = cw_resume(co, event, ...)
+        if fast and rec.limit then
+          -- One store per statement, the count last at the start and
+          -- first at the end: the watchdog reads them one by one.
+          PROBE_CO = co
+          PROBE_LIMIT = rec.limit
+          PROBE_COUNT = PROBE_COUNT + 1
+        end
+        local ok, todo, what = resume(co, event, ...)
+        if fast then
+          PROBE_COUNT = PROBE_COUNT + 1
+          PROBE_LIMIT = 0
+          PROBE_CO = false
+        end
         if self.depth ~= depth then salvage(self, depth, co) end -- see `settle`
         if ok and todo == "waitfor" and what ~= nil and what == what and rec.co == co then
           local again = events[what]
@@ -953,11 +1019,21 @@ local function handle(self, command, ...)
   if run == nil then return unknown(self, command, ...) end
   local ok, rv = pcall(run, self, ...)
   if not ok then
+    -- The serving coroutine's own kill is not a command's failure: it
+    -- stays dead (LuaJIT's `serve` yields through LuaJIT's own yield,
+    -- which does not ask).
+    if cw_status(raw_running()) == "dead" then error(rv, 0) end
     say(self, "Supervisor command " .. tostring(command) .. " failed: " .. describe(rv))
     return nil
   end
   return rv
 end
+
+-- How `serve` yields. On LuaJIT corowatch's yield is a Lua function that
+-- refuses a killed coroutine (`handle` asks that itself) and then calls
+-- LuaJIT's own, at a third of a delivery's cost; elsewhere it is the C
+-- function that keeps corowatch's chain.
+local serve_yield = jit and coroutine.yield or cw_yield
 
 --- Runs the seed's protocol on this supervisor, as the body of a coroutine:
 -- `coroutine.create(function(...) return sup:serve(...) end)`, then
@@ -971,7 +1047,7 @@ function Supervisor:serve(...)
   say(self, "Starting up")
   local rv = handle(self, ...)
   while not self.serve_done do
-    rv = handle(self, cw_yield(rv))
+    rv = handle(self, serve_yield(rv))
   end
   say(self, "Shutting down")
 end

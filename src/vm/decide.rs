@@ -28,8 +28,11 @@ impl Vm {
         state: *mut lua_State,
         id_of_state: impl FnOnce() -> Option<Id>,
         at_c_function: impl FnOnce() -> bool,
+        probe_runs: impl FnMut(usize) -> bool,
         event: c_int,
     ) -> (Verdict, Option<lua_Hook>) {
+        #[cfg(not(feature = "luajit"))]
+        let _ = probe_runs;
         self.note_owner();
         let mut inner = self.lock();
         // SAFETY: `state` is the running thread, in its hook, on its thread.
@@ -57,17 +60,37 @@ impl Vm {
                 // (a sticky one runs at every instruction) must not starve a
                 // kill. An interrupt left pending keeps the hook armed, for
                 // the next event.
+                // Then a dispatch probe's kill (LuaJIT), which stays due
+                // while its delivery lasts.
                 let (verdict, interrupt_stays) = match chain.event(state, now) {
                     Some((event, depth, locate)) => (
                         Verdict::Watch(event, depth, locate),
                         inner.has_interrupt(state, id_of_state),
                     ),
+                    #[cfg(feature = "luajit")]
+                    None => match inner.probe_kill(now, probe_runs) {
+                        Some(index) => (
+                            Verdict::Probe(index),
+                            inner.has_interrupt(state, id_of_state),
+                        ),
+                        None => inner.take_interrupt(state, id_of_state),
+                    },
+                    #[cfg(not(feature = "luajit"))]
                     None => inner.take_interrupt(state, id_of_state),
                 };
+                #[cfg(feature = "luajit")]
+                let probe_stays = inner.probe_due();
+                #[cfg(not(feature = "luajit"))]
+                let probe_stays = false;
                 self.mirror.publish(chain);
                 let due = chain.needs_hook(hook_horizon(now));
                 let watch_needs_hook = due && chain.top().is_some_and(|top| top.0 == state);
-                inner.settle_hook(state, interrupt_stays || watch_needs_hook, chain, now);
+                inner.settle_hook(
+                    state,
+                    interrupt_stays || watch_needs_hook || probe_stays,
+                    chain,
+                    now,
+                );
                 self.mark_armed(&inner, chain);
                 // A deadline the hook stays on for is the hook's: the
                 // watchdog comes back on its retry alarm anyway. An alarm

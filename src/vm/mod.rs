@@ -62,10 +62,14 @@ use crate::watchdog::Backoff;
 
 mod chain;
 mod decide;
+#[cfg(feature = "luajit")]
+mod probe;
 
 #[cfg(feature = "luajit")]
 use chain::hook_horizon;
 use chain::OwnerSide;
+#[cfg(feature = "luajit")]
+pub use probe::Registered;
 
 /// An interruptible id. Never reused within a process (see
 /// [`crate::registry`], which hands them out).
@@ -85,6 +89,10 @@ pub enum Verdict {
     /// A corowatch event for the watched coroutine at this chain depth,
     /// found there.
     Watch(Event, usize, Locate),
+    /// LuaJIT: the kill of the coroutine a dispatch probe names (the
+    /// probe at this index: see [`crate::probe`]).
+    #[cfg(feature = "luajit")]
+    Probe(usize),
 }
 
 /// What an interrupt asks for.
@@ -149,6 +157,12 @@ struct VmInner {
     /// once the allocator is wrapped; `None` if it could not be.
     #[cfg(any(feature = "lua51", feature = "luajit"))]
     block_offset: Option<usize>,
+    /// LuaJIT: the dispatch probes of this VM (see [`crate::probe`]).
+    #[cfg(feature = "luajit")]
+    probes: Vec<crate::probe::Probe>,
+    /// LuaJIT: whether the watchdog samples them (one queued sample).
+    #[cfg(feature = "luajit")]
+    sampling: bool,
 }
 
 /// One Lua VM (a main state and all its coroutines).
@@ -218,7 +232,7 @@ pub fn of_key(key: usize) -> Option<Arc<Vm>> {
 ///
 /// # Safety
 /// `state` is alive and belongs to the VM the calling OS thread runs.
-unsafe fn has_stopped(state: StatePtr) -> bool {
+pub(crate) unsafe fn has_stopped(state: StatePtr) -> bool {
     if ffi::lua_status(state.0) != ffi::LUA_OK {
         return true; // suspended, or dead by an error
     }
@@ -272,6 +286,10 @@ pub unsafe fn create(key: usize, anchor: *mut lua_State) -> Arc<Vm> {
             blocks: KeyMap::default(),
             #[cfg(any(feature = "lua51", feature = "luajit"))]
             block_offset: None,
+            #[cfg(feature = "luajit")]
+            probes: Vec::new(),
+            #[cfg(feature = "luajit")]
+            sampling: false,
         }),
     });
     VMS.insert(key, vm.clone());
@@ -628,7 +646,8 @@ impl VmInner {
             (
                 self.anchor.0,
                 self.pending.load(Ordering::Relaxed) > 0
-                    || mirror.needs_hook(hook_horizon(clock::now())),
+                    || mirror.needs_hook(hook_horizon(clock::now()))
+                    || self.probe_due(),
             )
         };
         if !needed && self.arming.is_armed(state) {

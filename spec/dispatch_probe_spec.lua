@@ -1,0 +1,193 @@
+-- LuaJIT: a dispatch loop's probe (src/probe.rs, issue 10). The
+-- supervisor's `signal` resumes its actors with LuaJIT's own resume and
+-- tells the core what it runs through three upvalues; the watchdog samples
+-- them and the hook kills a delivery that runs past its limit. These specs
+-- drive the probe directly, as the supervisor does.
+local child = require("spec.helpers.child")
+local cw = require("corowatch")
+local core = require("corowatch.core")
+
+local watch_dispatch = core.corowatch.watch_dispatch
+local gettime = cw.gettime
+local is_luajit = jit ~= nil
+if is_luajit then jit.off() end
+
+local LIMIT = 0.05
+
+-- Runs for `seconds` of Lua instructions (or until killed).
+local function spin(seconds)
+  local started = gettime()
+  while gettime() - started < seconds do end
+  return "spun"
+end
+
+-- A probe of its own: `deliver(co, limit, ...)` resumes `co` with
+-- LuaJIT's own resume, as the supervisor's loop does.
+local function new_probe(limit)
+  local count, current_limit, current = 0, 0, false
+  local function probe() return count, current_limit, current end
+  local function deliver(co, ...)
+    current = co
+    current_limit = limit
+    count = count + 1
+    local results = { coroutine.resume(co, ...) }
+    count = count + 1
+    current_limit = 0
+    current = false
+    return unpack(results)
+  end
+  -- Leaves the probe saying `co` is being delivered to, as a loop cut
+  -- short would.
+  local function leave_behind(co)
+    current, current_limit, count = co, limit, count + 1
+  end
+  return probe, deliver, leave_behind
+end
+
+describe("the dispatch probe", function()
+  if not is_luajit then
+    it("is LuaJIT's only: PUC Lua's resume is corowatch's C resume", function()
+      assert.is_nil(watch_dispatch)
+    end)
+    return
+  end
+
+  it("is a function whose first two upvalues are closed numbers", function()
+    local probe = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    -- Again: it is known, and takes the limit.
+    assert.is_true(watch_dispatch(probe, LIMIT / 2))
+    -- Open upvalues: their function has not returned.
+    local a, b, c = 0, 0, false
+    assert.is_false(watch_dispatch(function() return a, b, c end, LIMIT))
+    local d, e, f = "count", 0, false
+    assert.is_false((function() return watch_dispatch(function() return d, e, f end, LIMIT) end)())
+    local function too_few()
+      local x = 0
+      return function() return x end
+    end
+    assert.is_false(watch_dispatch(too_few(), LIMIT))
+    assert.is_false(watch_dispatch(print, LIMIT))
+    for _, limit in ipairs({ 0, -1, 0 / 0 }) do
+      local ok, err = pcall(watch_dispatch, probe, limit)
+      assert.is_false(ok)
+      assert.matches("corowatch.watch_dispatch: limit must be a positive number of seconds",
+        tostring(err), 1, true)
+    end
+    assert.is_false((pcall(watch_dispatch, "probe", 1)))
+  end)
+
+  it("kills the coroutine it names once its count stays for the limit", function()
+    local probe, deliver = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    local co = coroutine.create(spin)
+    cw.watch(co, LIMIT)
+    local started = gettime()
+    local ok, err = deliver(co, 1)
+    local took = gettime() - started
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded its allowed running time of 0.05 seconds", err)
+    assert.equal("dead", cw.status(co))
+    assert.is_true(took >= LIMIT and took < 2 * LIMIT, ("killed after %.3f s"):format(took))
+  end)
+
+  it("leaves a delivery within its limit alone", function()
+    local probe, deliver = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    local co = coroutine.create(function()
+      while true do
+        spin(LIMIT / 5)
+        coroutine.yield()
+      end
+    end)
+    cw.watch(co, LIMIT)
+    for _ = 1, 25 do assert.is_true((deliver(co))) end
+  end)
+
+  it("kills through pcall in a loop", function()
+    local probe, deliver = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    local co = coroutine.create(function()
+      for _ = 1, 1e6 do pcall(spin, 1) end
+      return "survived"
+    end)
+    cw.watch(co, LIMIT)
+    local started = gettime()
+    local ok, err = deliver(co)
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded", err)
+    -- The first kill came inside `spin` (1 s), under the pcall.
+    assert.is_true(gettime() - started < 0.5)
+  end)
+
+  it("reaches what the coroutine resumed, then the coroutine", function()
+    local probe, deliver = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    local inner = coroutine.create(spin)
+    local co = coroutine.create(function()
+      coroutine.resume(inner, 1)
+      return "went on"
+    end)
+    cw.watch(co, LIMIT)
+    local started = gettime()
+    local ok, err = deliver(co)
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded", err)
+    -- `inner` died of the kill, well before its second of spinning.
+    assert.equal("dead", coroutine.status(inner))
+    assert.is_true(gettime() - started < 0.5)
+  end)
+
+  it("kills nothing when the coroutine it names no longer runs", function()
+    local probe, deliver, leave_behind = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    local co = coroutine.create(function()
+      while true do coroutine.yield() end
+    end)
+    cw.watch(co, LIMIT)
+    assert.is_true((deliver(co)))
+    -- The probe still says `co` runs; it is suspended, and this thread
+    -- (unwatched) runs several limits.
+    leave_behind(co)
+    assert.equal("spun", spin(4 * LIMIT))
+    assert.equal("suspended", cw.status(co))
+    local dead = coroutine.create(function() end)
+    coroutine.resume(dead)
+    leave_behind(dead)
+    assert.equal("spun", spin(4 * LIMIT))
+    -- Back in order, it still kills.
+    local runaway = coroutine.create(spin)
+    cw.watch(runaway, LIMIT)
+    assert.is_false((deliver(runaway, 1)))
+  end)
+
+  it("survives lua_close while it says a delivery runs", function()
+    for _ = 1, 5 do
+      local output, ok = child.run([[
+jit.off()
+local cw = require("corowatch")
+local watch_dispatch = require("corowatch.core").corowatch.watch_dispatch
+-- The probe's upvalues are closed once `make` returns.
+local function make()
+  local count, limit, current = 0, 0, false
+  local function probe() return count, limit, current end
+  local function enter(co) current, limit, count = co, 0.002, count + 1 end
+  return probe, enter
+end
+local probe, enter = make()
+assert(watch_dispatch(probe, 0.002))
+local co = coroutine.create(function()
+  enter(coroutine.running())
+  local started = cw.gettime()
+  while cw.gettime() - started < 0.001 do end
+  print("closing")
+  os.exit(0, true)
+end)
+cw.watch(co, 1)
+coroutine.resume(co)
+]], "timeout 60 ")
+      assert.is_true(ok, output)
+      assert.equal("closing\n", output)
+    end
+  end)
+end)
