@@ -24,8 +24,8 @@ end
 -- A probe of its own: `deliver(co, limit, ...)` resumes `co` with
 -- LuaJIT's own resume, as the supervisor's loop does.
 local function new_probe(limit)
-  local count, current_limit, current = 0, 0, false
-  local function probe() return count, current_limit, current end
+  local count, current_limit, current, watched_running = 0, 0, false, 0
+  local function probe() return count, current_limit, current, watched_running end
   local function deliver(co, ...)
     current = co
     current_limit = limit
@@ -41,7 +41,8 @@ local function new_probe(limit)
   local function leave_behind(co)
     current, current_limit, count = co, limit, count + 1
   end
-  return probe, deliver, leave_behind
+  local function chain_length() return watched_running end
+  return probe, deliver, leave_behind, chain_length
 end
 
 describe("the dispatch probe", function()
@@ -58,13 +59,17 @@ describe("the dispatch probe", function()
     -- Again: it is known, and takes the limit.
     assert.is_true(watch_dispatch(probe, LIMIT / 2))
     -- Open upvalues: their function has not returned.
-    local a, b, c = 0, 0, false
-    assert.is_false(watch_dispatch(function() return a, b, c end, LIMIT))
-    local d, e, f = "count", 0, false
-    assert.is_false((function() return watch_dispatch(function() return d, e, f end, LIMIT) end)())
+    local a, b, c, d = 0, 0, false, 0
+    assert.is_false(watch_dispatch(function() return a, b, c, d end, LIMIT))
+    local function closed(e, f, g, h)
+      return function() return e, f, g, h end
+    end
+    assert.is_false(watch_dispatch(closed("count", 0, false, 0), LIMIT))
+    assert.is_false(watch_dispatch(closed(0, 0, false, "length"), LIMIT))
+    assert.is_true(watch_dispatch(closed(0, 0, "anything", 0), LIMIT))
     local function too_few()
-      local x = 0
-      return function() return x end
+      local x, y, z = 0, 0, false
+      return function() return x, y, z end
     end
     assert.is_false(watch_dispatch(too_few(), LIMIT))
     assert.is_false(watch_dispatch(print, LIMIT))
@@ -75,6 +80,18 @@ describe("the dispatch probe", function()
         tostring(err), 1, true)
     end
     assert.is_false((pcall(watch_dispatch, "probe", 1)))
+  end)
+
+  it("is told the length of corowatch's chain: whether something watched runs", function()
+    local probe, _, _, chain_length = new_probe(LIMIT)
+    assert.is_true(watch_dispatch(probe, LIMIT))
+    assert.equal(0, chain_length())
+    local seen
+    local watched = cw.create(function() seen = chain_length() end)
+    cw.watch(watched, 10)
+    assert.is_true(cw.resume(watched))
+    assert.is_true(seen > 0)
+    assert.equal(0, chain_length())
   end)
 
   it("kills the coroutine it names once its count stays for the limit", function()
@@ -147,10 +164,14 @@ describe("the dispatch probe", function()
     cw.watch(co, LIMIT)
     assert.is_true((deliver(co)))
     -- The probe still says `co` runs; it is suspended, and this thread
-    -- (unwatched) runs several limits.
+    -- (unwatched) runs several limits. The watchdog asks for the hook once
+    -- (maybe again, if its first request was undone), then leaves that
+    -- count alone.
+    local signals = core.hook_signals()
     leave_behind(co)
-    assert.equal("spun", spin(4 * LIMIT))
+    assert.equal("spun", spin(8 * LIMIT))
     assert.equal("suspended", cw.status(co))
+    assert.is_true(core.hook_signals() - signals <= 2, core.hook_signals() - signals .. " signals")
     local dead = coroutine.create(function() end)
     coroutine.resume(dead)
     leave_behind(dead)
@@ -169,8 +190,8 @@ local cw = require("corowatch")
 local watch_dispatch = require("corowatch.core").corowatch.watch_dispatch
 -- The probe's upvalues are closed once `make` returns.
 local function make()
-  local count, limit, current = 0, 0, false
-  local function probe() return count, limit, current end
+  local count, limit, current, watched_running = 0, 0, false, 0
+  local function probe() return count, limit, current, watched_running end
   local function enter(co) current, limit, count = co, 0.002, count + 1 end
   return probe, enter
 end

@@ -128,6 +128,25 @@ describe("the seed's protocol", function()
     assert.are.equal("Shutting down", lines[#lines])
   end)
 
+  it("keeps a serving coroutine killed inside a command dead", function()
+    -- The coroutine that serves is watched; a command's work (an unwatched
+    -- actor that spins) runs past its limit. The kill lands inside the
+    -- command, under serve's pcall: serve must not log it and go on.
+    local sup, lines = recorded()
+    local super = corowatch.create(function(...) return sup:serve(...) end)
+    corowatch.watch(super, 0.05)
+    local started = gettime()
+    local ok, err = corowatch.resume(super, "introduce", { name = "slow", limit = false, fn = function()
+      while gettime() - started < 0.3 do end
+      yield("waitfor", "go")
+    end })
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded its allowed running time of 0.05 seconds", err)
+    assert.equal("dead", corowatch.status(super))
+    for _, line in ipairs(lines) do assert.is_nil(line:find("Supervisor command", 1, true), line) end
+    assert.is_false((corowatch.resume(super, "status")))
+  end)
+
   it("accepts supervisor.waitfor as the way to wait", function()
     local sup = recorded()
     local got = {}
@@ -333,6 +352,28 @@ describe("runaway actors", function()
     local sup, lines = recorded({ limit = 0.05 })
     assert.are.equal("stopped", sup:introduce{ name = "x", fn = spin, restart = "temporary" })
     assert.is_truthy(find_line(lines, "Coroutine x killed at its limit"))
+  end)
+
+  it("are killed at the deadline of a watched coroutine that signals them", function()
+    -- The coroutine's deadline reaches the actors it runs, as corowatch's
+    -- resume of them carries it (LuaJIT: `signal` takes LuaJIT's own resume
+    -- only while nothing watched runs).
+    local sup = recorded({ limit = 1 })
+    sup:introduce("a", function()
+      yield("waitfor", "go")
+      local t = gettime()
+      while gettime() - t < 0.5 do end
+      yield("waitfor", "go")
+    end)
+    local caller = corowatch.create(function() return sup:signal("go") end)
+    corowatch.watch(caller, 0.05)
+    local started = gettime()
+    local ok, err = corowatch.resume(caller)
+    local took = gettime() - started
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded its allowed running time of 0.05 seconds", err)
+    -- Killed inside the actor, not once it gave control back (0.5 s).
+    assert.is_true(took < 0.2, ("took %.3f s"):format(took))
   end)
 
   it("run unwatched with limit = false", function()

@@ -281,13 +281,14 @@ fn gettime() -> f64 {
     1.0e3 + ORIGIN.elapsed().as_secs_f64()
 }
 
-/// LuaJIT: `watch_dispatch(f, limit)`: makes the first three upvalues of
-/// the Lua function `f` a dispatch probe (a count, a limit, a coroutine:
-/// see [`crate::probe`]), or tells the probe registered already that its
-/// loop delivers with limits as small as `limit` seconds. Returns whether
-/// `f` is a probe: false if its first two upvalues are not closed numbers
-/// (it was called before the function that declares them returned), or
-/// if the VM has no room for another probe.
+/// LuaJIT: `watch_dispatch(f, limit)`: makes the first four upvalues of
+/// the Lua function `f` a dispatch probe (a count, a limit, a coroutine,
+/// the chain's length: see [`crate::probe`]), or tells the probe
+/// registered already that its loop delivers with limits as small as
+/// `limit` seconds. Returns whether `f` is a probe: false if its first,
+/// second and fourth upvalues are not closed numbers (it was called
+/// before the function that declares them returned), or if the VM has no
+/// room for another probe.
 #[cfg(feature = "luajit")]
 fn watch_dispatch(lua: &Lua, (probe, limit): (Function, f64)) -> mlua::Result<bool> {
     use crate::hook::PROBES_KEY;
@@ -305,12 +306,14 @@ fn watch_dispatch(lua: &Lua, (probe, limit): (Function, f64)) -> mlua::Result<bo
         lua.exec_raw::<bool>(probe, move |state| {
             let vm = &*(vm_at as *const crate::vm::Vm);
             let is_probe =
-                ffi::lua_iscfunction(state, 1) == 0 && !ffi::lua_getupvalue(state, 1, 3).is_null();
+                ffi::lua_iscfunction(state, 1) == 0 && !ffi::lua_getupvalue(state, 1, 4).is_null();
             if is_probe {
                 ffi::lua_pop(state, 1);
             }
             let found = if is_probe {
-                locate(state, 1, 1).zip(locate(state, 1, 2))
+                locate(state, 1, 1)
+                    .zip(locate(state, 1, 2))
+                    .zip(locate(state, 1, 4))
             } else {
                 None
             };
@@ -328,7 +331,9 @@ fn watch_dispatch(lua: &Lua, (probe, limit): (Function, f64)) -> mlua::Result<bo
                 ffi::lua_rawsetp(state, ffi::LUA_REGISTRYINDEX, hook::key(&PROBES_KEY));
             }
             let registered = match found {
-                Some((count, limit_at)) => vm.add_probe(count, limit_at, limit),
+                Some(((count, limit_at), chain_length_at)) => {
+                    vm.add_probe(count, limit_at, chain_length_at, limit)
+                }
                 None => Registered::Refused,
             };
             if let Registered::New(index) = registered {

@@ -68,6 +68,15 @@ pub struct ChainMirror {
     /// When the watchdog will next look at this VM ([`NEVER`]: no alarm).
     /// Written under the VM lock.
     alarm: AtomicU64,
+    /// LuaJIT: where each dispatch probe keeps the chain's length (the
+    /// fourth upvalue of its function: see [`crate::probe`]), the first
+    /// `probes` of them. A signal resumes actors through its probe only
+    /// while nothing watched runs, so that a watched coroutine's deadline
+    /// still reaches the actors it runs.
+    #[cfg(feature = "luajit")]
+    probe_chain_lengths: [AtomicUsize; crate::probe::MAX_PROBES],
+    #[cfg(feature = "luajit")]
+    probes: AtomicUsize,
 }
 
 impl Default for ChainMirror {
@@ -83,6 +92,10 @@ impl Default for ChainMirror {
             kill_seen: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             alarm: AtomicU64::new(NEVER),
+            #[cfg(feature = "luajit")]
+            probe_chain_lengths: Default::default(),
+            #[cfg(feature = "luajit")]
+            probes: AtomicUsize::new(0),
         }
     }
 }
@@ -99,6 +112,8 @@ impl ChainMirror {
             self.entries[index].store(chain.thread_at(index).0, Ordering::Relaxed);
         }
         self.len.store(len, Ordering::Release);
+        #[cfg(feature = "luajit")]
+        self.tell_probes(len);
         let top = chain.top().map_or(std::ptr::null_mut(), |top| top.0);
         self.top.store(top, Ordering::Relaxed);
         self.watched_from
@@ -107,6 +122,40 @@ impl ChainMirror {
         self.earliest.store(earliest, Ordering::Relaxed);
         self.kill_seen.store(chain.kill_seen(), Ordering::Relaxed);
         earliest
+    }
+
+    /// LuaJIT: writes the chain's length into each probe's upvalue.
+    #[cfg(feature = "luajit")]
+    #[inline(always)]
+    fn tell_probes(&self, len: usize) {
+        let count = self.probes.load(Ordering::Relaxed);
+        for slot in &self.probe_chain_lengths[..count] {
+            // SAFETY: a registered probe's upvalue, alive until the VM's
+            // `close` (which forgets it before `lua_close` frees
+            // anything); only the VM's own thread publishes, and Lua reads
+            // the upvalue on that thread.
+            unsafe { crate::probe::store(slot.load(Ordering::Relaxed), len as f64) };
+        }
+    }
+
+    /// LuaJIT: a new probe keeps the chain's length at `address` (from
+    /// [`crate::probe::locate`]); it gets the length now. On the VM's
+    /// thread, under the VM lock, for a probe [`crate::vm`] registered.
+    #[cfg(feature = "luajit")]
+    pub fn add_probe(&self, address: usize) {
+        let count = self.probes.load(Ordering::Relaxed);
+        if let Some(slot) = self.probe_chain_lengths.get(count) {
+            slot.store(address, Ordering::Relaxed);
+            self.probes.store(count + 1, Ordering::Relaxed);
+            // SAFETY: as in `tell_probes`.
+            unsafe { crate::probe::store(address, self.len() as f64) };
+        }
+    }
+
+    /// LuaJIT: the VM is closing: no probe is written any more.
+    #[cfg(feature = "luajit")]
+    pub fn forget_probes(&self) {
+        self.probes.store(0, Ordering::Relaxed);
     }
 
     /// Whether anything watched runs (the chain has entries).

@@ -7,7 +7,11 @@
 //! through three upvalues of one of its functions, written by plain Lua
 //! stores: a count it moves at the start and the end of each delivery, the
 //! limit of the actor it delivers to (0 between deliveries) and that
-//! actor's coroutine. The watchdog reads the first two from its own
+//! actor's coroutine. A fourth upvalue goes the other way: the VM's thread
+//! writes the length of corowatch's chain there whenever it publishes it
+//! ([`crate::mirror`]), and the loop takes this path only while it is 0
+//! (nothing watched runs: a watched coroutine's deadline must still reach
+//! the actors it runs, through corowatch's resume). The watchdog reads the first two from its own
 //! thread, every so often (the sampling period); a count that stayed the
 //! same, in a delivery, for the actor's limit is a runaway actor: the
 //! watchdog arms the hook, and the hook, on the VM's thread, reads the
@@ -94,6 +98,10 @@ pub struct Probe {
     /// While a kill is due: when to arm the hook again (the running thread
     /// can undo an arming).
     retry: Backoff,
+    /// A count whose stall the hook found with nothing to kill (its
+    /// coroutine no longer runs: a loop cut short left the probe behind):
+    /// not timed again until the count moves.
+    quiet: Option<u64>,
 }
 
 /// The sampling period for a limit of `limit` nanoseconds.
@@ -118,6 +126,17 @@ unsafe fn load(address: usize) -> u64 {
     // SAFETY: the caller's contract; see the module comment for why an
     // atomic load of a TValue the VM stores plainly is sound.
     unsafe { AtomicU64::from_ptr(address as *mut u64).load(Ordering::Relaxed) }
+}
+
+/// Stores the number `value` in the TValue at `address`, as
+/// `lua_setupvalue` would (a number needs no write barrier).
+///
+/// # Safety
+/// `address` is a registered probe's (alive), and this runs on the VM's
+/// own thread, which alone writes it.
+pub unsafe fn store(address: usize, value: f64) {
+    // SAFETY: the caller's contract.
+    unsafe { AtomicU64::from_ptr(address as *mut u64).store(value.to_bits(), Ordering::Relaxed) }
 }
 
 /// The address of the value of upvalue `n` of the Lua function at stack
@@ -166,6 +185,7 @@ impl Probe {
             seen: None,
             due: None,
             retry: Backoff::first(),
+            quiet: None,
         }
     }
 
@@ -187,11 +207,12 @@ impl Probe {
     pub unsafe fn sample(&mut self, now: Nanos) -> (Sample, Nanos) {
         // SAFETY: the caller's contract.
         let (limit, count) = unsafe { (limit_nanos(load(self.limit)), load(self.count)) };
-        let Some(limit) = limit else {
+        let Some(limit) = limit.filter(|_| self.quiet != Some(count)) else {
             self.seen = None;
             self.due = None;
             return (Sample::Quiet, clock::after(now, self.period));
         };
+        self.quiet = None;
         if self.due.is_some_and(|due| due == count) {
             // Armed already: again, in case the arming was undone.
             let retry = clock::nanos(self.retry.step());
@@ -231,20 +252,23 @@ impl Probe {
         if limit.is_some() && count == due {
             return true;
         }
-        self.settled(now);
+        self.due = None;
+        self.seen = Some((count, now));
         false
     }
 
-    /// The stalled delivery is over, or its coroutine no longer runs
-    /// (a loop cut short left the probe behind): no kill, and its clock
-    /// starts over.
+    /// The stalled delivery is over (its count moved: it is timed afresh),
+    /// or its coroutine no longer runs (a loop cut short left the probe
+    /// behind, or it is just over): no kill, and that count is not timed
+    /// again.
     ///
     /// # Safety
     /// As for [`load`]; called on the VM's own thread.
-    pub unsafe fn settled(&mut self, now: Nanos) {
+    pub unsafe fn settled(&mut self) {
         self.due = None;
+        self.seen = None;
         // SAFETY: the caller's contract.
-        self.seen = Some((unsafe { load(self.count) }, now));
+        self.quiet = Some(unsafe { load(self.count) });
     }
 
     /// Whether a kill is due (the hook must stay on).

@@ -57,19 +57,22 @@ local KILLED = "^Coroutine exceeded its allowed running time"
 -- On LuaJIT corowatch's C `resume` costs more than a whole delivery
 -- through LuaJIT's own `coroutine.resume` (written in assembly). So
 -- `signal` resumes its watched actors with LuaJIT's own resume, and tells
--- the core what it runs through these three upvalues, which the core's
--- watchdog samples from its thread (src/probe.rs): a count moved at the
--- start and the end of each delivery, the limit of the actor it delivers
--- to (0 between deliveries) and its coroutine. An actor whose delivery
--- runs past its limit is killed as corowatch kills (the same message, at
--- every instruction until it dies), within an eighth of the limit more
--- (at least 1 ms). One delivery at a time: a signal made while one runs
--- (from inside an actor) takes corowatch's resume, under the outer
--- delivery's probe, as everything else that resumes actors does.
+-- the core what it runs through these upvalues, which the core's watchdog
+-- samples from its thread (src/probe.rs): a count moved at the start and
+-- the end of each delivery, the limit of the actor it delivers to (0
+-- between deliveries) and its coroutine. An actor whose delivery runs past
+-- its limit is killed as corowatch kills (the same message, at every
+-- instruction until it dies), within an eighth of the limit more (at
+-- least 1 ms). The core writes the fourth, WATCHED_RUNNING, the length of
+-- corowatch's chain: while something watched runs (a watched coroutine
+-- called `signal`), its deadline must reach the actors, and they go
+-- through corowatch's resume. So does a signal made while a delivery runs
+-- (from inside an actor), under the outer delivery's probe, and
+-- everything else that resumes actors.
 local raw_resume = coroutine.resume
-local PROBE_COUNT, PROBE_LIMIT, PROBE_CO = 0, 0, false
+local PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING = 0, 0, false, 0
 -- Its upvalues, in this order, are the probe.
-local function probe() return PROBE_COUNT, PROBE_LIMIT, PROBE_CO end
+local function probe() return PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING end
 local watch_dispatch = jit and require("corowatch.core").corowatch.watch_dispatch
 -- Whether the core samples the probe (from the first watched supervisor on).
 local probed = false
@@ -79,6 +82,9 @@ local probed = false
 -- module has returned).
 local function announce(limit)
   if watch_dispatch and limit then
+    -- Written here once, so that LuaJIT's compiler never takes the core's
+    -- value for a constant.
+    WATCHED_RUNNING = WATCHED_RUNNING
     local ok, registered = pcall(watch_dispatch, probe, limit)
     probed = probed or (ok and registered)
   end
@@ -880,7 +886,7 @@ function Supervisor:signal(event, ...)
   local depth = self.depth + 1
   self.depth = depth
   -- LuaJIT: through the probe, unless a delivery runs already.
-  local fast = probed and (PROBE_LIMIT == 0 or clear_stale_probe())
+  local fast = probed and WATCHED_RUNNING == 0 and (PROBE_LIMIT == 0 or clear_stale_probe())
   local resume = fast and raw_resume or cw_resume
   if list then
     -- Take the list out: whoever waits again lands in another one. (In

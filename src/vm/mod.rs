@@ -480,6 +480,8 @@ impl Vm {
         }
         inner.anchor = StatePtr::DEAD;
         inner.pending.store(0, Ordering::Relaxed);
+        #[cfg(feature = "luajit")]
+        self.mirror.forget_probes();
         // SAFETY: `lua_close` runs this on the VM's thread (the guard's
         // finalizer), and nothing else uses the chain meanwhile.
         unsafe {

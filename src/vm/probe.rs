@@ -23,14 +23,20 @@ pub enum Registered {
 }
 
 impl Vm {
-    /// Registers the probe whose count and limit are at these addresses
-    /// (see [`crate::probe::locate`]), or tells the one registered that its
+    /// Registers the probe whose count, limit and chain length are at
+    /// these addresses (see [`crate::probe::locate`]), or tells the one registered that its
     /// loop may deliver with a limit as small as `limit`.
     ///
     /// # Safety
     /// The addresses come from `locate` on this VM's thread, for a function
     /// the caller anchors until `lua_close` when this returns `New`.
-    pub unsafe fn add_probe(&self, count: usize, limit_at: usize, limit: Nanos) -> Registered {
+    pub unsafe fn add_probe(
+        &self,
+        count: usize,
+        limit_at: usize,
+        chain_length_at: usize,
+        limit: Nanos,
+    ) -> Registered {
         let mut inner = self.lock();
         if inner.closed {
             return Registered::Refused;
@@ -43,6 +49,7 @@ impl Vm {
             return Registered::Refused;
         }
         inner.probes.push(Probe::new(count, limit_at, limit));
+        self.mirror.add_probe(chain_length_at);
         if !inner.sampling {
             inner.sampling = true;
             let me: std::sync::Weak<dyn Sampler> = self.me.clone();
@@ -95,7 +102,7 @@ impl VmInner {
                     return Some(index);
                 }
                 // SAFETY: as above.
-                unsafe { probe.settled(now) };
+                unsafe { probe.settled() };
             }
         }
         None
