@@ -21,8 +21,9 @@ local function spin(seconds)
   return "spun"
 end
 
--- A probe of its own: `deliver(co, limit, ...)` resumes `co` with
--- LuaJIT's own resume, as the supervisor's loop does.
+-- A probe: `deliver(co, ...)` resumes `co` with LuaJIT's own resume, as
+-- the supervisor's loop does, under `limit` (a VM has room for 8 probes:
+-- the specs share one, `set_limit` changing its limit).
 local function new_probe(limit)
   local count, current_limit, current, watched_running = 0, 0, false, 0
   local function probe() return count, current_limit, current, watched_running end
@@ -42,7 +43,8 @@ local function new_probe(limit)
     current, current_limit, count = co, limit, count + 1
   end
   local function chain_length() return watched_running end
-  return probe, deliver, leave_behind, chain_length
+  local function set_limit(new_limit) limit = new_limit end
+  return probe, deliver, leave_behind, chain_length, set_limit
 end
 
 describe("the dispatch probe", function()
@@ -53,8 +55,10 @@ describe("the dispatch probe", function()
     return
   end
 
-  it("is a function whose first two upvalues are closed numbers", function()
-    local probe = new_probe(LIMIT)
+  local probe, deliver, leave_behind, chain_length, set_limit = new_probe(LIMIT)
+  assert(watch_dispatch(probe, LIMIT))
+
+  it("is a function whose first, second and fourth upvalues are closed numbers", function()
     assert.is_true(watch_dispatch(probe, LIMIT))
     -- Again: it is known, and takes the limit.
     assert.is_true(watch_dispatch(probe, LIMIT / 2))
@@ -83,8 +87,6 @@ describe("the dispatch probe", function()
   end)
 
   it("is told the length of corowatch's chain: whether something watched runs", function()
-    local probe, _, _, chain_length = new_probe(LIMIT)
-    assert.is_true(watch_dispatch(probe, LIMIT))
     assert.equal(0, chain_length())
     local seen
     local watched = cw.create(function() seen = chain_length() end)
@@ -95,8 +97,7 @@ describe("the dispatch probe", function()
   end)
 
   it("kills the coroutine it names once its count stays for the limit", function()
-    local probe, deliver = new_probe(LIMIT)
-    assert.is_true(watch_dispatch(probe, LIMIT))
+    set_limit(LIMIT)
     local co = coroutine.create(spin)
     cw.watch(co, LIMIT)
     local started = gettime()
@@ -109,8 +110,7 @@ describe("the dispatch probe", function()
   end)
 
   it("leaves a delivery within its limit alone", function()
-    local probe, deliver = new_probe(LIMIT)
-    assert.is_true(watch_dispatch(probe, LIMIT))
+    set_limit(LIMIT)
     local co = coroutine.create(function()
       while true do
         spin(LIMIT / 5)
@@ -121,9 +121,40 @@ describe("the dispatch probe", function()
     for _ = 1, 25 do assert.is_true((deliver(co))) end
   end)
 
+  it("kills inside an xpcall message handler", function()
+    -- LuaJIT marks a thread whose handler runs LUA_ERRERR: it still runs.
+    set_limit(LIMIT)
+    local co = coroutine.create(function()
+      xpcall(function() error("boom") end, function() return spin(1) end)
+      return "handled"
+    end)
+    cw.watch(co, LIMIT)
+    local started = gettime()
+    local ok, err = deliver(co)
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded", err)
+    assert.is_true(gettime() - started < 0.5)
+  end)
+
+  it("is sampled less and less often while nothing is delivered", function()
+    -- Limit 16 ms: sampled every 2 ms in a delivery; idle, the wait
+    -- doubles up to 8 ms.
+    set_limit(0.016)
+    assert.is_true(watch_dispatch(probe, 0.016))
+    local co = coroutine.create(function() while true do coroutine.yield() end end)
+    cw.watch(co, 1)
+    assert.is_true((deliver(co)))
+    local samples = core.watchdog_samples()
+    local started = gettime()
+    while gettime() - started < 0.4 do end
+    -- Every 2 ms: 200 samples; backing off to 8 ms: about 55 (other
+    -- probes of this process, idle longer, add a few).
+    local taken = core.watchdog_samples() - samples
+    assert.is_true(taken < 120, taken .. " samples")
+  end)
+
   it("kills through pcall in a loop", function()
-    local probe, deliver = new_probe(LIMIT)
-    assert.is_true(watch_dispatch(probe, LIMIT))
+    set_limit(LIMIT)
     local co = coroutine.create(function()
       for _ = 1, 1e6 do pcall(spin, 1) end
       return "survived"
@@ -138,8 +169,7 @@ describe("the dispatch probe", function()
   end)
 
   it("reaches what the coroutine resumed, then the coroutine", function()
-    local probe, deliver = new_probe(LIMIT)
-    assert.is_true(watch_dispatch(probe, LIMIT))
+    set_limit(LIMIT)
     local inner = coroutine.create(spin)
     local co = coroutine.create(function()
       coroutine.resume(inner, 1)
@@ -156,8 +186,7 @@ describe("the dispatch probe", function()
   end)
 
   it("kills nothing when the coroutine it names no longer runs", function()
-    local probe, deliver, leave_behind = new_probe(LIMIT)
-    assert.is_true(watch_dispatch(probe, LIMIT))
+    set_limit(LIMIT)
     local co = coroutine.create(function()
       while true do coroutine.yield() end
     end)

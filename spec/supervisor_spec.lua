@@ -147,6 +147,14 @@ describe("the seed's protocol", function()
     assert.is_false((corowatch.resume(super, "status")))
   end)
 
+  it("logs a command that fails when served from the main thread", function()
+    -- (5.1 and LuaJIT: the main thread is nil to coroutine.running.)
+    local sup, lines = recorded()
+    local ok = pcall(sup.serve, sup, "introduce", 42)
+    assert.is_false(ok) -- it cannot yield there
+    assert.is_truthy(find_line(lines, "Supervisor command introduce failed: "), table.concat(lines, "\n"))
+  end)
+
   it("accepts supervisor.waitfor as the way to wait", function()
     local sup = recorded()
     local got = {}
@@ -374,6 +382,31 @@ describe("runaway actors", function()
     assert.matches("^Coroutine exceeded its allowed running time of 0.05 seconds", err)
     -- Killed inside the actor, not once it gave control back (0.5 s).
     assert.is_true(took < 0.2, ("took %.3f s"):format(took))
+  end)
+
+  it("are killed at a watch they inherited, without a limit of their own", function()
+    -- U is introduced with limit = false by the watched actor P: corowatch
+    -- gives it P's watch, which holds at each of its deliveries (LuaJIT:
+    -- through corowatch's resume, not the probe, which times only actors
+    -- with a limit).
+    local sup, lines = recorded({ limit = 0.05 })
+    sup:introduce("P", function()
+      yield("waitfor", "make")
+      sup:introduce{ name = "U", limit = false, fn = function()
+        while true do
+          yield("waitfor", "go")
+          local t = gettime()
+          while gettime() - t < 1 do end
+        end
+      end }
+      while true do yield("waitfor", "never") end
+    end)
+    sup:signal("make")
+    local started = gettime()
+    sup:signal("go")
+    assert.is_true(gettime() - started < 0.5)
+    assert.is_truthy(find_line(lines, "Coroutine U killed at the limit of an actor it ran for"),
+      table.concat(lines, "\n"))
   end)
 
   it("run unwatched with limit = false", function()

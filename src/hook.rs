@@ -186,9 +186,11 @@ unsafe fn probe_runs(state: *mut lua_State, index: usize, room: Room<3>) -> bool
     #[cfg(feature = "luajit")]
     if push_probe_coroutine(state, index, room) {
         let co = ffi::lua_tothread(state, -1);
-        // SAFETY: `co` is alive (on our stack) and of this VM (a probe's
-        // upvalue); this is its OS thread.
-        let runs = !vm::has_stopped(crate::state_ptr::StatePtr(co));
+        // The running thread runs, whatever its status says (inside an
+        // `xpcall` message handler LuaJIT marks it LUA_ERRERR). SAFETY:
+        // `co` is alive (on our stack) and of this VM (a probe's upvalue);
+        // this is its OS thread.
+        let runs = co == state || !vm::has_stopped(crate::state_ptr::StatePtr(co));
         ffi::lua_pop(state, 1);
         return runs;
     }

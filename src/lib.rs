@@ -82,6 +82,9 @@ fn corowatch_core(lua: &Lua) -> mlua::Result<Table> {
     {
         let sent = lua.create_function(|_, ()| Ok(signal::sent()))?;
         core.set("hook_signals", gate::gate(lua, &vm, sent, closing)?)?;
+        // How many times the watchdog sampled dispatch probes (specs).
+        let samples = lua.create_function(|_, ()| Ok(watchdog::samples_run()))?;
+        core.set("watchdog_samples", gate::gate(lua, &vm, samples, closing)?)?;
     }
     core.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     Ok(core)

@@ -11,14 +11,16 @@
 //! writes the length of corowatch's chain there whenever it publishes it
 //! ([`crate::mirror`]), and the loop takes this path only while it is 0
 //! (nothing watched runs: a watched coroutine's deadline must still reach
-//! the actors it runs, through corowatch's resume). The watchdog reads the first two from its own
-//! thread, every so often (the sampling period); a count that stayed the
-//! same, in a delivery, for the actor's limit is a runaway actor: the
-//! watchdog arms the hook, and the hook, on the VM's thread, reads the
-//! count again and has corowatch's dispatcher kill the coroutine (the
-//! third upvalue) if it still runs. A kill lands within the limit plus a
+//! the actors it runs, through corowatch's resume). The watchdog reads the
+//! first two from its own thread, every so often (the sampling period); a
+//! count that stayed the same, in a delivery, for the actor's limit is a
+//! runaway actor: the watchdog arms the hook, and the hook, on the VM's
+//! thread, reads the count again and has corowatch's dispatcher kill the
+//! coroutine (the third upvalue) if it still runs. A kill lands within the limit plus a
 //! sampling period (an eighth of the limit, at least 1 ms) after the
-//! delivery began.
+//! delivery began; after a stretch with no delivery, the watchdog samples
+//! less often (up to half the limit, at most 100 ms: [`idle_cap`]), and
+//! the first kill may take that much more.
 //!
 //! # Why reading the upvalues from another OS thread is sound
 //!
@@ -33,7 +35,8 @@
 //!   marks the VM closed, under the VM lock, before that: the watchdog
 //!   samples only under that lock and only while the VM is not closed.
 //!   (`debug.upvaluejoin` can take an upvalue object from the function;
-//!   the debug library is outside what this guards, README Limitations.)
+//!   the debug library is outside what this guards: the README's
+//!   corowatch.supervisor, "Limits and choices".)
 //! - The value: a TValue is 8 aligned bytes, stored by LuaJIT's
 //!   interpreter (assembly) or its compiled code with one 8-byte store,
 //!   which is single-copy atomic on x86-64 and aarch64; the watchdog reads
@@ -58,7 +61,8 @@ extern "C-unwind" {
 
 /// Where a closed upvalue's value may be in its object: after the header
 /// and two flag bytes, aligned (32-bit references: 8; GC64: 16). Both
-/// offsets are inside the smallest upvalue object (24 bytes).
+/// offsets are inside the smallest upvalue object (24 bytes without
+/// GC64, 48 with it).
 const VALUE_OFFSETS: [usize; 2] = [8, 16];
 
 /// Two numbers no pair of references and flags can look like twice.
@@ -88,8 +92,14 @@ pub struct Probe {
     /// Address of the value of upvalue 2 (the limit in seconds; 0 or
     /// anything but a positive number: no delivery).
     limit: usize,
-    /// An eighth of the smallest limit the loop announced.
-    period: Nanos,
+    /// The smallest limit the loop announced.
+    smallest: Nanos,
+    /// How long the watchdog waits between samples while no delivery is
+    /// seen: doubled at each sample that finds the count unmoved, from an
+    /// eighth of the smallest limit up to half of it (see [`idle_cap`]).
+    idle: Nanos,
+    /// The count at the last sample.
+    last_count: u64,
     /// The count as the first sample of a delivery saw it, and when.
     seen: Option<(u64, Nanos)>,
     /// The count of a delivery that ran its limit: its kill is due while
@@ -107,6 +117,14 @@ pub struct Probe {
 /// The sampling period for a limit of `limit` nanoseconds.
 fn period_for(limit: Nanos) -> Nanos {
     (limit / 8).clamp(MIN_PERIOD, MAX_PERIOD)
+}
+
+/// The longest wait between samples while nothing is delivered, for a
+/// smallest limit of `limit`: a delivery that starts then is first seen
+/// at most that late, so a runaway one is killed within 1.625 times its
+/// limit (half of it, and a period), at most 100 ms late.
+fn idle_cap(limit: Nanos) -> Nanos {
+    (limit / 2).clamp(MIN_PERIOD, MAX_PERIOD)
 }
 
 /// A limit in seconds, as Lua stored it, in nanoseconds: `None` unless a
@@ -181,7 +199,9 @@ impl Probe {
         Probe {
             count,
             limit,
-            period: period_for(smallest_limit),
+            smallest: smallest_limit,
+            idle: period_for(smallest_limit),
+            last_count: 0,
             seen: None,
             due: None,
             retry: Backoff::first(),
@@ -196,7 +216,8 @@ impl Probe {
 
     /// The loop announced actors with a limit of `limit`.
     pub fn announce(&mut self, limit: Nanos) {
-        self.period = self.period.min(period_for(limit));
+        self.smallest = self.smallest.min(limit);
+        self.idle = self.idle.min(period_for(limit));
     }
 
     /// Samples the probe at `now`; returns what it found and when to
@@ -207,19 +228,30 @@ impl Probe {
     pub unsafe fn sample(&mut self, now: Nanos) -> (Sample, Nanos) {
         // SAFETY: the caller's contract.
         let (limit, count) = unsafe { (limit_nanos(load(self.limit)), load(self.count)) };
+        let moved = count != self.last_count;
+        self.last_count = count;
+        let period = period_for(self.smallest);
         let Some(limit) = limit.filter(|_| self.quiet != Some(count)) else {
+            // Nothing delivered now: while nothing was since the last
+            // sample either, wait longer each time.
             self.seen = None;
             self.due = None;
-            return (Sample::Quiet, clock::after(now, self.period));
+            self.idle = if moved {
+                period
+            } else {
+                (self.idle * 2).clamp(period, idle_cap(self.smallest))
+            };
+            return (Sample::Quiet, clock::after(now, self.idle));
         };
         self.quiet = None;
+        self.idle = period;
         if self.due.is_some_and(|due| due == count) {
             // Armed already: again, in case the arming was undone.
             let retry = clock::nanos(self.retry.step());
             return (Sample::Stalled, clock::after(now, retry));
         }
         self.due = None;
-        let next = clock::after(now, self.period.min(period_for(limit)));
+        let next = clock::after(now, period.min(period_for(limit)));
         match self.seen {
             Some((seen, since)) if seen == count => {
                 if now.saturating_sub(since) < limit {

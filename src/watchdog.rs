@@ -166,6 +166,17 @@ fn on_alarm(vm: &dyn Alarm) -> Option<Instant> {
     vm.on_alarm()
 }
 
+/// How many times the watchdog sampled a VM's dispatch probes (LuaJIT), in
+/// this process (diagnostics: specs check that an idle probe is sampled
+/// less and less often).
+#[cfg(feature = "luajit")]
+static SAMPLES_RUN: AtomicUsize = AtomicUsize::new(0);
+
+#[cfg(feature = "luajit")]
+pub fn samples_run() -> usize {
+    SAMPLES_RUN.load(Ordering::Relaxed)
+}
+
 /// How late the watchdog armed the hook for a deadline at worst, after the
 /// hook's time (the deadline, less LuaJIT's lead), in nanoseconds, since it
 /// was last read (diagnostics: a kill is late by at least that much, less
@@ -303,6 +314,7 @@ fn run() {
                     let Some(strong) = vm.upgrade() else {
                         continue;
                     };
+                    SAMPLES_RUN.fetch_add(1, Ordering::Relaxed);
                     if let Some(next) = strong.sample() {
                         again.push(Scheduled {
                             job: Job::Sample(vm),

@@ -66,14 +66,18 @@ local KILLED = "^Coroutine exceeded its allowed running time"
 -- least 1 ms). The core writes the fourth, WATCHED_RUNNING, the length of
 -- corowatch's chain: while something watched runs (a watched coroutine
 -- called `signal`), its deadline must reach the actors, and they go
--- through corowatch's resume. So does a signal made while a delivery runs
--- (from inside an actor), under the outer delivery's probe, and
+-- through corowatch's resume. So does a signal made while a delivery to a
+-- watched actor runs (from inside it), under the outer delivery's probe,
+-- a delivery to an actor that inherited a watch (see `start`), and
 -- everything else that resumes actors.
 local raw_resume = coroutine.resume
 local PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING = 0, 0, false, 0
 -- Its upvalues, in this order, are the probe.
 local function probe() return PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING end
-local watch_dispatch = jit and require("corowatch.core").corowatch.watch_dispatch
+local core = require("corowatch.core")
+local watch_dispatch = jit and core.corowatch.watch_dispatch
+-- corowatch's `co -> watch settings` (its inheritance included).
+local cw_watched = core.shared("corowatch").watched
 -- Whether the core samples the probe (from the first watched supervisor on).
 local probed = false
 
@@ -328,6 +332,10 @@ local function start(self, rec)
   local co = cw_create(function(...) return RETURNED, fn(...) end)
   if rec.limit then cw_watch(co, rec.limit) end
   rec.co, rec.state = co, RUNNING
+  -- Without a limit of its own, created while a watched coroutine ran: it
+  -- inherited that watch, which corowatch's resume enforces (LuaJIT's
+  -- probe times only actors watched with their own limit).
+  rec.inherited = not rec.limit and cw_watched[co] ~= nil
   -- Counted as a call that resumes an actor (see `salvage`).
   local depth = self.depth + 1
   self.depth = depth
@@ -901,14 +909,19 @@ function Supervisor:signal(event, ...)
       if rec then
         list[i] = nil
         local co = rec.co
-        if fast and rec.limit then
-          -- One store per statement, the count last at the start and
-          -- first at the end: the watchdog reads them one by one.
-          PROBE_CO = co
-          PROBE_LIMIT = rec.limit
-          PROBE_COUNT = PROBE_COUNT + 1
+        local run = resume
+        if fast then
+          if rec.limit then
+            -- One store per statement, the count last at the start and
+            -- first at the end: the watchdog reads them one by one.
+            PROBE_CO = co
+            PROBE_LIMIT = rec.limit
+            PROBE_COUNT = PROBE_COUNT + 1
+          elseif rec.inherited then
+            run = cw_resume
+          end
         end
-        local ok, todo, what = resume(co, event, ...)
+        local ok, todo, what = run(co, event, ...)
         if fast then
           PROBE_COUNT = PROBE_COUNT + 1
           PROBE_LIMIT = 0
@@ -1027,8 +1040,9 @@ local function handle(self, command, ...)
   if not ok then
     -- The serving coroutine's own kill is not a command's failure: it
     -- stays dead (LuaJIT's `serve` yields through LuaJIT's own yield,
-    -- which does not ask).
-    if cw_status(raw_running()) == "dead" then error(rv, 0) end
+    -- which does not ask). (The main thread of 5.1 and LuaJIT is nil.)
+    local me = raw_running()
+    if me and cw_status(me) == "dead" then error(rv, 0) end
     say(self, "Supervisor command " .. tostring(command) .. " failed: " .. describe(rv))
     return nil
   end
