@@ -32,7 +32,6 @@ local function new_probe(limit)
     current_limit = limit
     count = count + 1
     local results = { coroutine.resume(co, ...) }
-    count = count + 1
     current_limit = 0
     current = false
     return unpack(results)

@@ -5,9 +5,9 @@
 //! (a supervisor's dispatch, issue 10). So `corowatch.supervisor`'s signal
 //! loop resumes its actors with LuaJIT's own resume and tells what it runs
 //! through three upvalues of one of its functions, written by plain Lua
-//! stores: a count it moves at the start and the end of each delivery, the
-//! limit of the actor it delivers to (0 between deliveries) and that
-//! actor's coroutine. A fourth upvalue goes the other way: the VM's thread
+//! stores: a count it moves at the start of each delivery, the limit of
+//! the actor it delivers to (0 between deliveries) and that actor's
+//! coroutine. A fourth upvalue goes the other way: the VM's thread
 //! writes the length of corowatch's chain there whenever it publishes it
 //! ([`crate::mirror`]), and the loop takes this path only while it is 0
 //! (nothing watched runs: a watched coroutine's deadline must still reach

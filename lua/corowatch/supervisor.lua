@@ -58,9 +58,9 @@ local KILLED = "^Coroutine exceeded its allowed running time"
 -- through LuaJIT's own `coroutine.resume` (written in assembly). So
 -- `signal` resumes its watched actors with LuaJIT's own resume, and tells
 -- the core what it runs through these upvalues, which the core's watchdog
--- samples from its thread (src/probe.rs): a count moved at the start and
--- the end of each delivery, the limit of the actor it delivers to (0
--- between deliveries) and its coroutine. An actor whose delivery runs past
+-- samples from its thread (src/probe.rs): a count moved at the start of
+-- each delivery, the limit of the actor it delivers to (0 between
+-- deliveries) and its coroutine. An actor whose delivery runs past
 -- its limit is killed as corowatch kills (the same message, at every
 -- instruction until it dies), within an eighth of the limit more (at
 -- least 1 ms). The core writes the fourth, WATCHED_RUNNING, the length of
@@ -912,8 +912,8 @@ function Supervisor:signal(event, ...)
         local run = resume
         if fast then
           if rec.limit then
-            -- One store per statement, the count last at the start and
-            -- first at the end: the watchdog reads them one by one.
+            -- One store per statement, the count (new for each delivery)
+            -- last: the watchdog reads them one by one.
             PROBE_CO = co
             PROBE_LIMIT = rec.limit
             PROBE_COUNT = PROBE_COUNT + 1
@@ -923,7 +923,6 @@ function Supervisor:signal(event, ...)
         end
         local ok, todo, what = run(co, event, ...)
         if fast then
-          PROBE_COUNT = PROBE_COUNT + 1
           PROBE_LIMIT = 0
           PROBE_CO = false
         end
