@@ -135,6 +135,44 @@ describe("the dispatch probe", function()
     assert.is_true(gettime() - started < 0.5)
   end)
 
+  it("kills a coroutine in an xpcall message handler once it runs again", function()
+    -- In its handler it resumes another coroutine, which runs past the
+    -- limit: the handler's thread is not killed in there (it is marked
+    -- failed: LUA_ERRERR), and must still be when it runs away itself.
+    set_limit(LIMIT)
+    local co = coroutine.create(function()
+      xpcall(function() error("boom") end, function()
+        coroutine.resume(coroutine.create(spin), 0.3)
+        return spin(2)
+      end)
+      return "handled"
+    end)
+    cw.watch(co, LIMIT)
+    local started = gettime()
+    local ok, err = deliver(co)
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded", err)
+    assert.is_true(gettime() - started < 1, ("took %.3f s"):format(gettime() - started))
+  end)
+
+  it("samples sooner as soon as a smaller limit is announced", function()
+    for _ = 1, 2 do
+      -- A probe of its own, announced with 1 s, idle: sampled every
+      -- 100 ms, its next sample queued up to that far.
+      local probe2, deliver2 = new_probe(0.02)
+      assert.is_true(watch_dispatch(probe2, 1))
+      spin(0.25)
+      -- Announced 20 ms: the next sample must not wait for the old period.
+      assert.is_true(watch_dispatch(probe2, 0.02))
+      local co = coroutine.create(spin)
+      cw.watch(co, 0.02)
+      local started = gettime()
+      assert.is_false((deliver2(co, 1)))
+      local took = gettime() - started
+      assert.is_true(took < 0.04, ("killed after %.3f s"):format(took))
+    end
+  end)
+
   it("is sampled less and less often while nothing is delivered", function()
     -- Limit 16 ms: sampled every 2 ms in a delivery; idle, the wait
     -- doubles up to 8 ms.

@@ -409,6 +409,61 @@ describe("runaway actors", function()
       table.concat(lines, "\n"))
   end)
 
+  it("are killed at a watch set on them after they started", function()
+    -- U, introduced with limit = false, watches itself (LuaJIT: its
+    -- watch is no longer the one `start` set; corowatch's resume times it).
+    local sup, lines = recorded()
+    sup:introduce{ name = "U", limit = false, fn = function()
+      corowatch.watch(corowatch.running(), 0.05)
+      yield("waitfor", "go")
+      local t = gettime()
+      while gettime() - t < 1 do end
+      yield("waitfor", "go")
+    end }
+    local started = gettime()
+    sup:signal("go")
+    assert.is_true(gettime() - started < 0.5)
+    assert.is_truthy(find_line(lines, "Coroutine U killed at"), table.concat(lines, "\n"))
+  end)
+
+  it("are killed when a hook signals just before their delivery", function()
+    -- A line hook signals another event at the line of `signal` that
+    -- resumes the actor (LuaJIT: after the probe's stores). That nested
+    -- signal must leave the probe to the delivery under way.
+    local sup, lines = recorded({ limit = 0.05 })
+    sup:introduce("B", function()
+      while true do yield("waitfor", "other") end
+    end)
+    sup:introduce("A", function()
+      yield("waitfor", "go")
+      local t = gettime()
+      while gettime() - t < 1 do end
+      yield("waitfor", "go")
+    end)
+    local source = debug.getinfo(supervisor.new, "S").source
+    local at = 0
+    local n = 0
+    for text in io.lines(source:sub(2)) do
+      n = n + 1
+      if text:find("local ok, todo, what = run(co, event, ...)", 1, true) then at = n end
+    end
+    assert.is_true(at > 0)
+    local fired = false
+    corowatch.sethook(function(_, line)
+      if not fired and line == at and debug.getinfo(2, "S").source == source then
+        fired = true
+        sup:signal("other")
+      end
+    end, "l")
+    local started = gettime()
+    local ok = pcall(sup.signal, sup, "go")
+    corowatch.sethook()
+    assert.is_true(ok)
+    assert.is_true(fired)
+    assert.is_true(gettime() - started < 0.5, ("took %.3f s"):format(gettime() - started))
+    assert.is_truthy(find_line(lines, "Coroutine A killed at its limit"), table.concat(lines, "\n"))
+  end)
+
   it("run unwatched with limit = false", function()
     local sup = recorded({ limit = 0.01 })
     local done_at

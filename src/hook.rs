@@ -161,7 +161,7 @@ unsafe fn decide(
                     state,
                     || id_of_thread(state, None, room.part()),
                     || at_c_function(state, ar, event),
-                    |index| probe_runs(state, index, room),
+                    |index| probe_target(state, index, room),
                     event,
                 )
             },
@@ -175,26 +175,37 @@ unsafe fn decide(
     })
 }
 
-/// Whether the coroutine the probe at `index` names still runs (running,
-/// or "normal": it resumed the running thread); false on PUC Lua, which
-/// has no probes.
+/// Where the coroutine the probe at `index` names is (see
+/// [`vm::ProbeTarget`]); `Gone` on PUC Lua, which has no probes.
 ///
 /// # Safety
 /// `state` is the running thread, in its hook; this allocates nothing.
 #[cfg_attr(not(feature = "luajit"), allow(unused_variables))]
-unsafe fn probe_runs(state: *mut lua_State, index: usize, room: Room<3>) -> bool {
+unsafe fn probe_target(state: *mut lua_State, index: usize, room: Room<3>) -> vm::ProbeTarget {
     #[cfg(feature = "luajit")]
     if push_probe_coroutine(state, index, room) {
         let co = ffi::lua_tothread(state, -1);
-        // The running thread runs, whatever its status says (inside an
-        // `xpcall` message handler LuaJIT marks it LUA_ERRERR). SAFETY:
-        // `co` is alive (on our stack) and of this VM (a probe's upvalue);
-        // this is its OS thread.
-        let runs = co == state || !vm::has_stopped(crate::state_ptr::StatePtr(co));
         ffi::lua_pop(state, 1);
-        return runs;
+        // The running thread runs, whatever its status says (inside an
+        // `xpcall` message handler LuaJIT marks it LUA_ERRERR).
+        if co == state {
+            return vm::ProbeTarget::Runs;
+        }
+        // SAFETY: `co` is alive (the probe's function, anchored, holds it
+        // in its upvalue) and of this VM; this is its OS thread.
+        let status = ffi::lua_status(co);
+        if status == ffi::LUA_YIELD {
+            return vm::ProbeTarget::Gone;
+        }
+        let mut ar = std::mem::MaybeUninit::<ffi::lua_Debug>::zeroed();
+        let has_frame = ffi::lua_getstack(co, 0, ar.as_mut_ptr()) != 0;
+        return match (status == ffi::LUA_OK, has_frame) {
+            (true, true) => vm::ProbeTarget::Runs,
+            (false, true) => vm::ProbeTarget::Unsure,
+            (_, false) => vm::ProbeTarget::Gone,
+        };
     }
-    false
+    vm::ProbeTarget::Gone
 }
 
 /// Pushes the coroutine the probe at `index` names (its function's third

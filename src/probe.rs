@@ -214,10 +214,15 @@ impl Probe {
         self.count == count
     }
 
-    /// The loop announced actors with a limit of `limit`.
-    pub fn announce(&mut self, limit: Nanos) {
-        self.smallest = self.smallest.min(limit);
+    /// The loop announced actors with a limit of `limit`; returns whether
+    /// that is smaller than any before (the samples must come sooner).
+    pub fn announce(&mut self, limit: Nanos) -> bool {
+        if limit >= self.smallest {
+            return false;
+        }
+        self.smallest = limit;
         self.idle = self.idle.min(period_for(limit));
+        true
     }
 
     /// Samples the probe at `now`; returns what it found and when to
@@ -301,6 +306,16 @@ impl Probe {
         self.seen = None;
         // SAFETY: the caller's contract.
         self.quiet = Some(unsafe { load(self.count) });
+    }
+
+    /// The stalled delivery's coroutine may still run (see
+    /// `crate::vm::ProbeTarget::Unsure`): no kill now, and the count is
+    /// timed again from `now`.
+    pub fn retime(&mut self, now: Nanos) {
+        self.due = None;
+        if let Some((_, since)) = &mut self.seen {
+            *since = now;
+        }
     }
 
     /// Whether a kill is due (the hook must stay on).

@@ -51,6 +51,11 @@ local building = setmetatable({}, { __mode = "k" })
 
 local KILLED = "^Coroutine exceeded its allowed running time"
 
+local DONE_REASON = "done() was called"
+
+local Supervisor = {}
+Supervisor.__index = Supervisor
+
 -- ----------------------------------------------------------------------
 -- LuaJIT: the dispatch probe
 -- ----------------------------------------------------------------------
@@ -68,8 +73,9 @@ local KILLED = "^Coroutine exceeded its allowed running time"
 -- called `signal`), its deadline must reach the actors, and they go
 -- through corowatch's resume. So does a signal made while a delivery to a
 -- watched actor runs (from inside it), under the outer delivery's probe,
--- a delivery to an actor that inherited a watch (see `start`), and
--- everything else that resumes actors.
+-- a delivery to an actor whose watch is not the one `start` set (it
+-- inherited one, or was watched anew), and everything else that resumes
+-- actors.
 local raw_resume = coroutine.resume
 local PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING = 0, 0, false, 0
 -- Its upvalues, in this order, are the probe.
@@ -94,24 +100,35 @@ local function announce(limit)
   end
 end
 
+-- Whether a `signal` runs below the caller of the caller of this function,
+-- on this thread.
+local function signal_below()
+  local level = 4
+  while true do
+    local info = getinfo(level, "f")
+    if not info then return false end
+    if info.func == Supervisor.signal then return true end
+    level = level + 1
+  end
+end
+
 -- A probe left behind by a delivery cut short (an error in the loop's own
--- thread) names a coroutine that no longer runs: it is cleared, so that it
--- times nothing that runs later.
+-- thread) names a coroutine that no longer runs: it is cleared, so that the
+-- next signal can use it. A loop still under way is not cut short: its
+-- coroutine runs (a signal made from inside it), or the loop is about to
+-- resume it (a signal made by a hook or an mtint handler on the loop's own
+-- thread, between its stores and its resume: a `signal` frame below).
 -- Returns whether the probe is free now.
 local function clear_stale_probe()
   if PROBE_LIMIT ~= 0 and PROBE_CO then
     local status = raw_status(PROBE_CO)
-    if status == "running" or status == "normal" then return false end
+    if status == "running" or status == "normal" or signal_below() then return false end
   end
   PROBE_COUNT = PROBE_COUNT + 1
   PROBE_LIMIT = 0
   PROBE_CO = false
   return true
 end
-local DONE_REASON = "done() was called"
-
-local Supervisor = {}
-Supervisor.__index = Supervisor
 
 -- ----------------------------------------------------------------------
 -- Arguments and logging
@@ -332,10 +349,10 @@ local function start(self, rec)
   local co = cw_create(function(...) return RETURNED, fn(...) end)
   if rec.limit then cw_watch(co, rec.limit) end
   rec.co, rec.state = co, RUNNING
-  -- Without a limit of its own, created while a watched coroutine ran: it
-  -- inherited that watch, which corowatch's resume enforces (LuaJIT's
-  -- probe times only actors watched with their own limit).
-  rec.inherited = not rec.limit and cw_watched[co] ~= nil
+  -- Its watch as set here (LuaJIT: `signal` times an actor through its
+  -- probe only while it keeps it; one inherited from a watched coroutine
+  -- that created it, or set anew since, is corowatch's resume's).
+  rec.watch = cw_watched[co]
   -- Counted as a call that resumes an actor (see `salvage`).
   local depth = self.depth + 1
   self.depth = depth
@@ -911,14 +928,20 @@ function Supervisor:signal(event, ...)
         local co = rec.co
         local run = resume
         if fast then
-          if rec.limit then
-            -- One store per statement, the count (new for each delivery)
-            -- last: the watchdog reads them one by one.
-            PROBE_CO = co
-            PROBE_LIMIT = rec.limit
-            PROBE_COUNT = PROBE_COUNT + 1
-          elseif rec.inherited then
-            run = cw_resume
+          -- LuaJIT's resume for an unwatched actor, and through the probe
+          -- for one watched as `start` watched it; corowatch's for one whose
+          -- watch changed since (it inherited one, or was watched anew).
+          local watch = cw_watched[co]
+          if watch ~= nil then
+            if watch == rec.watch and rec.limit then
+              -- One store per statement, the count (new for each
+              -- delivery) last: the watchdog reads them one by one.
+              PROBE_CO = co
+              PROBE_LIMIT = rec.limit
+              PROBE_COUNT = PROBE_COUNT + 1
+            else
+              run = cw_resume
+            end
           end
         end
         local ok, todo, what = run(co, event, ...)

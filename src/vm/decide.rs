@@ -28,11 +28,11 @@ impl Vm {
         state: *mut lua_State,
         id_of_state: impl FnOnce() -> Option<Id>,
         at_c_function: impl FnOnce() -> bool,
-        probe_runs: impl FnMut(usize) -> bool,
+        probe_target: impl FnMut(usize) -> super::ProbeTarget,
         event: c_int,
     ) -> (Verdict, Option<lua_Hook>) {
         #[cfg(not(feature = "luajit"))]
-        let _ = probe_runs;
+        let _ = probe_target;
         self.note_owner();
         let mut inner = self.lock();
         // SAFETY: `state` is the running thread, in its hook, on its thread.
@@ -68,7 +68,7 @@ impl Vm {
                         inner.has_interrupt(state, id_of_state),
                     ),
                     #[cfg(feature = "luajit")]
-                    None => match inner.probe_kill(now, probe_runs) {
+                    None => match inner.probe_kill(now, probe_target) {
                         Some(index) => (
                             Verdict::Probe(index),
                             inner.has_interrupt(state, id_of_state),

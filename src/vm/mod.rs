@@ -75,6 +75,21 @@ pub use probe::Registered;
 /// [`crate::registry`], which hands them out).
 pub type Id = u64;
 
+/// Where the coroutine a dispatch probe names is, as the hook finds it
+/// (LuaJIT; see [`crate::probe`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ProbeTarget {
+    /// Running, or "normal" (it resumed the running thread): it is killed.
+    Runs,
+    /// Suspended or dead: the delivery is over, or a loop cut short left
+    /// the probe behind.
+    Gone,
+    /// Marked failed but with frames: inside an `xpcall` message handler
+    /// (LuaJIT sets LUA_ERRERR while one runs), from which it resumed the
+    /// running thread, or dead from an error in one. Timed again.
+    Unsure,
+}
+
 /// What the hook does once it has looked at the pending interrupts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -232,7 +247,7 @@ pub fn of_key(key: usize) -> Option<Arc<Vm>> {
 ///
 /// # Safety
 /// `state` is alive and belongs to the VM the calling OS thread runs.
-pub(crate) unsafe fn has_stopped(state: StatePtr) -> bool {
+unsafe fn has_stopped(state: StatePtr) -> bool {
     if ffi::lua_status(state.0) != ffi::LUA_OK {
         return true; // suspended, or dead by an error
     }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::{writing_from, Vm, VmInner};
+use super::{writing_from, ProbeTarget, Vm, VmInner};
 use crate::arming::{HookArming, Side};
 use crate::clock::{self, Nanos, NEVER};
 use crate::probe::{Probe, Sample, MAX_PROBES};
@@ -42,7 +42,12 @@ impl Vm {
             return Registered::Refused;
         }
         if let Some(probe) = inner.probes.iter_mut().find(|probe| probe.reads(count)) {
-            probe.announce(limit);
+            if probe.announce(limit) {
+                // Sampled less often until now: the next sample must not
+                // wait for the old period.
+                let me: std::sync::Weak<dyn Sampler> = self.me.clone();
+                watchdog::schedule_sample(me, Instant::now());
+            }
             return Registered::Known;
         }
         if inner.probes.len() >= MAX_PROBES {
@@ -85,24 +90,26 @@ impl Sampler for Vm {
 
 impl VmInner {
     /// The index of a probe whose kill is due on the running thread, if
-    /// any, and whether `runs(index)` says its coroutine still runs; a
-    /// probe whose delivery is over, or whose coroutine stopped, settles.
+    /// any: its count stands and `target(index)` says its coroutine runs.
+    /// A probe whose delivery is over, or whose coroutine is gone, settles;
+    /// one whose coroutine's state is unsure is timed again.
     ///
     /// # Safety
     /// On the VM's own thread, in its hook, the VM not closed.
     pub(super) unsafe fn probe_kill(
         &mut self,
         now: Nanos,
-        mut runs: impl FnMut(usize) -> bool,
+        mut target: impl FnMut(usize) -> ProbeTarget,
     ) -> Option<usize> {
         for (index, probe) in self.probes.iter_mut().enumerate() {
             // SAFETY: the caller's contract (see `crate::probe`).
             if unsafe { probe.kill_due(now) } {
-                if runs(index) {
-                    return Some(index);
+                match target(index) {
+                    ProbeTarget::Runs => return Some(index),
+                    // SAFETY: as above.
+                    ProbeTarget::Gone => unsafe { probe.settled() },
+                    ProbeTarget::Unsure => probe.retime(now),
                 }
-                // SAFETY: as above.
-                unsafe { probe.settled() };
             }
         }
         None
