@@ -78,6 +78,7 @@ pub type Id = u64;
 /// Where the coroutine a dispatch probe names is, as the hook finds it
 /// (LuaJIT; see [`crate::probe`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "luajit"), allow(dead_code))]
 pub enum ProbeTarget {
     /// Running, or "normal" (it resumed the running thread): it is killed.
     Runs,
