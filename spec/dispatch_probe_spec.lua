@@ -57,6 +57,20 @@ describe("the dispatch probe", function()
   local probe, deliver, leave_behind, chain_length, set_limit = new_probe(LIMIT)
   assert(watch_dispatch(probe, LIMIT))
 
+  -- Delivers to a new coroutine running `body`, watched at LIMIT, and
+  -- asserts that it is killed, within `bound` seconds.
+  local function assert_killed_within(bound, body)
+    set_limit(LIMIT)
+    local co = coroutine.create(body)
+    cw.watch(co, LIMIT)
+    local started = gettime()
+    local ok, err = deliver(co)
+    local took = gettime() - started
+    assert.is_false(ok)
+    assert.matches("^Coroutine exceeded", err)
+    assert.is_true(took < bound, ("killed after %.3f s"):format(took))
+  end
+
   it("is a function whose first, second and fourth upvalues are closed numbers", function()
     assert.is_true(watch_dispatch(probe, LIMIT))
     -- Again: it is known, and takes the limit.
@@ -122,37 +136,23 @@ describe("the dispatch probe", function()
 
   it("kills inside an xpcall message handler", function()
     -- LuaJIT marks a thread whose handler runs LUA_ERRERR: it still runs.
-    set_limit(LIMIT)
-    local co = coroutine.create(function()
+    assert_killed_within(0.5, function()
       xpcall(function() error("boom") end, function() return spin(1) end)
       return "handled"
     end)
-    cw.watch(co, LIMIT)
-    local started = gettime()
-    local ok, err = deliver(co)
-    assert.is_false(ok)
-    assert.matches("^Coroutine exceeded", err)
-    assert.is_true(gettime() - started < 0.5)
   end)
 
   it("kills a coroutine in an xpcall message handler once it runs again", function()
     -- In its handler it resumes another coroutine, which runs past the
     -- limit: the handler's thread is not killed in there (it is marked
     -- failed: LUA_ERRERR), and must still be when it runs away itself.
-    set_limit(LIMIT)
-    local co = coroutine.create(function()
+    assert_killed_within(1, function()
       xpcall(function() error("boom") end, function()
         coroutine.resume(coroutine.create(spin), 0.3)
         return spin(2)
       end)
       return "handled"
     end)
-    cw.watch(co, LIMIT)
-    local started = gettime()
-    local ok, err = deliver(co)
-    assert.is_false(ok)
-    assert.matches("^Coroutine exceeded", err)
-    assert.is_true(gettime() - started < 1, ("took %.3f s"):format(gettime() - started))
   end)
 
   it("samples sooner as soon as a smaller limit is announced", function()
@@ -191,35 +191,21 @@ describe("the dispatch probe", function()
   end)
 
   it("kills through pcall in a loop", function()
-    set_limit(LIMIT)
-    local co = coroutine.create(function()
+    -- The first kill comes inside `spin` (1 s), under the pcall.
+    assert_killed_within(0.5, function()
       for _ = 1, 1e6 do pcall(spin, 1) end
       return "survived"
     end)
-    cw.watch(co, LIMIT)
-    local started = gettime()
-    local ok, err = deliver(co)
-    assert.is_false(ok)
-    assert.matches("^Coroutine exceeded", err)
-    -- The first kill came inside `spin` (1 s), under the pcall.
-    assert.is_true(gettime() - started < 0.5)
   end)
 
   it("reaches what the coroutine resumed, then the coroutine", function()
-    set_limit(LIMIT)
     local inner = coroutine.create(spin)
-    local co = coroutine.create(function()
+    assert_killed_within(0.5, function()
       coroutine.resume(inner, 1)
       return "went on"
     end)
-    cw.watch(co, LIMIT)
-    local started = gettime()
-    local ok, err = deliver(co)
-    assert.is_false(ok)
-    assert.matches("^Coroutine exceeded", err)
     -- `inner` died of the kill, well before its second of spinning.
     assert.equal("dead", coroutine.status(inner))
-    assert.is_true(gettime() - started < 0.5)
   end)
 
   it("kills nothing when the coroutine it names no longer runs", function()
