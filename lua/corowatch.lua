@@ -54,6 +54,9 @@ local shared = core.shared("corowatch")
 local watched = shared.watched or setmetatable({}, weak_keys)
 local killed = shared.killed or setmetatable({}, weak_keys) -- co -> its kill message
 shared.watched, shared.killed = watched, killed
+-- How many watches `watch` has set in this Lua state (the supervisor
+-- re-reads its actors' watches when it moves).
+shared.watches_set = shared.watches_set or 0
 
 -- Fields of a settings record.
 local CALLBACK, MESSAGE, EXPLICIT, INHERITED = 3, 4, 5, 6
@@ -317,6 +320,7 @@ local function watch(name, level, co, killlimit, warnlimit, cb, hookcount)
     last_record = record
   end
   set_watch(key, record)
+  shared.watches_set = shared.watches_set + 1
 
   -- Its clock starts now if it is running, else when it is next resumed.
   watch_running(thread, kill or nil, warn or nil)

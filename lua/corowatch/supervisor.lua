@@ -50,7 +50,6 @@ local NESTED = setmetatable({}, { __tostring = function() return "nested supervi
 local building = setmetatable({}, { __mode = "k" })
 
 local KILLED = "^Coroutine exceeded its allowed running time"
-
 local DONE_REASON = "done() was called"
 
 local Supervisor = {}
@@ -82,8 +81,10 @@ local PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING = 0, 0, false, 0
 local function probe() return PROBE_COUNT, PROBE_LIMIT, PROBE_CO, WATCHED_RUNNING end
 local core = require("corowatch.core")
 local watch_dispatch = jit and core.corowatch.watch_dispatch
--- corowatch's `co -> watch settings` (its inheritance included).
-local cw_watched = core.shared("corowatch").watched
+-- corowatch's `co -> watch settings` (its inheritance included), and how
+-- many watches it has set.
+local cw_shared = core.shared("corowatch")
+local cw_watched = cw_shared.watched
 -- Whether the core samples the probe (from the first watched supervisor on).
 local probed = false
 
@@ -98,6 +99,25 @@ local function announce(limit)
     local ok, registered = pcall(watch_dispatch, probe, limit)
     probed = probed or (ok and registered)
   end
+end
+
+-- How `signal`, through the probe, resumes an actor whose watch is
+-- `watch`: with LuaJIT's resume if it is unwatched, also through the probe
+-- if it keeps the watch `start` set, else with corowatch's resume (it
+-- inherited a watch, or was watched anew).
+local function route_of(rec, watch)
+  if watch == nil then return "raw" end
+  if watch == rec.watch and rec.limit then return "probed" end
+  return "slow"
+end
+
+-- corowatch set a watch since this supervisor last looked: its actors'
+-- routes are read again.
+local function reroute(self)
+  for _, rec in ipairs(self.actors) do
+    if rec.co then rec.route = route_of(rec, cw_watched[rec.co]) end
+  end
+  self.watches_seen = cw_shared.watches_set
 end
 
 -- Whether a `signal` runs below the caller of the caller of this function,
@@ -353,6 +373,7 @@ local function start(self, rec)
   -- probe only while it keeps it; one inherited from a watched coroutine
   -- that created it, or set anew since, is corowatch's resume's).
   rec.watch = cw_watched[co]
+  rec.route = route_of(rec, rec.watch)
   -- Counted as a call that resumes an actor (see `salvage`).
   local depth = self.depth + 1
   self.depth = depth
@@ -913,6 +934,7 @@ function Supervisor:signal(event, ...)
   -- LuaJIT: through the probe, unless a delivery runs already.
   local fast = probed and WATCHED_RUNNING == 0 and (PROBE_LIMIT == 0 or clear_stale_probe())
   local resume = fast and raw_resume or cw_resume
+  if fast and self.watches_seen ~= cw_shared.watches_set then reroute(self) end
   if list then
     -- Take the list out: whoever waits again lands in another one. (In
     -- this order: a kill between two steps leaves what `salvage` mends.)
@@ -928,20 +950,15 @@ function Supervisor:signal(event, ...)
         local co = rec.co
         local run = resume
         if fast then
-          -- LuaJIT's resume for an unwatched actor, and through the probe
-          -- for one watched as `start` watched it; corowatch's for one whose
-          -- watch changed since (it inherited one, or was watched anew).
-          local watch = cw_watched[co]
-          if watch ~= nil then
-            if watch == rec.watch and rec.limit then
-              -- One store per statement, the count (new for each
-              -- delivery) last: the watchdog reads them one by one.
-              PROBE_CO = co
-              PROBE_LIMIT = rec.limit
-              PROBE_COUNT = PROBE_COUNT + 1
-            else
-              run = cw_resume
-            end
+          local route = rec.route -- see `route_of`
+          if route == "probed" then
+            -- One store per statement, the count (new for each delivery)
+            -- last: the watchdog reads them one by one.
+            PROBE_CO = co
+            PROBE_LIMIT = rec.limit
+            PROBE_COUNT = PROBE_COUNT + 1
+          elseif route == "slow" then
+            run = cw_resume
           end
         end
         local ok, todo, what = run(co, event, ...)
