@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use mlua::ffi::lua_State;
 
-use super::{has_stopped, release, writing_from, Id, Pending, Vm, VmInner};
+#[cfg(not(feature = "luajit"))]
+use super::writing_from;
+use super::{has_stopped, release, Id, Pending, Vm, VmInner};
 use crate::arming::{HookArming, Side};
 use crate::barrier;
 use crate::clock::{self, Nanos, NEVER};
@@ -518,24 +520,30 @@ impl VmInner {
     /// `threads`: those, from the chain (the owner) or its mirror (the
     /// watchdog, after the handshake of [`crate::mirror`]).
     fn arm_chain(&mut self, side: Side, threads: impl Iterator<Item = StatePtr>) {
-        // LuaJIT's hook is the VM's: armed once, through the anchor, which
-        // lives until `close`; no thread of the chain is touched.
+        // LuaJIT's hook is the VM's: armed once, through the anchor; no
+        // thread of the chain is touched.
         #[cfg(feature = "luajit")]
-        let threads = {
+        {
             let mut threads = threads;
-            std::iter::once(self.anchor).take(usize::from(threads.next().is_some()))
-        };
-        let VmInner {
-            arming,
-            writing_afar,
-            ..
-        } = self;
-        for state in threads {
-            // SAFETY: the chain's threads are alive while it names them,
-            // and the mirror's until the owner has seen `armed`
-            // (module comments here and in `crate::mirror`); one that does
-            // not run is armed for when it runs again. We hold the lock.
-            writing_from(side, writing_afar, || unsafe { arming.arm(state.0, side) });
+            if threads.next().is_some() {
+                self.arm_vm(side);
+            }
+        }
+        #[cfg(not(feature = "luajit"))]
+        {
+            let VmInner {
+                arming,
+                writing_afar,
+                ..
+            } = self;
+            for state in threads {
+                // SAFETY: the chain's threads are alive while it names
+                // them, and the mirror's until the owner has seen `armed`
+                // (module comments here and in `crate::mirror`); one that
+                // does not run is armed for when it runs again. We hold the
+                // lock.
+                writing_from(side, writing_afar, || unsafe { arming.arm(state.0, side) });
+            }
         }
     }
 }

@@ -631,19 +631,39 @@ impl VmInner {
         let Some(slot) = self.live_slot(id) else {
             return;
         };
-        #[cfg(not(feature = "luajit"))]
-        let state = slot.state.0;
         #[cfg(feature = "luajit")]
-        let state = {
+        {
             let _ = slot;
-            self.anchor.0
-        };
-        // SAFETY: a live slot's state is alive (module comment); the anchor
-        // lives until `close`, which we are not past. We hold the VM lock.
-        let arming = &mut self.arming;
-        writing_from(side, &self.writing_afar, || unsafe {
-            arming.arm(state, side)
-        });
+            self.arm_vm(side);
+        }
+        #[cfg(not(feature = "luajit"))]
+        {
+            let state = slot.state.0;
+            // SAFETY: a live slot's state is alive (module comment). We
+            // hold the VM lock.
+            let arming = &mut self.arming;
+            writing_from(side, &self.writing_afar, || unsafe {
+                arming.arm(state, side)
+            });
+        }
+    }
+
+    /// LuaJIT: arms the VM-wide hook, through the anchor (for an
+    /// interrupt, the chain, or a dispatch probe).
+    #[cfg(feature = "luajit")]
+    fn arm_vm(&mut self, side: Side) {
+        let anchor = self.anchor;
+        if !anchor.is_alive() {
+            return;
+        }
+        let VmInner {
+            arming,
+            writing_afar,
+            ..
+        } = self;
+        // SAFETY: the anchor lives until `close`, which we are not past;
+        // we hold the VM lock.
+        writing_from(side, writing_afar, || unsafe { arming.arm(anchor.0, side) });
     }
 
     /// Removes the delivery hook of a target whose interrupt was cleared,

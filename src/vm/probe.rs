@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use super::{writing_from, ProbeTarget, Vm, VmInner};
-use crate::arming::{HookArming, Side};
+use super::{ProbeTarget, Vm, VmInner};
+use crate::arming::Side;
 use crate::clock::{self, Nanos, NEVER};
 use crate::probe::{Probe, Sample, MAX_PROBES};
 use crate::watchdog::{self, Sampler};
@@ -118,22 +118,5 @@ impl VmInner {
     /// Whether a probe's kill is due: the VM-wide hook must stay on.
     pub(super) fn probe_due(&self) -> bool {
         self.probes.iter().any(Probe::is_due)
-    }
-
-    /// Arms the VM-wide hook (through the anchor, which lives until
-    /// `close`).
-    fn arm_vm(&mut self, side: Side) {
-        let anchor = self.anchor;
-        if !anchor.is_alive() {
-            return;
-        }
-        let VmInner {
-            arming,
-            writing_afar,
-            ..
-        } = self;
-        // SAFETY: the anchor lives until `close`, which we are not past;
-        // we hold the VM lock.
-        writing_from(side, writing_afar, || unsafe { arming.arm(anchor.0, side) });
     }
 }
