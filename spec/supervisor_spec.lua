@@ -41,6 +41,18 @@ local function listener(journal, name, event)
   end
 end
 
+-- An actor that waits for "go", runs `seconds` without waiting, then
+-- waits again; `first` (if given) runs before it first waits.
+local function slow_on_go(seconds, first)
+  return function()
+    if first then first() end
+    yield("waitfor", "go")
+    local t = gettime()
+    while gettime() - t < seconds do end
+    yield("waitfor", "go")
+  end
+end
+
 local function rows_by_name(sup)
   local rows = {}
   for _, row in ipairs(sup:status()) do rows[row.name] = row end
@@ -367,12 +379,7 @@ describe("runaway actors", function()
     -- resume of them carries it (LuaJIT: `signal` takes LuaJIT's own resume
     -- only while nothing watched runs).
     local sup = recorded({ limit = 1 })
-    sup:introduce("a", function()
-      yield("waitfor", "go")
-      local t = gettime()
-      while gettime() - t < 0.5 do end
-      yield("waitfor", "go")
-    end)
+    sup:introduce("a", slow_on_go(0.5))
     local caller = corowatch.create(function() return sup:signal("go") end)
     corowatch.watch(caller, 0.05)
     local started = gettime()
@@ -413,13 +420,9 @@ describe("runaway actors", function()
     -- U, introduced with limit = false, watches itself (LuaJIT: its
     -- watch is no longer the one `start` set; corowatch's resume times it).
     local sup, lines = recorded()
-    sup:introduce{ name = "U", limit = false, fn = function()
+    sup:introduce{ name = "U", limit = false, fn = slow_on_go(1, function()
       corowatch.watch(corowatch.running(), 0.05)
-      yield("waitfor", "go")
-      local t = gettime()
-      while gettime() - t < 1 do end
-      yield("waitfor", "go")
-    end }
+    end) }
     local started = gettime()
     sup:signal("go")
     assert.is_true(gettime() - started < 0.5)
@@ -434,12 +437,7 @@ describe("runaway actors", function()
     sup:introduce("B", function()
       while true do yield("waitfor", "other") end
     end)
-    sup:introduce("A", function()
-      yield("waitfor", "go")
-      local t = gettime()
-      while gettime() - t < 1 do end
-      yield("waitfor", "go")
-    end)
+    sup:introduce("A", slow_on_go(1))
     local source = debug.getinfo(supervisor.new, "S").source
     local at = 0
     local n = 0

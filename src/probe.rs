@@ -16,11 +16,11 @@
 //! count that stayed the same, in a delivery, for the actor's limit is a
 //! runaway actor: the watchdog arms the hook, and the hook, on the VM's
 //! thread, reads the count again and has corowatch's dispatcher kill the
-//! coroutine (the third upvalue) if it still runs. A kill lands within the limit plus a
-//! sampling period (an eighth of the limit, at least 1 ms) after the
-//! delivery began; after a stretch with no delivery, the watchdog samples
-//! less often (up to half the limit, at most 100 ms: [`idle_cap`]), and
-//! the first kill may take that much more.
+//! coroutine (the third upvalue) if it still runs. A kill lands within
+//! the limit plus a sampling period (an eighth of the limit, at least
+//! 1 ms) after the delivery began; after a stretch with no delivery, the
+//! watchdog samples less often (up to half the limit, at most 100 ms:
+//! [`idle_cap`]), and the first kill may take that much more.
 //!
 //! # Why reading the upvalues from another OS thread is sound
 //!
